@@ -13,7 +13,7 @@ from __future__ import annotations
 from .._shapes import check_pos, pair, pool_outsize
 from ..backend import device_of, namespace_of
 
-__all__ = ["max_pool2d", "max_unpool2d", "avg_pool2d", "avg_unpool2d"]
+__all__ = ["max_pool2d", "max_pool2d_select", "max_unpool2d", "avg_pool2d", "avg_unpool2d"]
 
 
 def _geometry(kernel_size, stride):
@@ -136,6 +136,43 @@ def max_unpool2d(y, indices, *, kernel_size=2, stride=2, output_size):
             sl = (slice(None), slice(None)) + _window(a, b, (ho, wo), s)
             z[sl] = z[sl] + xp.where(indices == base + (a * w + b), y, zero)
     return z
+
+
+def max_pool2d_select(x, indices, *, kernel_size=2, stride=2):
+    """Pooling by selection at fixed indices, Eq. (2.7a): the adjoint of :func:`max_unpool2d`.
+
+    Definition:
+        y[n,c,i,j] = x[n,c, u, v]  with  u·w + v = indices[n,c,i,j]
+    (each index must lie in its own window (i, j), as max_pool2d returns it).
+    ``max_pool2d_select(x, max_pool2d(x)[1])`` equals ``max_pool2d(x)[0]``; the map is linear
+    in x, which is what the BPTT reverse pass needs at frozen argmaxes.
+
+    Parameters: x (n, c, h, w); indices (n, c, h', w') integer.
+    Returns: y (n, c, h', w'), same dtype and namespace as x.
+
+    Adjoint
+    -------
+    ⟨max_pool2d_select(x, idx), g⟩ = ⟨x, max_unpool2d(g, idx, output_size=x.shape)⟩.
+    """
+    xp = namespace_of(x, indices)
+    _check_input(x)
+    k, s = _geometry(kernel_size, stride)
+    n, c, h, w = x.shape
+    ho, wo = pool_outsize(h, k[0], s[0]), pool_outsize(w, k[1], s[1])
+    if tuple(indices.shape) != (n, c, ho, wo):
+        raise ValueError(f"indices must have shape {(n, c, ho, wo)} for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(indices.shape)}")
+    dev = device_of(x)
+    i = xp.reshape(xp.arange(ho, dtype=xp.int64, device=dev), (ho, 1))
+    j = xp.reshape(xp.arange(wo, dtype=xp.int64, device=dev), (1, wo))
+    base = (s[0] * i) * w + s[1] * j  # (h', w')
+    indices = xp.astype(indices, xp.int64)
+    y = xp.zeros((n, c, ho, wo), dtype=x.dtype, device=dev)
+    for a in range(k[0]):
+        for b in range(k[1]):
+            v = x[(slice(None), slice(None)) + _window(a, b, (ho, wo), s)]  # (n, c, h', w')
+            y = xp.where(indices == base + (a * w + b), v, y)
+    return y
 
 
 def avg_pool2d(x, *, kernel_size=2, stride=2):

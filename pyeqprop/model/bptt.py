@@ -1,0 +1,133 @@
+"""Backpropagation through time through the free dynamics, derived by hand (SPEC.md §5).
+
+Forward: s_0 = 0, s_{t+1} = ρ(u_t), u_t = ∂Φ/∂s(s_t) (Eq. 3.8, β = 0), t = 0 … T−1;
+loss L = (1/n) Σ_n C(s_T) (Eq. 5.1).
+
+Reverse (argmaxes frozen at the values each forward step used; the activation derivative
+ρ' is taken at the stored pre-activations):
+
+    λ_T   = ∂L/∂s_T = (1/n) ∂C/∂s(s_T)
+    μ_t   = ρ'(u_t) ⊙ λ_{t+1}                      = ∂L/∂u_t                   (Eq. 5.2)
+    λ_t   = (∂u_t/∂s_t)ᵀ μ_t = H_t μ_t                                         (Eq. 5.3)
+    ∂L/∂θ += (∂u_t/∂θ)ᵀ μ_t = D_s(∂Φ/∂θ)(s_t)·μ_t                              (Eq. 5.4)
+
+H_t = ∂²Φ/∂s² at frozen argmax is symmetric because Φ is bilinear in neighbouring layers,
+so H_t μ is the bias-free, input-free drive of Eq. 3.7 applied to μ:
+(H μ)_l = P_l(conv(μ_{l−1}; W_l)) + T_l(μ_{l+1}) with μ_0 = 0, P_l selecting at the argmax.
+D_s(∂Φ/∂θ)·μ follows from Eq. 3.9 by the product rule:
+∂/∂W_l ← conv2d_weight_grad(μ_{l−1}, P*_l(s_l)) + conv2d_weight_grad(s_{l−1}, P*_l(μ_l)),
+∂/∂b_l ← Σ P*_l(μ_l). Parameters that live only in the cost get (1/n) ∂C/∂θ(s_T).
+
+Per-step quantities for the GDU check (Eq. 5.5): for k = 0 … T−1,
+∇BPTT_θ(k) is the Eq. 5.4 term of step t = T−1−k and ∇BPTT_s(k) = μ_{T−1−k}.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .arch import ConvLayer
+from .settle import residual
+
+__all__ = ["BPTTResult", "bptt", "bptt_gradients"]
+
+
+@dataclass
+class BPTTResult:
+    grads: dict  # ∂L/∂θ keyed like net.params
+    loss: float
+    theta_steps: list = field(default_factory=list)  # ∇BPTT_θ(k), dicts of network params, k = 0 … T−1
+    state_steps: list = field(default_factory=list)  # ∇BPTT_s(k) = μ_{T−1−k}, lists per layer
+    final_state: list = field(default_factory=list)
+    residual: float = float("nan")
+
+
+def _hessian_vector(net, mu, indices, shapes):
+    """H μ at frozen argmaxes (Eq. 5.3): bottom-up without bias or input, plus top-down."""
+    xp = net.xp
+    L = len(net.layers)
+    out = []
+    for l in range(L):
+        term = None
+        if l > 0:
+            layer = net.layers[l]
+            below = mu[l - 1]
+            W = net.params[f"{layer.name}.weight"]
+            if isinstance(layer, ConvLayer):
+                from ..ops.conv import conv2d
+
+                term = net._pool_linear(l, conv2d(below, W, padding=layer.padding), indices[l])
+            else:
+                term = xp.reshape(below, (below.shape[0], -1)) @ xp.matrix_transpose(W)  # (n, in) -> (n, out)
+        if l < L - 1:
+            td = net._top_down(l + 1, mu[l + 1], indices[l + 1], shapes[l])
+            term = td if term is None else term + td
+        if term is None:
+            term = xp.zeros(shapes[l], dtype=net.dtype, device=net.device)
+        out.append(term)
+    return out
+
+
+def bptt(net, x, y, *, T, per_step=False) -> BPTTResult:
+    """Exact gradient of the batch-mean cost after T free steps from zero (Eqs. 5.1-5.4).
+
+    Parameters
+    ----------
+    net : CRNN; x : (n, c, h, w); y : (n,) labels; T : number of free steps (≥ 1).
+    per_step : also return the per-step gradients of the GDU check (Eq. 5.5).
+
+    Returns
+    -------
+    BPTTResult; ``grads`` is keyed like ``net.params``.
+    """
+    if int(T) != T or T < 1:
+        raise ValueError(f"T must be a positive integer, got {T!r}")
+    net._check_x(x)
+    xp = net.xp
+    n = x.shape[0]
+    ctx = net.prepare(x, y)
+    # forward, storing s_t, u_t and the argmaxes of every step
+    s = net.init_state(n)
+    tape = []
+    last_res = float("nan")
+    for t in range(int(T)):
+        d = net.drive(x, s, None, 0.0)
+        new = [net.act.fn(u) for u in d.u]
+        if t == T - 1:
+            last_res = residual(new, s)
+        tape.append((s, d.u, d.indices))
+        s = new
+    sT = s
+    loss = float(xp.sum(net.cost(x, sT, y, ctx))) / n
+    shapes = [tuple(a.shape) for a in sT]
+    # λ_T and the direct cost-parameter terms
+    lam = [xp.zeros(shp, dtype=net.dtype, device=net.device) for shp in shapes]
+    grads = {k: xp.zeros_like(v) for k, v in net.params.items()}
+    for (w_k, term), c in zip(net.cost_terms, ctx):
+        if w_k == 0.0:
+            continue
+        for l, g in term.state_grads(net.params, sT, c).items():
+            lam[l] = lam[l] + (w_k / n) * g
+        for name, g in term.param_grads(net.params, sT, c).items():
+            grads[name] = grads[name] + (w_k / n) * g
+    theta_steps, state_steps = [], []
+    for t in range(int(T) - 1, -1, -1):
+        s_t, u_t, idx_t = tape[t]
+        mu = [lam[l] * net.act.grad(u_t[l]) for l in range(len(shapes))]  # Eq. 5.2
+        step: dict = {}
+        for l in range(len(net.layers)):
+            lower = net._below(x, s_t, l)
+            net._layer_param_grads(l, lower, mu[l], idx_t[l], step, with_bias=True)  # s_{l−1} ⊗ P*(μ_l)
+            if l > 0:
+                net._layer_param_grads(l, mu[l - 1], s_t[l], idx_t[l], step, with_bias=False)  # μ_{l−1} ⊗ P*(s_l)
+        for k, g in step.items():
+            grads[k] = grads[k] + g  # Eq. 5.4
+        if per_step:
+            theta_steps.append(step)
+            state_steps.append(mu)
+        lam = _hessian_vector(net, mu, idx_t, shapes)  # Eq. 5.3
+    return BPTTResult(grads, loss, theta_steps, state_steps, sT, last_res)
+
+
+def bptt_gradients(net, x, y, *, T):
+    """∂/∂θ of (1/n) Σ_n C(s_T) after T free steps from zero, keyed like ``net.params`` (Eq. 5.1-5.4)."""
+    return bptt(net, x, y, T=T).grads
