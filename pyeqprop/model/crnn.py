@@ -324,16 +324,16 @@ class CRNN:
         out: dict = {}
         for l in range(len(self.layers)):
             self._layer_param_grads(l, self._below(x, state, l), state[l], indices[l], out)
-        for (w_k, term), c in zip(self.cost_terms, ctx if ctx is not None else [None] * len(self.cost_terms)):
-            names = [s.name for s in term.param_specs()]
-            if not names:
-                continue
-            if beta != 0.0 and w_k != 0.0:
+        if beta != 0.0:
+            for (w_k, term), c in zip(self.cost_terms, ctx):
+                if w_k == 0.0:
+                    continue
                 for name, g in term.param_grads(self.params, state, c).items():
-                    out[name] = (-beta * w_k) * g
-            else:
-                for name in names:
-                    out[name] = xp.zeros_like(self.params[name])
+                    g = (-beta * w_k) * g
+                    out[name] = g if name not in out else out[name] + g
+        for name in self.params:
+            if name not in out:  # cost-only parameters at β = 0, or with a zero weight
+                out[name] = xp.zeros_like(self.params[name])
         return {k: out[k] for k in self.params}
 
     def dphi_dtheta(self, x, state, y=None, beta=0.0):

@@ -1,0 +1,354 @@
+"""Intermediate error signals: local error heads and linear-mapped distillation (SPEC.md §6).
+
+pyeqprop's own design (the paper's exact equations are not available to us). Each signal is
+a cost term (protocol in :mod:`pyeqprop.model.costs`) added to the total cost
+
+    C = C_out + Σ_{l∈A} λ_l C^loc_l + Σ_{l∈D} γ_l C^kd_l + κ C^kd_out              (Eq. 6.1)
+
+so that Φ^β = Φ − βC nudges every selected hidden layer directly by −β ∂C/∂s_l within the
+same settling dynamics (Eq. 3.7). Inference never uses the heads or maps.
+
+Local error head, layer l (Eqs. 6.2-6.3), grid g:
+    v_l = vec(avgpool_{k_l}(s_l))          k_l = (h_l/g_h, w_l/g_w), g_h the largest divisor of h_l that is ≤ g
+    h_l = A_l v_l + a_l                    A_l (K, c_l·g_h·g_w), a_l (K,)
+    C^loc_l = −log softmax(h_l)[y]         ("ce", default)   or   ½‖h_l − onehot(y)‖²  ("mse")
+
+Distillation, layer l (Eqs. 6.4-6.5): teacher features t_l(x) (Eq. 7.4), average-pooled to
+the student's spatial size when larger; a learned 1×1 convolution M_l (c_t, c_l, 1, 1) with
+bias m_l (c_t,) (a linear map (d_t, d_l) for fc layers):
+    C^kd_l = (1 / (2 |t_l|)) ‖M_l s_l + m_l − t_l‖²     normalisation "mean" (default),
+             |t_l| = c_t·h_l·w_l elements per sample, so γ_l is the weight of a mean squared error;
+    C^kd_l = ½ ‖M_l s_l + m_l − t_l‖²                  normalisation "sum".
+
+Output distillation (Eq. 6.6), temperature τ, teacher logits z_t, student logits z_s (s_L for
+mse, the softmax readout's logits otherwise):
+    C^kd_out = −τ² Σ_k softmax(z_t/τ)_k log softmax(z_s/τ)_k,   ∂C^kd_out/∂z_s = τ (softmax(z_s/τ) − softmax(z_t/τ)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..backend import namespace_of
+from ..ops.conv import conv2d, conv2d_bias_grad, conv2d_transpose, conv2d_weight_grad
+from ..ops.linear import linear, linear_transpose, linear_weight_grad
+from ..ops.pool import avg_pool2d, avg_unpool2d
+from .arch import ConvLayer
+from .costs import ParamSpec, log_softmax, onehot
+
+__all__ = ["SignalConfig", "LocalErrorHead", "DistillationMap", "OutputDistillation", "TeacherFeatures",
+           "attach_signals", "parse_layers"]
+
+
+def _largest_divisor_at_most(n: int, g: int) -> int:
+    for d in range(min(n, g), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+class TeacherFeatures:
+    """Teacher features for one batch, computed once and shared by every distillation term.
+
+    Holds the last input it saw (compared by identity) so the teacher runs once per batch.
+    """
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+        self._x = None
+        self._value = None
+
+    def get(self, x):
+        if self._x is not x:
+            feats = self.teacher.features(x)
+            logits, _ = self.teacher.forward(x)
+            self._x, self._value = x, (feats, logits)
+        return self._value
+
+
+class LocalErrorHead:
+    """Local error head on neuron layer ``layer`` (0-based), Eqs. (6.2)-(6.3)."""
+
+    kind = "local"
+
+    def __init__(self, layer: int, state_shape, num_classes: int, *, grid: int = 2, loss: str = "ce", name=None):
+        if loss not in ("ce", "mse"):
+            raise ValueError(f"local error loss must be 'ce' or 'mse', got {loss!r}")
+        if grid < 1:
+            raise ValueError(f"local head grid must be >= 1, got {grid}")
+        self.layer = layer
+        self.name = name or f"head{layer + 1}"
+        self.loss = loss
+        self.num_classes = num_classes
+        self.state_shape = tuple(state_shape)
+        if len(self.state_shape) == 3:
+            c, h, w = self.state_shape
+            gh, gw = _largest_divisor_at_most(h, grid), _largest_divisor_at_most(w, grid)
+            self.pool = (h // gh, w // gw)
+            self.features = c * gh * gw
+        else:
+            self.pool = None
+            self.features = self.state_shape[0]
+
+    def param_specs(self):
+        return [ParamSpec(f"{self.name}.weight", (self.num_classes, self.features), self.features),
+                ParamSpec(f"{self.name}.bias", (self.num_classes,), self.features)]
+
+    def prepare(self, params, x, y):
+        return None if y is None else onehot(y, self.num_classes, x.dtype)
+
+    def _v(self, s):
+        xp = namespace_of(s)
+        if self.pool is not None and self.pool != (1, 1):
+            s = avg_pool2d(s, kernel_size=self.pool, stride=self.pool)
+        return xp.reshape(s, (s.shape[0], -1))  # (n, c, g_h, g_w) -> (n, c·g_h·g_w)
+
+    def logits(self, params, states):
+        return linear(self._v(states[self.layer]), params[f"{self.name}.weight"], params[f"{self.name}.bias"])
+
+    def _delta(self, params, states, ctx):
+        h = self.logits(params, states)
+        if self.loss == "ce":
+            xp = namespace_of(h)
+            return xp.exp(log_softmax(h)) - ctx
+        return h - ctx
+
+    def value(self, params, states, ctx):
+        xp = namespace_of(states[self.layer])
+        h = self.logits(params, states)
+        if self.loss == "ce":
+            return -xp.sum(log_softmax(h) * ctx, axis=1)
+        d = h - ctx
+        return 0.5 * xp.sum(d * d, axis=1)
+
+    def state_grads(self, params, states, ctx):
+        xp = namespace_of(states[self.layer])
+        s = states[self.layer]
+        gv = linear_transpose(self._delta(params, states, ctx), params[f"{self.name}.weight"])  # (n, features)
+        if self.pool is None:
+            return {self.layer: gv}
+        c, h, w = self.state_shape
+        gv = xp.reshape(gv, (s.shape[0], c, h // self.pool[0], w // self.pool[1]))  # (n, c·g_h·g_w) -> (n, c, g_h, g_w)
+        if self.pool != (1, 1):
+            gv = avg_unpool2d(gv, kernel_size=self.pool, stride=self.pool, output_size=(h, w))
+        return {self.layer: gv}
+
+    def param_grads(self, params, states, ctx):
+        xp = namespace_of(states[self.layer])
+        d = self._delta(params, states, ctx)
+        return {f"{self.name}.weight": linear_weight_grad(self._v(states[self.layer]), d),
+                f"{self.name}.bias": xp.sum(d, axis=0)}
+
+
+class DistillationMap:
+    """Linear-mapped distillation on neuron layer ``layer`` (0-based), Eqs. (6.4)-(6.5)."""
+
+    kind = "kd"
+
+    def __init__(self, layer: int, state_shape, teacher_shape, provider: TeacherFeatures, *,
+                 teacher_layer=None, normalisation: str = "mean", name=None):
+        if normalisation not in ("mean", "sum"):
+            raise ValueError(f"distillation normalisation must be 'mean' or 'sum', got {normalisation!r}")
+        self.layer = layer
+        self.teacher_layer = layer if teacher_layer is None else teacher_layer
+        self.name = name or f"kd{layer + 1}"
+        self.provider = provider
+        self.normalisation = normalisation
+        self.state_shape = tuple(state_shape)
+        self.teacher_shape = tuple(teacher_shape)
+        if len(self.state_shape) != len(self.teacher_shape):
+            raise ValueError(f"cannot distil teacher features of shape {self.teacher_shape} into a student layer "
+                             f"of shape {self.state_shape}")
+        self.conv = len(self.state_shape) == 3
+        if self.conv:
+            (cs, hs, ws), (ct, ht, wt) = self.state_shape, self.teacher_shape
+            if ht % hs or wt % ws:
+                raise ValueError(f"teacher map {ht}×{wt} cannot be average-pooled to the student's {hs}×{ws}")
+            self.teacher_pool = (ht // hs, wt // ws)
+            self.elements = ct * hs * ws
+        else:
+            self.teacher_pool = None
+            self.elements = self.teacher_shape[0]
+
+    def param_specs(self):
+        if self.conv:
+            cs, ct = self.state_shape[0], self.teacher_shape[0]
+            return [ParamSpec(f"{self.name}.weight", (ct, cs, 1, 1), cs), ParamSpec(f"{self.name}.bias", (ct,), cs)]
+        ds, dt = self.state_shape[0], self.teacher_shape[0]
+        return [ParamSpec(f"{self.name}.weight", (dt, ds), ds), ParamSpec(f"{self.name}.bias", (dt,), ds)]
+
+    def prepare(self, params, x, y):
+        feats, _ = self.provider.get(x)
+        t = feats[self.teacher_layer]
+        if self.teacher_pool is not None and self.teacher_pool != (1, 1):
+            t = avg_pool2d(t, kernel_size=self.teacher_pool, stride=self.teacher_pool)
+        return t
+
+    def _scale(self):
+        return 1.0 / self.elements if self.normalisation == "mean" else 1.0
+
+    def _residual(self, params, states, ctx):
+        s = states[self.layer]
+        W, b = params[f"{self.name}.weight"], params[f"{self.name}.bias"]
+        m = conv2d(s, W, b) if self.conv else linear(s, W, b)
+        return m - ctx
+
+    def value(self, params, states, ctx):
+        xp = namespace_of(states[self.layer])
+        r = self._residual(params, states, ctx)
+        return (0.5 * self._scale()) * xp.sum(xp.reshape(r * r, (r.shape[0], -1)), axis=1)
+
+    def state_grads(self, params, states, ctx):
+        r = self._scale() * self._residual(params, states, ctx)
+        W = params[f"{self.name}.weight"]
+        s = states[self.layer]
+        if self.conv:
+            return {self.layer: conv2d_transpose(r, W, output_size=s.shape)}
+        return {self.layer: linear_transpose(r, W)}
+
+    def param_grads(self, params, states, ctx):
+        xp = namespace_of(states[self.layer])
+        r = self._scale() * self._residual(params, states, ctx)
+        s = states[self.layer]
+        if self.conv:
+            return {f"{self.name}.weight": conv2d_weight_grad(s, r, kernel_size=1),
+                    f"{self.name}.bias": conv2d_bias_grad(r)}
+        return {f"{self.name}.weight": linear_weight_grad(s, r), f"{self.name}.bias": xp.sum(r, axis=0)}
+
+
+class OutputDistillation:
+    """Output distillation against the teacher's softened probabilities, Eq. (6.6).
+
+    Reads the student's logits through its readout term (s_L for mse, W_out vec(s_L) + b_out
+    for softmax); for the softmax readout the readout weights receive the matching gradient.
+    """
+
+    kind = "kd_out"
+
+    def __init__(self, readout, provider: TeacherFeatures, *, temperature: float = 4.0):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.readout = readout
+        self.layer = readout.layer
+        self.provider = provider
+        self.tau = float(temperature)
+
+    def param_specs(self):
+        return []
+
+    def prepare(self, params, x, y):
+        _, zt = self.provider.get(x)
+        xp = namespace_of(zt)
+        return xp.exp(log_softmax(zt / self.tau))
+
+    def value(self, params, states, ctx):
+        xp = namespace_of(ctx)
+        zs = self.readout.logits(params, states)
+        return -(self.tau ** 2) * xp.sum(ctx * log_softmax(zs / self.tau), axis=1)
+
+    def _dz(self, params, states, ctx):
+        xp = namespace_of(ctx)
+        zs = self.readout.logits(params, states)
+        return self.tau * (xp.exp(log_softmax(zs / self.tau)) - ctx)  # (n, K)
+
+    def state_grads(self, params, states, ctx):
+        xp = namespace_of(ctx)
+        dz = self._dz(params, states, ctx)
+        if self.readout.kind == "mse":
+            return {self.layer: dz}
+        W = params[f"{self.readout.name}.weight"]
+        s = states[self.layer]
+        return {self.layer: xp.reshape(linear_transpose(dz, W), s.shape)}  # (n, c·h·w) -> shape of s_L
+
+    def param_grads(self, params, states, ctx):
+        xp = namespace_of(ctx)
+        if self.readout.kind == "mse":
+            return {}
+        dz = self._dz(params, states, ctx)
+        s = states[self.layer]
+        flat = xp.reshape(s, (s.shape[0], -1))  # (n, c, h, w) -> (n, c·h·w)
+        return {f"{self.readout.name}.weight": linear_weight_grad(flat, dz),
+                f"{self.readout.name}.bias": xp.sum(dz, axis=0)}
+
+
+def parse_layers(spec, n_candidates: int, what: str):
+    """'all' | 'none' | '' | comma list of 1-based layer numbers | list of ints -> sorted 0-based indices."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("none", ""):
+            return []
+        if text == "all":
+            return list(range(n_candidates))
+        try:
+            items = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"{what} layers must be 'all', 'none' or a comma list of layer numbers, got {spec!r}") from None
+    else:
+        items = [int(t) for t in spec]
+    for i in items:
+        if not 1 <= i <= n_candidates:
+            raise ValueError(f"{what} layer {i} is out of range: the network has conv layers 1..{n_candidates}")
+    return sorted({i - 1 for i in items})
+
+
+@dataclass
+class SignalConfig:
+    """Which intermediate signals to add and their weights (Eq. 6.1); defaults documented in SPEC.md §6.
+
+    ``local_layers`` / ``kd_layers``: "all" (every conv layer), "none", or 1-based conv layer
+    numbers ("1,3" or [1, 3]). Weights are a float for every selected layer or one per layer.
+    """
+
+    local_layers: object = "none"
+    local_weight: object = 1.0
+    local_grid: int = 2
+    local_loss: str = "ce"
+    kd_layers: object = "none"
+    kd_weight: object = 1.0
+    kd_normalisation: str = "mean"
+    output_kd_weight: float = 0.0
+    temperature: float = 4.0
+    extra: dict = field(default_factory=dict)
+
+    def needs_teacher(self) -> bool:
+        return self.kd_layers not in (None, "none", "", []) or self.output_kd_weight != 0.0
+
+
+def _weights(w, n, what):
+    if isinstance(w, (int, float)):
+        return [float(w)] * n
+    w = [float(v) for v in w]
+    if len(w) != n:
+        raise ValueError(f"{what} weights: expected 1 or {n} values (one per selected layer), got {len(w)}")
+    return w
+
+
+def attach_signals(net, config: SignalConfig, teacher=None):
+    """Add the configured local heads and distillation maps to ``net`` (Eq. 6.1); returns the terms.
+
+    Conv layer numbers count the CRNN's conv layers from 1. Distillation needs ``teacher``
+    (a :class:`~pyeqprop.model.teacher.Teacher` with ``features(x)`` and ``forward(x)``).
+    """
+    conv_idx = [i for i, layer in enumerate(net.layers) if isinstance(layer, ConvLayer)]
+    shapes = net.arch.state_shapes
+    terms = []
+    local = parse_layers(config.local_layers, len(conv_idx), "local-error")
+    for j, w in zip(local, _weights(config.local_weight, len(local), "local-error")):
+        l = conv_idx[j]
+        terms.append(net.add_cost_term(
+            LocalErrorHead(l, shapes[l], net.num_classes, grid=config.local_grid, loss=config.local_loss), w))
+    kd = parse_layers(config.kd_layers, len(conv_idx), "distillation")
+    if (kd or config.output_kd_weight) and teacher is None:
+        raise ValueError("distillation was requested but no teacher was given")
+    provider = TeacherFeatures(teacher) if teacher is not None else None
+    if kd:
+        tshapes = teacher.feature_shapes() if hasattr(teacher, "feature_shapes") else shapes
+        for j, w in zip(kd, _weights(config.kd_weight, len(kd), "distillation")):
+            l = conv_idx[j]
+            terms.append(net.add_cost_term(
+                DistillationMap(l, shapes[l], tshapes[l], provider, normalisation=config.kd_normalisation), w))
+    if config.output_kd_weight:
+        terms.append(net.add_cost_term(OutputDistillation(net.readout_term, provider, temperature=config.temperature),
+                                       config.output_kd_weight))
+    return terms
