@@ -230,12 +230,22 @@ class CRNN:
             return conv2d_transpose(g, W, padding=layer.padding, output_size=below_shape[2:])
         return xp.reshape(linear_transpose(s_above, W), below_shape)  # (n, in) -> shape of s_{l−1}
 
-    def drive(self, x, state, ctx=None, beta=0.0) -> Drive:
-        """u_l = ∂Φ^β/∂s_l for every layer (Eq. 3.7), with the argmaxes used."""
+    def input_drive(self, x):
+        """B_1(x) and its argmax: constant while x is, so a phase computes it once (Eq. 3.1)."""
+        return self._bottom_up(0, x)
+
+    def drive(self, x, state, ctx=None, beta=0.0, x_drive=None) -> Drive:
+        """u_l = ∂Φ^β/∂s_l for every layer (Eq. 3.7), with the argmaxes used.
+
+        ``x_drive``: the result of :meth:`input_drive` for this x, to skip recomputing it.
+        """
         L = len(self.layers)
         bu, idx = [], []
         for l in range(L):
-            b_l, i_l = self._bottom_up(l, self._below(x, state, l))
+            if l == 0 and x_drive is not None:
+                b_l, i_l = x_drive
+            else:
+                b_l, i_l = self._bottom_up(l, self._below(x, state, l))
             bu.append(b_l)
             idx.append(i_l)
         u = list(bu)
@@ -261,9 +271,9 @@ class CRNN:
         ctx = self.prepare(x, y) if beta != 0.0 else None
         return self.drive(x, state, ctx, beta).u
 
-    def step_ctx(self, x, state, ctx, beta=0.0):
+    def step_ctx(self, x, state, ctx, beta=0.0, x_drive=None):
         """One synchronous update s ← ρ(∂Φ^β/∂s) (Eq. 3.8) with a prepared cost context."""
-        d = self.drive(x, state, ctx, beta)
+        d = self.drive(x, state, ctx, beta, x_drive)
         return [self.act.fn(u) for u in d.u]
 
     def step(self, x, state, y=None, beta=0.0):

@@ -38,8 +38,9 @@ def settle_ctx(net, x, T, ctx, *, beta=0.0, state=None, record=False) -> Settled
         raise ValueError(f"T must be a non-negative integer, got {T!r}")
     s = net.init_state(x.shape[0]) if state is None else list(state)
     res, hist = float("nan"), []
+    x_drive = net.input_drive(x) if T > 0 else None  # B_1(x) does not change during the phase
     for t in range(int(T)):
-        new = net.step_ctx(x, s, ctx, beta)
+        new = net.step_ctx(x, s, ctx, beta, x_drive)
         if record:
             hist.append(residual(new, s))
         elif t == T - 1:

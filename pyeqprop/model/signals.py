@@ -343,7 +343,7 @@ def attach_signals(net, config: SignalConfig, teacher=None):
         raise ValueError("distillation was requested but no teacher was given")
     provider = TeacherFeatures(teacher) if teacher is not None else None
     if kd:
-        tshapes = teacher.feature_shapes() if hasattr(teacher, "feature_shapes") else shapes
+        tshapes = [tuple(shp[1:]) for shp in teacher.feature_shapes(1)] if hasattr(teacher, "feature_shapes") else shapes
         for j, w in zip(kd, _weights(config.kd_weight, len(kd), "distillation")):
             l = conv_idx[j]
             terms.append(net.add_cost_term(

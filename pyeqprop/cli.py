@@ -1,0 +1,219 @@
+"""The ``pyeqprop`` command line: train, evaluate, teacher, gdu-check, diagnose, bench, conformance, study.
+
+The CLI is the application layer: it imports the library, never the other way round.
+Known errors (bad config, missing files, unavailable backends, missing optional packages)
+print one ``error:`` line and exit with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+
+def _known_errors():
+    from .backend import BackendError
+    from .model.arch import ArchError
+    from .train.config import ConfigError
+    from .train.loop import TrainingError
+
+    errs = [BackendError, ArchError, ConfigError, TrainingError, FileNotFoundError, ImportError]
+    try:
+        from .train.checkpoint import CheckpointError
+
+        errs.append(CheckpointError)
+    except ImportError:
+        pass
+    try:
+        from .data.download import ChecksumError, CorruptArchiveError, DownloadError
+
+        errs += [DownloadError, ChecksumError, CorruptArchiveError]
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _add_train_flags(p):
+    from .train.config import TrainConfig
+
+    p.add_argument("--config", metavar="FILE", help="TOML file with any of the keys below")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its latest checkpoint")
+    group = p.add_argument_group("configuration keys (flags override the config file)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, list):
+            default = ",".join(str(v) for v in default)
+        group.add_argument(flag, dest=f.name, default=None, metavar="V", help=f"(default: {default!r})")
+
+
+def _overrides(ns):
+    from .train.config import TrainConfig
+
+    return {f.name: getattr(ns, f.name) for f in fields(TrainConfig) if getattr(ns, f.name, None) is not None}
+
+
+def _config_for(ns):
+    from pathlib import Path
+
+    from .train.config import config_from_mapping, load_toml
+
+    if getattr(ns, "resume", None):
+        path = Path(ns.resume) / "config.toml"
+        if not path.exists():
+            from .train.loop import TrainingError
+
+            raise TrainingError(f"cannot resume: {path} does not exist (is {ns.resume!r} a run folder?)")
+        base = config_from_mapping(load_toml(path))
+    else:
+        base = config_from_mapping(load_toml(ns.config)) if ns.config else None
+    return config_from_mapping(_overrides(ns), base)
+
+
+def _cmd_train(ns):
+    from .train.loop import TrainingDiverged, train
+
+    cfg = _config_for(ns)
+    try:
+        res = train(cfg, resume=ns.resume)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}; the last good checkpoint is kept", file=sys.stderr)
+        return EXIT_DIVERGED
+    if res.interrupted:
+        return EXIT_INTERRUPTED
+    line = f"test accuracy: EP student {100 * res.test_acc:.2f}%"
+    if res.teacher_test_acc is not None:
+        line += f" | backprop teacher (same architecture, feed-forward) {100 * res.teacher_test_acc:.2f}%"
+    print(line + f"  [{res.seconds:.0f}s, run folder {res.run_dir}]")
+    return 0
+
+
+def _cmd_evaluate(ns):
+    from .train.loop import evaluate_run
+
+    evaluate_run(ns.path, dataset=ns.dataset)
+    return 0
+
+
+def _cmd_teacher(ns):
+    from .train.teacher_train import run_teacher_cli
+
+    return run_teacher_cli(_config_for(ns), ns.save)
+
+
+def _cmd_gdu(ns):
+    from .diagnostics.gdu import run_gdu_cli
+
+    return run_gdu_cli(ns)
+
+
+def _cmd_diagnose(ns):
+    from .diagnostics.signals import run_diagnose_cli
+
+    return run_diagnose_cli(ns)
+
+
+def _cmd_bench(ns):
+    if ns.what == "ops":
+        from .bench.ops import run_ops_bench
+
+        run_ops_bench(repeats=ns.repeats)
+        return 0
+    if ns.what == "ep":
+        from .bench.ep import run_ep_bench
+
+        return run_ep_bench(ns)
+    if ns.what == "memory":
+        from .bench.memory import run_memory_bench
+
+        return run_memory_bench(ns)
+    raise AssertionError(ns.what)
+
+
+def _cmd_conformance(ns):
+    from .conformance import run_conformance_cli
+
+    return run_conformance_cli(ns)
+
+
+def _cmd_study(ns):
+    from .study.depth import run_study_cli
+
+    return run_study_cli(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyeqprop", description="Equilibrium Propagation for convolutional CRNNs "
+                                     "(reference implementation). Run 'pyeqprop train' for the default job.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("train", help="train a CRNN with EP (default: digits, symmetric EP + local errors + distillation)")
+    _add_train_flags(p)
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("evaluate", help="test accuracy of a run folder or checkpoint")
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--dataset", default=None)
+    p.set_defaults(func=_cmd_evaluate)
+    p = sub.add_parser("teacher", help="train the backprop teacher only and save it")
+    p.add_argument("--save", metavar="FILE", default="teacher.npz")
+    _add_train_flags(p)
+    p.set_defaults(func=_cmd_teacher)
+    p = sub.add_parser("gdu-check", help="EP vs BPTT per parameter tensor, and the GDU figure")
+    try:
+        from .diagnostics.gdu import add_gdu_arguments
+
+        add_gdu_arguments(p)
+    except ImportError:
+        pass
+    p.set_defaults(func=_cmd_gdu)
+    p = sub.add_parser("diagnose", help="per-layer signal magnitudes for plain EP and each intermediate-signal setting")
+    try:
+        from .diagnostics.signals import add_diagnose_arguments
+
+        add_diagnose_arguments(p)
+    except ImportError:
+        pass
+    p.set_defaults(func=_cmd_diagnose)
+    p = sub.add_parser("bench", help="benchmarks: ops, ep, memory")
+    p.add_argument("what", choices=("ops", "ep", "memory"))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--peer", choices=("none", "torch"), default="none")
+    p.add_argument("--backend", default="numpy")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("conformance", help="run the conformance vectors against an implementation")
+    p.add_argument("--adapter", default=None, metavar="MODULE:OBJECT")
+    p.add_argument("--vectors", default=None, metavar="DIR")
+    p.set_defaults(func=_cmd_conformance)
+    p = sub.add_parser("study", help="experiments: 'depth' (plain EP vs intermediate signals, shallow vs deep)")
+    p.add_argument("which", choices=("depth",))
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_study)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not getattr(ns, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(ns.func(ns) or 0)
+    except _known_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""The training application: data → model → settle → EP estimate → optimizer → metrics.
+
+``train(cfg)`` runs one job into a run folder::
+
+    RUN/config.toml        the effective configuration
+    RUN/metrics.jsonl      one JSON object per epoch
+    RUN/latest.npz         checkpoint after the last epoch (or at Ctrl-C, mid-epoch)
+    RUN/best.npz           checkpoint with the best test accuracy
+    RUN/teacher.npz        the backprop teacher (trained once, then reused)
+    RUN/curves.png         loss and accuracy per epoch (when matplotlib is installed)
+
+Randomness is derived, not carried: the permutation of epoch e comes from
+``default_rng([seed, e])`` and everything drawn for batch b (augmentation, the random sign)
+from ``default_rng([seed, e, b])``. A checkpoint therefore only needs (epoch, batch) to
+resume exactly where an uninterrupted run would be.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import BackendError, get_namespace, to_numpy
+from ..model.crnn import CRNN
+from ..model.ep import ep_estimate
+from ..model.settle import settle_ctx
+from ..model.signals import SignalConfig, attach_signals
+from .config import TrainConfig, dump_toml
+from .progress import ProgressBar
+
+__all__ = ["train", "evaluate_run", "TrainingError", "TrainingDiverged", "RunResult", "build_student",
+           "make_signal_config", "prepare_data"]
+
+
+class TrainingError(RuntimeError):
+    """A training job cannot start or continue; the message says why and what to do."""
+
+
+class TrainingDiverged(TrainingError):
+    """NaN or inf appeared; names the epoch, batch and layer."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    history: list = field(default_factory=list)
+    test_acc: float = float("nan")
+    teacher_test_acc: float | None = None
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+def make_signal_config(cfg: TrainConfig) -> SignalConfig:
+    return SignalConfig(local_layers=cfg.local_layers, local_weight=cfg.local_weight, local_grid=cfg.local_grid,
+                        local_loss=cfg.local_loss, kd_layers=cfg.kd_layers, kd_weight=cfg.kd_weight,
+                        kd_normalisation=cfg.kd_normalisation, output_kd_weight=cfg.output_kd_weight,
+                        temperature=cfg.temperature)
+
+
+def build_student(cfg: TrainConfig, input_shape, num_classes, xp, teacher=None) -> CRNN:
+    net = CRNN(cfg.arch, input_shape, num_classes=num_classes, readout=cfg.readout, activation=cfg.activation,
+               dtype=cfg.dtype, xp=xp, seed=cfg.seed, weight_scale=cfg.weight_scale)
+    attach_signals(net, make_signal_config(cfg), teacher)
+    return net
+
+
+@dataclass
+class Data:
+    x_train: object
+    y_train: object
+    x_test: object
+    y_test: object
+    input_shape: tuple
+    num_classes: int
+    mean: tuple
+    std: tuple
+    name: str
+
+
+def prepare_data(cfg: TrainConfig, xp, dataset=None) -> Data:
+    """Load the data set, normalise on host (unless augmenting), and move it to the device once."""
+    from ..data import load_dataset
+    from ..data.augment import normalize
+
+    name = dataset or cfg.dataset
+    official = name.lower().replace("-", "").replace("_", "") in ("cifar10", "cifar100")
+    ds = load_dataset(name, root=cfg.data_root or None, download=cfg.download, seed=cfg.seed,
+                      test_fraction=None if official else cfg.test_fraction)
+    dtype = getattr(xp, cfg.dtype)
+    x_tr = xp.asarray(ds.x_train, dtype=dtype)
+    x_te = normalize(xp.asarray(ds.x_test, dtype=dtype), ds.mean, ds.std)
+    if not cfg.augment:
+        x_tr = normalize(x_tr, ds.mean, ds.std)
+    return Data(x_tr, xp.asarray(ds.y_train), x_te, xp.asarray(ds.y_test), ds.input_shape, ds.num_classes,
+                ds.mean, ds.std, ds.name)
+
+
+def _accuracy_and_loss(net, x, y, T, batch_size=256):
+    """Test accuracy and mean readout cost after T free steps, in batches (host floats)."""
+    xp = net.xp
+    n = x.shape[0]
+    correct, loss = 0, 0.0
+    term = net.readout_term
+    for lo in range(0, n, batch_size):
+        xb, yb = x[lo:lo + batch_size, ...], y[lo:lo + batch_size]
+        st = settle_ctx(net, xb, T, None).state
+        pred = xp.argmax(net.logits(st), axis=1)
+        correct += int(to_numpy(xp.sum(xp.astype(pred == yb, xp.int64))))
+        loss += float(to_numpy(xp.sum(term.value(net.params, st, term.prepare(net.params, xb, yb)))))
+    return correct / max(n, 1), loss / max(n, 1)
+
+
+def _check_finite(net, states, epoch, batch, phase):
+    xp = net.xp
+    for l, s in enumerate(states):
+        if not bool(to_numpy(xp.all(xp.isfinite(s)))):
+            raise TrainingDiverged(f"training diverged at epoch {epoch}, batch {batch}: the {phase} state of layer "
+                                   f"{l + 1} ({net.layers[l].name}) holds NaN or inf")
+
+
+def _check_finite_params(net, epoch, batch):
+    xp = net.xp
+    for k, v in net.params.items():
+        if not bool(to_numpy(xp.all(xp.isfinite(v)))):
+            raise TrainingDiverged(f"training diverged at epoch {epoch}, batch {batch}: parameter {k} holds NaN or inf "
+                                   "after the update (lower the learning rate or beta)")
+
+
+def _lr_map(net, cfg):
+    """Per-parameter base learning rates (Eq. 8.3): one rate for all, or one per layer in order.
+
+    Layers are the neuron layers then the softmax readout; a local head or distillation map
+    uses the rate of the layer it reads.
+    """
+    layer_names = [layer.name for layer in net.layers]
+    if net.arch.readout is not None:
+        layer_names.append(net.arch.readout.name)
+    if len(cfg.lr) == 1:
+        return {k: cfg.lr[0] for k in net.params}
+    if len(cfg.lr) != len(layer_names):
+        raise TrainingError(f"lr has {len(cfg.lr)} values but the network has {len(layer_names)} layers "
+                            f"({', '.join(layer_names)}): give one rate or one per layer")
+    rate = dict(zip(layer_names, cfg.lr))
+    out = {}
+    for _, term in net.cost_terms:
+        for spec in term.param_specs():
+            prefix = spec.name.split(".")[0]
+            out[spec.name] = rate.get(prefix, cfg.lr[min(term.layer, len(cfg.lr) - 1)])
+    for k in net.params:
+        out.setdefault(k, rate[k.split(".")[0]])
+    return out
+
+
+def _anneal(opt, cfg, epoch):
+    """Set this epoch's learning rates by the cosine schedule (Eq. 8.2); returns the largest."""
+    if cfg.cosine_epochs >= 0:
+        opt.anneal(epoch, lr_min=cfg.lr_min, epochs_cos=cfg.cosine_epochs or cfg.epochs)
+    return max(opt.lrs.values())
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    return Path("runs") / f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _ensure_writable(run: Path):
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"output folder {str(run)!r} is not writable ({exc.strerror or exc}); "
+                            "choose another with --out") from None
+
+
+def _get_teacher(cfg, data, xp, run: Path, log):
+    from ..model.teacher import Teacher
+    from .checkpoint import load_teacher, save_teacher
+    from .teacher_train import train_teacher
+
+    path = Path(cfg.teacher) if cfg.teacher else run / "teacher.npz"
+    if path.exists():
+        teacher = load_teacher(path, xp=xp, dtype=cfg.dtype)
+        log(f"teacher: loaded {path}")
+        return teacher
+    if cfg.teacher:
+        raise TrainingError(f"teacher file {str(path)!r} does not exist")
+    teacher = Teacher(cfg.arch, data.input_shape, num_classes=data.num_classes, activation=cfg.activation,
+                      dtype=cfg.dtype, xp=xp, seed=cfg.seed)
+    t0 = time.perf_counter()
+    train_teacher(teacher, data.x_train, data.y_train, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
+                  momentum=cfg.momentum, batch_size=cfg.teacher_batch_size, seed=cfg.seed,
+                  augment=cfg.augment, mean=data.mean, std=data.std, log=log)
+    save_teacher(path, teacher, {"arch": cfg.arch, "input_shape": list(data.input_shape),
+                                 "num_classes": data.num_classes, "activation": cfg.activation, "seed": cfg.seed})
+    log(f"teacher: trained by backprop in {time.perf_counter() - t0:.1f}s, saved to {path}")
+    return teacher
+
+
+def _plot_curves(run: Path, history):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a1.plot(ep, [h["train_loss"] for h in history], label="train")
+    a1.plot(ep, [h["test_loss"] for h in history], label="test")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("readout cost at the free state")
+    a1.legend()
+    a2.plot(ep, [100 * h["train_acc"] for h in history], label="train")
+    a2.plot(ep, [100 * h["test_acc"] for h in history], label="test")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("accuracy (%)")
+    a2.legend()
+    fig.tight_layout()
+    tmp = run / ".curves.png.tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, run / "curves.png")
+    return True
+
+
+def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=print, max_batches=None) -> RunResult:
+    """Run (or resume) a training job described by ``cfg``; returns the history and final accuracies.
+
+    ``max_batches`` stops after that many batches in total (a test hook that behaves like Ctrl-C).
+    """
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .optim import SGD
+
+    cfg.validate()
+    try:
+        xp = get_namespace(cfg.backend)
+    except BackendError as exc:
+        raise TrainingError(str(exc)) from None
+    start_epoch, start_batch, accum, history, best = 0, 0, None, [], -1.0
+    run = Path(resume) if resume is not None else _run_dir(cfg)
+    _ensure_writable(run)
+    ckpt = None
+    if resume is not None:
+        latest = run / "latest.npz"
+        if not latest.exists():
+            raise TrainingError(f"cannot resume: {latest} does not exist")
+        ckpt = load_checkpoint(latest)
+        pos = ckpt.extra.get("position", {})
+        start_epoch, start_batch = int(pos.get("epoch", ckpt.epoch)), int(pos.get("batch", 0))
+        accum = ckpt.extra.get("accum")
+        history = list(ckpt.extra.get("history", []))
+        best = float(ckpt.extra.get("best_test_acc", -1.0))
+    (run / "config.toml").write_text(dump_toml(cfg))
+    data = prepare_data(cfg, xp)
+    log(f"data: {data.name}, {data.x_train.shape[0]} train / {data.x_test.shape[0]} test, input {data.input_shape}, "
+        f"{data.num_classes} classes; backend {cfg.backend}, {cfg.dtype}; run folder {run}")
+    teacher, teacher_acc = None, None
+    needs_teacher = make_signal_config(cfg).needs_teacher()
+    if needs_teacher or (cfg.teacher_epochs > 0 and resume is None) or (run / "teacher.npz").exists():
+        if needs_teacher or cfg.teacher_epochs > 0 or cfg.teacher:
+            teacher = _get_teacher(cfg, data, xp, run, log)
+            teacher_acc = teacher.accuracy(data.x_test, data.y_test)
+            log(f"teacher: test accuracy {100 * teacher_acc:.2f}%")
+    net = build_student(cfg, data.input_shape, data.num_classes, xp, teacher if needs_teacher else None)
+    lr_map = _lr_map(net, cfg)
+    opt = SGD(net.params, lr=max(cfg.lr), momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_per_param=lr_map)
+    if ckpt is not None:
+        from .checkpoint import check_compatible
+
+        check_compatible(ckpt.params, net.params)
+        for k in net.params:
+            net.params[k] = xp.asarray(ckpt.params[k], dtype=net.dtype)
+        opt.params = net.params
+        if ckpt.optimizer_state is not None:
+            opt.load_state_dict(ckpt.optimizer_state)
+        log(f"resumed from {run / 'latest.npz'} at epoch {start_epoch + 1}, batch {start_batch}")
+    n_train = data.x_train.shape[0]
+    n_batches = (n_train + cfg.batch_size - 1) // cfg.batch_size
+    result = RunResult(run, history, teacher_test_acc=teacher_acc)
+    t_start = time.perf_counter()
+    total_batches = 0
+
+    def save(path, epoch, batch, acc):
+        save_checkpoint(path, params=net.params, optimizer_state=opt.state_dict(), epoch=epoch,
+                        rng_state={"seed": cfg.seed, "epoch": epoch, "batch": batch}, config=cfg.to_dict(),
+                        extra={"position": {"epoch": epoch, "batch": batch}, "accum": acc, "history": history,
+                               "best_test_acc": best})
+
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            from ..data.augment import augment, normalize
+            from ..data.batches import iterate_batches
+
+            t0 = time.perf_counter()
+            acc = accum if (accum and epoch == start_epoch) else {"loss": 0.0, "correct": 0, "seen": 0,
+                                                                     "res_free": 0.0, "res_nudged": 0.0, "time": 0.0}
+            skip = start_batch if epoch == start_epoch else 0
+            lr_now = _anneal(opt, cfg, epoch)
+            perm_rng = np.random.default_rng([cfg.seed, epoch])
+            bar = ProgressBar(n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", mode=cfg.progress)
+            batches = iterate_batches(data.x_train, data.y_train, cfg.batch_size, shuffle=True, rng=perm_rng, xp=xp)
+            for b, (xb, yb) in enumerate(itertools.islice(batches, skip, None), start=skip):
+                if max_batches is not None and total_batches >= max_batches:
+                    raise KeyboardInterrupt
+                rng = np.random.default_rng([cfg.seed, epoch, b])
+                if cfg.augment:
+                    xb = normalize(augment(xb, rng, padding_mode="edge"), data.mean, data.std)
+                res = ep_estimate(net, xb, yb, beta=cfg.beta, T1=cfg.T1, T2=cfg.T2, estimator=cfg.estimator, rng=rng)
+                _check_finite(net, res.free.state, epoch + 1, b + 1, "free")
+                for ph in res.nudged:
+                    _check_finite(net, ph.state, epoch + 1, b + 1, "nudged")
+                opt.step(res.grads)
+                _check_finite_params(net, epoch + 1, b + 1)
+                term = net.readout_term
+                st = res.free.state
+                loss = float(to_numpy(xp.sum(term.value(net.params, st, term.prepare(net.params, xb, yb)))))
+                pred = xp.argmax(net.logits(st), axis=1)
+                acc["loss"] += loss
+                acc["correct"] += int(to_numpy(xp.sum(xp.astype(pred == yb, xp.int64))))
+                acc["seen"] += int(xb.shape[0])
+                acc["res_free"] = max(acc["res_free"], res.free.residual)
+                acc["res_nudged"] = max([acc["res_nudged"]] + [ph.residual for ph in res.nudged])
+                total_batches += 1
+                start_batch = b + 1
+                bar.update(b + 1, loss=acc["loss"] / acc["seen"], acc=acc["correct"] / acc["seen"],
+                           residual=res.free.residual)
+            bar.close()
+            acc["time"] += time.perf_counter() - t0
+            test_acc, test_loss = _accuracy_and_loss(net, data.x_test, data.y_test, cfg.eval_steps)
+            row = {"epoch": epoch + 1, "train_loss": acc["loss"] / max(acc["seen"], 1),
+                   "train_acc": acc["correct"] / max(acc["seen"], 1), "test_loss": test_loss, "test_acc": test_acc,
+                   "residual_free": acc["res_free"], "residual_nudged": acc["res_nudged"],
+                   "lr": lr_now, "seconds": acc["time"]}
+            history.append(row)
+            with open(run / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            log(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%  "
+                f"test loss {test_loss:.4f} acc {100 * test_acc:6.2f}%  residual free {row['residual_free']:.1e} "
+                f"nudged {row['residual_nudged']:.1e}  {acc['time']:.1f}s")
+            start_batch, accum = 0, None
+            if test_acc > best:
+                best = test_acc
+                save(run / "best.npz", epoch + 1, 0, None)
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                save(run / "latest.npz", epoch + 1, 0, None)
+            _plot_curves(run, history)
+    except KeyboardInterrupt:
+        save(run / "latest.npz", epoch, start_batch, acc if "acc" in locals() else None)
+        log(f"\ninterrupted at epoch {epoch + 1}, batch {start_batch}; checkpoint saved to {run / 'latest.npz'}. "
+            f"Resume with: pyeqprop train --resume {run}")
+        result.interrupted = True
+        result.seconds = time.perf_counter() - t_start
+        return result
+    result.seconds = time.perf_counter() - t_start
+    result.test_acc = history[-1]["test_acc"] if history else float("nan")
+    return result
+
+
+def evaluate_run(path, *, dataset=None, log=print):
+    """Test accuracy of a run folder (its best.npz, else latest.npz) or of a checkpoint file."""
+    from .checkpoint import CheckpointError, check_compatible, load_checkpoint
+    from .config import config_from_mapping
+
+    p = Path(path)
+    if p.is_dir():
+        cand = [p / "best.npz", p / "latest.npz"]
+        found = [c for c in cand if c.exists()]
+        if not found:
+            raise TrainingError(f"{p} holds no best.npz or latest.npz checkpoint")
+        p = found[0]
+    ckpt = load_checkpoint(p)
+    if not ckpt.config:
+        raise CheckpointError(f"{p} has no training configuration; it is not a student checkpoint")
+    cfg = config_from_mapping({k: v for k, v in ckpt.config.items()})
+    try:
+        xp = get_namespace(cfg.backend)
+    except BackendError as exc:
+        raise TrainingError(str(exc)) from None
+    data = prepare_data(cfg, xp, dataset)
+    net = CRNN(cfg.arch, data.input_shape, num_classes=data.num_classes, readout=cfg.readout,
+               activation=cfg.activation, dtype=cfg.dtype, xp=xp, seed=cfg.seed)
+    sub = {k: ckpt.params[k] for k in net.params if k in ckpt.params}
+    check_compatible(sub, net.params)
+    for k in net.params:
+        net.params[k] = xp.asarray(ckpt.params[k], dtype=net.dtype)
+    acc, loss = _accuracy_and_loss(net, data.x_test, data.y_test, cfg.eval_steps)
+    log(f"{p}: {data.name} test accuracy {100 * acc:.2f}% (readout cost {loss:.4f}, T={cfg.eval_steps})")
+    return acc
