@@ -30,14 +30,19 @@ def linear(x, w, b=None):
     if b is not None:
         if tuple(b.shape) != (w.shape[0],):
             raise ValueError(f"b must have shape ({w.shape[0]},), got {tuple(b.shape)}")
+        if b.dtype != x.dtype:
+            raise ValueError(f"b has dtype {b.dtype} but x has dtype {x.dtype}; expected matching floats")
         y = y + b
     return y
 
 
 def linear_transpose(g, w):
     """Adjoint of :func:`linear` in x: z = g w. g (n, o); w (o, i) -> z (n, i)."""
+    namespace_of(g, w)  # raises TypeError when backends are mixed
     if g.ndim != 2 or w.ndim != 2 or g.shape[1] != w.shape[0]:
         raise ValueError(f"g must have shape (n, {w.shape[0]}) for w {tuple(w.shape)}, got {tuple(g.shape)}")
+    if w.dtype != g.dtype:
+        raise ValueError(f"w has dtype {w.dtype} but g has dtype {g.dtype}; expected matching floats")
     return g @ w
 
 
@@ -46,4 +51,6 @@ def linear_weight_grad(x, g):
     xp = namespace_of(x, g)
     if x.ndim != 2 or g.ndim != 2 or x.shape[0] != g.shape[0]:
         raise ValueError(f"x (n, i) and g (n, o) must share n; got {tuple(x.shape)} and {tuple(g.shape)}")
+    if g.dtype != x.dtype:
+        raise ValueError(f"g has dtype {g.dtype} but x has dtype {x.dtype}; expected matching floats")
     return xp.matrix_transpose(g) @ x
