@@ -4,7 +4,8 @@ from .bptt import BPTTResult, bptt, bptt_gradients
 from .crnn import CRNN
 from .ep import ESTIMATORS, EPResult, ep_estimate, ep_gradients
 from .settle import Settled, settle
+from .teacher import Teacher
 
 __all__ = ["CRNN", "settle", "Settled", "ep_gradients", "ep_estimate", "EPResult", "ESTIMATORS",
-           "bptt", "bptt_gradients", "BPTTResult", "parse_arch", "preset_spec", "PRESETS", "ArchError",
+           "bptt", "bptt_gradients", "BPTTResult", "Teacher", "parse_arch", "preset_spec", "PRESETS", "ArchError",
            "Architecture"]

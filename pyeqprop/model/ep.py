@@ -8,6 +8,9 @@ phases start from s^0 and run T2 steps with Φ^{±β}.
     symmetric    g = −1/(2β n) [∂Φ^β/∂θ(s^β) − ∂Φ^{−β}/∂θ(s^{−β})]              (Eq. 4.2)
     random-sign  one-sided with β replaced by ±β, the sign drawn once per batch    (Eq. 4.3)
 
+As β → 0 with converged phases, (4.1) and (4.3) approach the BPTT gradient of §5 with error
+O(β) and (4.2) with error O(β²) (the EP limit, Eq. 4.4).
+
 Parameters that appear only in the cost (softmax readout, local heads, distillation maps)
 enter Φ^β as −β ∂C/∂θ, so the same formulas give them ∂C/∂θ at the nudged state(s)
 (one-sided) or its average over s^{±β} (symmetric).
