@@ -1,8 +1,9 @@
 """The ``pyeqprop`` command line: train, evaluate, teacher, gdu-check, diagnose, bench, conformance, study.
 
 The CLI is the application layer: it imports the library, never the other way round.
-Known errors (bad config, missing files, unavailable backends, missing optional packages)
-print one ``error:`` line and exit with status 2; no traceback.
+Known errors (bad config, missing or unwritable files, unavailable backends, missing optional
+packages) print one ``error:`` line and exit with status 2; no traceback. A diverged run exits
+with 3, an interrupted one (Ctrl-C) with 130.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def _known_errors():
     from .train.config import ConfigError
     from .train.loop import TrainingError
 
-    errs = [BackendError, ArchError, ConfigError, TrainingError, FileNotFoundError, ImportError]
+    # OSError covers a missing file, a full disk or a file-size limit hit while writing the run folder
+    errs = [BackendError, ArchError, ConfigError, TrainingError, OSError, ImportError]
     try:
         from .train.checkpoint import CheckpointError
 
@@ -73,7 +75,10 @@ def _config_for(ns):
             raise TrainingError(f"cannot resume: {path} does not exist (is {ns.resume!r} a run folder?)")
         base = config_from_mapping(load_toml(path))
     else:
-        base = config_from_mapping(load_toml(ns.config)) if ns.config else None
+        base = None
+    # defaults (or the run's config.toml on resume) < --config FILE < flags
+    if getattr(ns, "config", None):
+        base = config_from_mapping(load_toml(ns.config), base)
     return config_from_mapping(_overrides(ns), base)
 
 
@@ -84,7 +89,7 @@ def _cmd_train(ns):
     try:
         res = train(cfg, resume=ns.resume)
     except TrainingDiverged as exc:
-        print(f"error: {exc}; the last good checkpoint is kept", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     if res.interrupted:
         return EXIT_INTERRUPTED
@@ -207,6 +212,9 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     try:
         return int(ns.func(ns) or 0)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns by itself)
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except _known_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

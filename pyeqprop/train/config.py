@@ -75,7 +75,7 @@ class TrainConfig:
             "readout": ("mse", "softmax"),
             "activation": ("hard_sigmoid", "half_hard_sigmoid"),
             "dtype": ("float32", "float64"),
-            "estimator": ("symmetric", "one-sided", "random-sign"),
+            "estimator": ("symmetric", "one-sided", "random-sign", "bptt"),
             "local_loss": ("ce", "mse"),
             "kd_normalisation": ("mean", "sum"),
             "backend": ("numpy", "cupy", "array_api_strict"),

@@ -1,0 +1,1 @@
+"""Experiments built on the training application (never imported by the library)."""

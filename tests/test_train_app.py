@@ -1,0 +1,171 @@
+"""The training application's products: the run folder, its config.toml and metrics, evaluation of a run,
+the progress bar, and the guard against mixing two runs in one folder.
+
+Jobs are tiny (synthetic 8×8 images, 4 batches of 64, one conv layer, T1 = 5).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyeqprop.cli import main
+from pyeqprop.train.checkpoint import load_checkpoint
+from pyeqprop.train.config import TrainConfig, config_from_mapping, dump_toml, load_toml
+from pyeqprop.train.loop import METRIC_KEYS, TrainingError, evaluate_run, train
+from pyeqprop.train.progress import ProgressBar
+
+TINY = dict(dataset="synthetic", arch="c4m", T1=5, T2=2, epochs=2, teacher_epochs=1, batch_size=64,
+            progress="none")
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def tiny(out, **overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY, "out": str(out), **overrides})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("app") / "run"
+    res = train(tiny(path), log=quiet)
+    assert not res.interrupted
+    return path
+
+
+def rows(run):
+    return [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------- the run folder
+def test_run_folder_holds_config_metrics_checkpoints_teacher_and_curves(run):
+    names = {p.name for p in run.iterdir()}
+    assert {"config.toml", "metrics.jsonl", "latest.npz", "best.npz", "teacher.npz", "curves.png"} <= names
+    assert not [n for n in names if n.startswith(".")], names  # no temporary files left behind
+
+
+def test_config_toml_reloads_to_the_same_config(run):
+    assert config_from_mapping(load_toml(run / "config.toml")) == tiny(run)
+
+
+def test_config_toml_round_trip_of_awkward_values(tmp_path):
+    # strings needing escapes, non-ASCII, a per-layer rate list, tiny and negative numbers
+    cfg = tiny(tmp_path / 'out "quoted" \\ back\tslash ü', lr=[0.25, 1e-7, 3.0], lr_min=1e-12,
+               cosine_epochs=-1, kd_layers="1,2", teacher="C:\\teachers\\t.npz", weight_decay=5e-4,
+               augment=True, T_eval=0, beta=0.125)
+    path = tmp_path / "c.toml"
+    path.write_text(dump_toml(cfg), encoding="utf-8")
+    assert config_from_mapping(load_toml(path)) == cfg
+
+
+def test_metrics_have_the_documented_keys_one_line_per_epoch(run):
+    lines = rows(run)
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for r in lines:
+        assert tuple(r) == METRIC_KEYS
+        assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
+        assert all(math.isfinite(r[k]) for k in METRIC_KEYS)
+    # the cosine schedule over 2 epochs: the full rate, then the midpoint between lr and lr_min
+    cfg = tiny(run)
+    assert lines[0]["lr"] == cfg.lr[0]
+    assert lines[1]["lr"] == pytest.approx(cfg.lr_min + 0.5 * (cfg.lr[0] - cfg.lr_min), rel=1e-12)
+
+
+def test_checkpoints_hold_the_position_history_and_config(run):
+    latest = load_checkpoint(run / "latest.npz")
+    best = load_checkpoint(run / "best.npz")
+    assert latest.extra["position"] == {"epoch": 2, "batch": 0}
+    assert [h["epoch"] for h in latest.extra["history"]] == [1, 2]
+    assert config_from_mapping(latest.config) == tiny(run)
+    accs = [r["test_acc"] for r in rows(run)]
+    best_epoch = 1 + int(np.argmax(accs))  # the first epoch reaching the best accuracy
+    assert best.extra["position"] == {"epoch": best_epoch, "batch": 0}
+    assert best.extra["best_test_acc"] == max(accs)
+
+
+def test_curves_png_is_a_png(run):
+    pytest.importorskip("matplotlib")
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------- evaluation
+def test_evaluate_reproduces_the_recorded_test_accuracy(run):
+    lines = rows(run)
+    assert evaluate_run(run / "latest.npz", log=quiet) == lines[-1]["test_acc"]
+    assert evaluate_run(run, log=quiet) == max(r["test_acc"] for r in lines)  # a folder: its best.npz
+
+
+def test_cli_evaluate_prints_the_last_epochs_test_accuracy(run, capsys):
+    last = rows(run)[-1]["test_acc"]
+    assert main(["evaluate", str(run / "latest.npz")]) == 0
+    out = capsys.readouterr().out
+    assert f"test accuracy {100 * last:.2f}%" in out
+    assert main(["evaluate", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"test accuracy {100 * max(r['test_acc'] for r in rows(run)):.2f}%" in out
+    assert "best.npz" in out
+
+
+def test_cli_train_prints_the_final_test_accuracy(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["train", "--dataset", "synthetic", "--arch", "c4m", "--T1", "5", "--T2", "2", "--epochs", "1",
+               "--teacher-epochs", "1", "--batch-size", "64", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    acc = rows(out)[-1]["test_acc"]
+    assert f"test accuracy: EP student {100 * acc:.2f}%" in text
+    assert "backprop teacher" in text
+
+
+# ---------------------------------------------------------------------- one run per folder
+def test_a_new_run_refuses_a_folder_holding_a_run(run):
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(TrainingError, match="already holds a run.*--resume"):
+        train(tiny(run), log=quiet)
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_failed_resume_leaves_the_run_folder_untouched(run, tmp_path):
+    from pyeqprop.train.checkpoint import CheckpointError
+
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(CheckpointError, match="conv1.weight"):
+        train(dataclasses.replace(tiny(run), arch="c8m"), resume=run, log=quiet)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+# ---------------------------------------------------------------------- progress bar
+def test_progress_bar_draws_batches_loss_accuracy_and_residual():
+    stream = io.StringIO()
+    bar = ProgressBar(4, desc="epoch 1/2", mode="bar", stream=stream)
+    bar.update(2, loss=0.123456, acc=0.5, residual=1.5e-3, force=True)
+    text = stream.getvalue()
+    assert text.startswith("\repoch 1/2 [")
+    assert "2/4" in text and "loss 0.1235" in text and "acc  50.0%" in text and "res 1.5e-03" in text
+    assert "#" * 12 + "." * 12 in text  # half of the 24-character bar
+    bar.update(4, loss=0.1, acc=1.0, residual=0.0)  # the last batch is always drawn
+    assert "4/4" in stream.getvalue() and "#" * 24 in stream.getvalue()
+    bar.close()
+    assert stream.getvalue().endswith("\r")
+
+
+@pytest.mark.parametrize("mode", ["none", "auto"])  # auto: a StringIO is not a terminal
+def test_progress_bar_silent_when_off_or_not_a_terminal(mode):
+    stream = io.StringIO()
+    bar = ProgressBar(4, mode=mode, stream=stream)
+    bar.update(4, loss=0.1, acc=1.0, residual=0.0, force=True)
+    bar.close()
+    assert stream.getvalue() == ""
+
+
+def test_training_with_progress_bar_draws_on_stderr(tmp_path, capsys):
+    train(tiny(tmp_path / "bar", epochs=1, progress="bar"), log=quiet)
+    err = capsys.readouterr().err
+    assert "epoch 1/1 [" in err and "4/4" in err and "loss " in err and "res " in err
