@@ -312,13 +312,20 @@ class SignalConfig:
     extra: dict = field(default_factory=dict)
 
     def needs_teacher(self) -> bool:
-        return self.kd_layers not in (None, "none", "", []) or self.output_kd_weight != 0.0
+        kd = self.kd_layers
+        if isinstance(kd, str):
+            selected = kd.strip().lower() not in ("none", "")  # as parse_layers reads it
+        else:
+            selected = kd is not None and len(list(kd)) > 0
+        return selected or self.output_kd_weight != 0.0
 
 
 def _weights(w, n, what):
     if isinstance(w, (int, float)):
         return [float(w)] * n
     w = [float(v) for v in w]
+    if len(w) == 1:
+        return w * n
     if len(w) != n:
         raise ValueError(f"{what} weights: expected 1 or {n} values (one per selected layer), got {len(w)}")
     return w

@@ -23,7 +23,10 @@ class TrainConfig:
     dataset: str = "digits"
     data_root: str = ""
     download: bool = False
-    augment: bool = False
+    augment: bool = False  # random crop (augment_padding) and horizontal flip (augment_flip)
+    augment_padding: int = 4
+    augment_flip: bool = True
+    augment_padding_mode: str = "edge"  # edge | zeros
     test_fraction: float = 0.2
     # model
     arch: str = "digits"
@@ -80,6 +83,7 @@ class TrainConfig:
             "kd_normalisation": ("mean", "sum"),
             "backend": ("numpy", "cupy", "array_api_strict"),
             "progress": ("auto", "bar", "none"),
+            "augment_padding_mode": ("edge", "zeros"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -90,7 +94,7 @@ class TrainConfig:
         for key in ("T1", "T2", "epochs", "batch_size", "teacher_batch_size", "checkpoint_every"):
             if getattr(self, key) < 1:
                 bad(key, "an integer >= 1")
-        for key in ("T_eval", "teacher_epochs"):
+        for key in ("T_eval", "teacher_epochs", "augment_padding"):
             if getattr(self, key) < 0:
                 bad(key, "an integer >= 0")
         if not 0.0 < self.test_fraction < 1.0:
@@ -105,6 +109,11 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 bad(key, "a number >= 0")
         return self
+
+    @property
+    def augment_options(self) -> dict:
+        """Keyword arguments of :func:`pyeqprop.data.augment.augment` for this config."""
+        return {"padding": self.augment_padding, "flip": self.augment_flip, "padding_mode": self.augment_padding_mode}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -223,7 +223,7 @@ def _get_teacher(cfg, data, xp, run: Path, log):
     t0 = time.perf_counter()
     train_teacher(teacher, data.x_train, data.y_train, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
                   momentum=cfg.momentum, batch_size=cfg.teacher_batch_size, seed=cfg.seed,
-                  augment=cfg.augment, mean=data.mean, std=data.std, log=log)
+                  augment=cfg.augment_options if cfg.augment else None, mean=data.mean, std=data.std, log=log)
     save_teacher(path, teacher, {"arch": cfg.arch, "input_shape": list(data.input_shape),
                                  "num_classes": data.num_classes, "activation": cfg.activation, "seed": cfg.seed})
     log(f"teacher: trained by backprop in {time.perf_counter() - t0:.1f}s, saved to {path}")
@@ -455,7 +455,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
                             raise _Stop
                         rng = np.random.default_rng([cfg.seed, epoch, b])
                         if cfg.augment:
-                            xb = normalize(augment(xb, rng, padding_mode="edge"), data.mean, data.std)
+                            xb = normalize(augment(xb, rng, **cfg.augment_options), data.mean, data.std)
                         res = _estimate(net, xb, yb, cfg, rng)
                         _check_finite(net, res.free.state, epoch + 1, b + 1, "free")
                         for ph in res.nudged:

@@ -11,11 +11,12 @@ __all__ = ["train_teacher", "run_teacher_cli"]
 
 
 def train_teacher(teacher, x, y, *, epochs, lr, momentum=0.9, batch_size=32, seed=0, weight_decay=0.0,
-                  augment=False, mean=None, std=None, lr_min=1e-5, log=print):
+                  augment=None, mean=None, std=None, lr_min=1e-5, log=print):
     """Train ``teacher`` in place by hand-derived backprop (Eq. 7.3) with SGD + momentum (Eq. 8.1).
 
-    x, y : the training split on the teacher's backend (x normalised unless ``augment``, in
-    which case each batch is augmented, then normalised with ``mean``/``std``). The learning
+    x, y : the training split on the teacher's backend (x normalised unless ``augment``, a dict
+    of :func:`pyeqprop.data.augment.augment` options, in which case each batch is augmented,
+    then normalised with ``mean``/``std``). The learning
     rate follows the cosine schedule (Eq. 8.2) over ``epochs``. Batch order: epoch e uses
     ``default_rng([seed, 10_000 + e])``. Returns the per-epoch mean training loss.
     """
@@ -33,7 +34,7 @@ def train_teacher(teacher, x, y, *, epochs, lr, momentum=0.9, batch_size=32, see
         t0 = time.perf_counter()
         for xb, yb in iterate_batches(x, y, batch_size, shuffle=True, rng=rng, xp=teacher.xp):
             if augment:
-                xb = normalize(augment_batch(xb, rng, padding_mode="edge"), mean, std)
+                xb = normalize(augment_batch(xb, rng, **augment), mean, std)
             loss, grads = teacher.loss_and_grads(xb, yb)
             opt.step(grads)
             total += float(loss) * xb.shape[0]
@@ -56,7 +57,8 @@ def run_teacher_cli(cfg, save_path) -> int:
     teacher = Teacher(cfg.arch, data.input_shape, num_classes=data.num_classes, activation=cfg.activation,
                       dtype=cfg.dtype, xp=xp, seed=cfg.seed)
     train_teacher(teacher, data.x_train, data.y_train, epochs=max(cfg.teacher_epochs, 1), lr=cfg.teacher_lr,
-                  momentum=cfg.momentum, batch_size=cfg.teacher_batch_size, seed=cfg.seed, augment=cfg.augment,
+                  momentum=cfg.momentum, batch_size=cfg.teacher_batch_size, seed=cfg.seed,
+                  augment=cfg.augment_options if cfg.augment else None,
                   mean=data.mean, std=data.std)
     acc = teacher.accuracy(data.x_test, data.y_test)
     save_teacher(save_path, teacher, {"arch": cfg.arch, "input_shape": list(data.input_shape),

@@ -1,0 +1,200 @@
+"""Unit tests of the intermediate-signal options (SPEC.md §6.1): layer lists, weights, errors."""
+from __future__ import annotations
+
+from dataclasses import fields
+
+import numpy as np
+import pytest
+
+from pyeqprop.diagnostics.signals import SETTINGS, ablation_settings
+from pyeqprop.model import CRNN
+from pyeqprop.model.signals import (DistillationMap, LocalErrorHead, OutputDistillation, SignalConfig,
+                                    TeacherFeatures, attach_signals, parse_layers)
+from pyeqprop.model.teacher import Teacher
+
+ARCH, SHAPE = "c2m-c3-c2m-f4", (1, 8, 8)  # three conv layers, then an fc layer
+
+
+def _net(readout="softmax"):
+    return CRNN(ARCH, SHAPE, num_classes=3, readout=readout, dtype="float64", xp="numpy", seed=0)
+
+
+def _teacher():
+    return Teacher(ARCH, SHAPE, num_classes=3, dtype="float64", xp="numpy", seed=1)
+
+
+# ---------------------------------------------------------------------- parse_layers
+@pytest.mark.parametrize("spec, expected", [
+    ("all", [0, 1, 2]), ("ALL", [0, 1, 2]), (" all ", [0, 1, 2]),
+    ("none", []), ("None", []), ("", []), (None, []),
+    ("1,3", [0, 2]), ("3, 1", [0, 2]), ("2,2", [1]), ("1,", [0]),
+    ([3, 1], [0, 2]), ((2,), [1]), ([], []),
+])
+def test_parse_layers_valid(spec, expected):
+    assert parse_layers(spec, 3, "local-error") == expected
+
+
+@pytest.mark.parametrize("spec, bad", [("1,4", 4), ("0", 0), ([5], 5), ("-1", -1)])
+def test_parse_layers_out_of_range_names_the_layer(spec, bad):
+    with pytest.raises(ValueError, match=rf"distillation layer {bad} is out of range.*1\.\.3"):
+        parse_layers(spec, 3, "distillation")
+
+
+@pytest.mark.parametrize("spec", ["abc", "1;2", "1 2", "first", "1.5", "all,1"])
+def test_parse_layers_rejects_garbage(spec):
+    with pytest.raises(ValueError, match=r"local-error layers must be 'all', 'none' or a comma list"):
+        parse_layers(spec, 3, "local-error")
+
+
+# ---------------------------------------------------------------------- weights
+def test_weight_per_layer_and_broadcast():
+    net = _net()
+    terms = attach_signals(net, SignalConfig(local_layers="1,3", local_weight=[0.25, 0.75]))
+    assert [(w, t.layer) for w, t in net.cost_terms[1:]] == [(0.25, 0), (0.75, 2)]
+    assert [t.name for t in terms] == ["head1", "head3"]
+    net = _net()
+    attach_signals(net, SignalConfig(local_layers="all", local_weight=0.5))
+    assert [w for w, _ in net.cost_terms[1:]] == [0.5, 0.5, 0.5]
+    net = _net()
+    attach_signals(net, SignalConfig(local_layers="all", local_weight=[0.5]))  # one value: every layer
+    assert [w for w, _ in net.cost_terms[1:]] == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.5], [0.1, 0.2, 0.3, 0.4]])
+def test_weights_length_mismatch(weights):
+    with pytest.raises(ValueError, match=rf"local-error weights: expected 1 or 3 values.*got {len(weights)}"):
+        attach_signals(_net(), SignalConfig(local_layers="all", local_weight=weights))
+    with pytest.raises(ValueError, match=rf"distillation weights: expected 1 or 3 values.*got {len(weights)}"):
+        attach_signals(_net(), SignalConfig(kd_layers="all", kd_weight=weights), _teacher())
+
+
+# ---------------------------------------------------------------------- teacher
+@pytest.mark.parametrize("config", [SignalConfig(kd_layers="all"), SignalConfig(kd_layers="2"),
+                                    SignalConfig(output_kd_weight=0.5)])
+def test_distillation_without_teacher_raises(config):
+    net = _net()
+    with pytest.raises(ValueError, match="no teacher"):
+        attach_signals(net, config)
+    assert len(net.cost_terms) == 1
+
+
+def test_local_errors_need_no_teacher():
+    net = _net()
+    attach_signals(net, SignalConfig(local_layers="all"))
+    assert [t.kind for _, t in net.cost_terms] == ["softmax", "local", "local", "local"]
+
+
+@pytest.mark.parametrize("config, needs", [
+    (SignalConfig(), False),
+    (SignalConfig(local_layers="all"), False),
+    (SignalConfig(kd_layers="all"), True),
+    (SignalConfig(kd_layers="1"), True),
+    (SignalConfig(kd_layers=[2]), True),
+    (SignalConfig(kd_layers="none"), False),
+    (SignalConfig(kd_layers="NONE"), False),
+    (SignalConfig(kd_layers=" none "), False),
+    (SignalConfig(kd_layers=""), False),
+    (SignalConfig(kd_layers=[]), False),
+    (SignalConfig(kd_layers=None), False),
+    (SignalConfig(output_kd_weight=0.3), True),
+    (SignalConfig(kd_layers="none", output_kd_weight=0.0), False),
+])
+def test_needs_teacher(config, needs):
+    assert config.needs_teacher() is needs
+    net = _net()
+    if needs:
+        with pytest.raises(ValueError, match="no teacher"):
+            attach_signals(net, config)
+    else:
+        attach_signals(net, config)  # no teacher needed, none given
+
+
+def test_attach_with_teacher_builds_maps_and_output_distillation():
+    net = _net("mse")
+    terms = attach_signals(net, SignalConfig(local_layers="2", kd_layers="1,3", output_kd_weight=0.5,
+                                             temperature=2.0), _teacher())
+    assert [(t.kind, t.layer) for t in terms] == [("local", 1), ("kd", 0), ("kd", 2), ("kd_out", 4)]
+    assert terms[-1].tau == 2.0 and net.cost_terms[-1][0] == 0.5
+    assert net.params["kd1.weight"].shape == (2, 2, 1, 1) and net.params["kd3.bias"].shape == (2,)
+
+
+# ---------------------------------------------------------------------- ablations
+def test_ablations_are_one_flag_apart():
+    """EP / EP+local / EP+KD / EP+local+KD differ only in local_layers and kd_layers; each step
+    switches one of them, and the networks get exactly the terms the name says."""
+    s = ablation_settings()
+    assert tuple(s) == SETTINGS
+    changed = {}
+    for a, b in [("EP", "EP+local"), ("EP", "EP+KD"), ("EP+local", "EP+local+KD"), ("EP+KD", "EP+local+KD")]:
+        changed[(a, b)] = {f.name for f in fields(SignalConfig) if getattr(s[a], f.name) != getattr(s[b], f.name)}
+    assert changed == {("EP", "EP+local"): {"local_layers"}, ("EP", "EP+KD"): {"kd_layers"},
+                       ("EP+local", "EP+local+KD"): {"kd_layers"}, ("EP+KD", "EP+local+KD"): {"local_layers"}}
+    kinds = {}
+    for name, cfg in s.items():
+        net = _net()
+        attach_signals(net, cfg, _teacher() if cfg.needs_teacher() else None)
+        kinds[name] = sorted(t.kind for _, t in net.cost_terms[1:])
+    assert kinds == {"EP": [], "EP+local": ["local"] * 3, "EP+KD": ["kd"] * 3,
+                     "EP+local+KD": ["kd"] * 3 + ["local"] * 3}
+    assert [s[n].needs_teacher() for n in SETTINGS] == [False, False, True, True]
+
+
+def test_ablations_from_a_custom_base_and_errors():
+    base = SignalConfig(local_layers="1,2", local_weight=0.3, local_loss="mse", kd_layers="3", kd_weight=2.0)
+    s = ablation_settings(base, ("EP", "EP+local+KD"))
+    assert list(s) == ["EP", "EP+local+KD"] and s["EP+local+KD"] == base
+    assert s["EP"].local_weight == 0.3 and s["EP"].local_layers == "none" and s["EP"].kd_layers == "none"
+    with pytest.raises(ValueError, match="unknown setting"):
+        ablation_settings(base, ("EP", "EP+distillation"))
+    with pytest.raises(ValueError, match="output_kd_weight = 0"):
+        ablation_settings(SignalConfig(local_layers="all", kd_layers="all", output_kd_weight=0.5))
+    with pytest.raises(ValueError, match="must select kd_layers"):
+        ablation_settings(SignalConfig(local_layers="all"))
+
+
+# ---------------------------------------------------------------------- term options
+def test_term_option_errors():
+    prov = TeacherFeatures(_teacher())
+    with pytest.raises(ValueError, match="local error loss must be 'ce' or 'mse'"):
+        LocalErrorHead(0, (2, 4, 4), 3, loss="nll")
+    with pytest.raises(ValueError, match="grid must be >= 1"):
+        LocalErrorHead(0, (2, 4, 4), 3, grid=0)
+    with pytest.raises(ValueError, match="normalisation must be 'mean' or 'sum'"):
+        DistillationMap(0, (2, 4, 4), (2, 4, 4), prov, normalisation="max")
+    with pytest.raises(ValueError, match="cannot be average-pooled"):
+        DistillationMap(0, (2, 3, 3), (2, 4, 4), prov)
+    with pytest.raises(ValueError, match="cannot distil"):
+        DistillationMap(0, (2, 4, 4), (8,), prov)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        OutputDistillation(_net().readout_term, prov, temperature=0.0)
+
+
+@pytest.mark.parametrize("shape, grid, pool, features", [
+    ((2, 4, 4), 2, (2, 2), 8), ((2, 4, 4), 1, (4, 4), 2), ((2, 6, 3), 2, (3, 3), 4), ((2, 6, 3), 4, (2, 1), 18),
+    ((2, 5, 7), 2, (5, 7), 2), ((2, 2, 2), 3, (1, 1), 8), ((7,), 2, None, 7),
+])
+def test_local_head_grid(shape, grid, pool, features):
+    """Eq. 6.2: g_h is the largest divisor of h not above g (likewise g_w); fc layers are read directly."""
+    head = LocalErrorHead(0, shape, 3, grid=grid)
+    assert head.pool == pool and head.features == features
+    assert head.param_specs()[0].shape == (3, features)
+
+
+def test_teacher_features_computed_once_per_batch():
+    class Counting:
+        calls = 0
+
+        def features(self, x):
+            Counting.calls += 1
+            return [x]
+
+        def forward(self, x):
+            return np.zeros((x.shape[0], 3)), None
+
+    prov = TeacherFeatures(Counting())
+    x = np.ones((2, 1, 4, 4))
+    prov.get(x)
+    prov.get(x)
+    assert Counting.calls == 1
+    prov.get(np.ones((2, 1, 4, 4)))
+    assert Counting.calls == 2
