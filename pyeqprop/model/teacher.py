@@ -90,6 +90,9 @@ class Teacher:
         ``numpy.random.default_rng(seed)`` in parameter order, fan_in = c·k·k (conv) or the
         input width (fc). This is the CRNN's scheme (Eq. 3.10), so ``Teacher(a, s, seed=k)``
         and ``CRNN(a, s, readout="softmax", seed=k)`` start from identical parameters.
+    weight_scale : float
+        Multiplies the weight range (not the biases), as in the CRNN. Deep teachers with
+        clipped activations need > 1 to train (the signal shrinks ~0.5× per layer at 1).
 
     Attributes
     ----------
@@ -101,8 +104,9 @@ class Teacher:
     """
 
     def __init__(self, arch, input_shape, *, num_classes=10, activation="hard_sigmoid", dtype="float32",
-                 xp=None, seed=0):
+                 xp=None, seed=0, weight_scale=1.0):
         self.xp = resolve(xp)
+        self.weight_scale = float(weight_scale)
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype_name = dtype
@@ -122,6 +126,8 @@ class Teacher:
         self.device = device_of(probe)
         for spec in self._param_specs():
             bound = 1.0 / np.sqrt(spec.fan_in)
+            if spec.name.endswith(".weight"):
+                bound *= self.weight_scale
             host = rng.uniform(-bound, bound, size=spec.shape).astype(self.dtype_name)
             self.params[spec.name] = self.xp.asarray(host, device=self.device)
 

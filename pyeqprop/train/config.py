@@ -62,6 +62,7 @@ class TrainConfig:
     teacher_epochs: int = 20
     teacher_lr: float = 0.05
     teacher_batch_size: int = 32
+    teacher_weight_scale: float = 2.0  # deep teachers with clipped activations need > 1 to train
     teacher: str = ""  # path to a saved teacher; empty: train one and cache it in the run folder
     # run
     backend: str = "numpy"
@@ -88,7 +89,7 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, "one of " + ", ".join(allowed))
-        for key in ("beta", "weight_scale", "temperature", "teacher_lr"):
+        for key in ("beta", "weight_scale", "temperature", "teacher_lr", "teacher_weight_scale"):
             if not getattr(self, key) > 0:
                 bad(key, "a number > 0")
         for key in ("T1", "T2", "epochs", "batch_size", "teacher_batch_size", "checkpoint_every"):

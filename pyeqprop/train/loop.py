@@ -204,7 +204,7 @@ def _get_teacher(cfg, data, xp, run: Path, log):
 
     path = Path(cfg.teacher) if cfg.teacher else run / "teacher.npz"
     teacher = Teacher(cfg.arch, data.input_shape, num_classes=data.num_classes, activation=cfg.activation,
-                      dtype=cfg.dtype, xp=xp, seed=cfg.seed)
+                      dtype=cfg.dtype, xp=xp, seed=cfg.seed, weight_scale=cfg.teacher_weight_scale)
     if path.exists():
         loaded = load_teacher(path, xp=xp, dtype=cfg.dtype)
         if loaded.input_shape != tuple(data.input_shape) or loaded.num_classes != data.num_classes:

@@ -55,7 +55,7 @@ def run_teacher_cli(cfg, save_path) -> int:
     xp = get_namespace(cfg.backend)
     data = prepare_data(cfg, xp)
     teacher = Teacher(cfg.arch, data.input_shape, num_classes=data.num_classes, activation=cfg.activation,
-                      dtype=cfg.dtype, xp=xp, seed=cfg.seed)
+                      dtype=cfg.dtype, xp=xp, seed=cfg.seed, weight_scale=cfg.teacher_weight_scale)
     train_teacher(teacher, data.x_train, data.y_train, epochs=max(cfg.teacher_epochs, 1), lr=cfg.teacher_lr,
                   momentum=cfg.momentum, batch_size=cfg.teacher_batch_size, seed=cfg.seed,
                   augment=cfg.augment_options if cfg.augment else None,
