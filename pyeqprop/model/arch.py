@@ -148,7 +148,9 @@ def parse_arch(arch: str, input_shape, num_classes: int, readout: str) -> Archit
     if readout not in ("mse", "softmax"):
         raise ArchError(f"readout must be 'mse' or 'softmax', got {readout!r}")
     text = arch.strip()
-    spec = text if _is_spec(text) and not text.lower().startswith("vgg") else preset_spec(text, (c, h, w))
+    # a string with '-' is a spec (no preset name has one): the token loop then names a bad token
+    is_spec = (_is_spec(text) or "-" in text) and not text.lower().startswith("vgg")
+    spec = text if is_spec else preset_spec(text, (c, h, w))
     tokens = [t for t in spec.lower().split("-")]
     if not tokens or any(t == "" for t in tokens):
         raise ArchError(f"empty token in architecture spec {spec!r}")

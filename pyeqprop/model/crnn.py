@@ -268,7 +268,7 @@ class CRNN:
         """∂Φ^β/∂s_l for l = 1 … L, per sample (Eq. 3.7)."""
         self._check_x(x)
         self._check_state(state, x.shape[0])
-        ctx = self.prepare(x, y) if beta != 0.0 else None
+        ctx = self._nudge_ctx(x, y, beta)
         return self.drive(x, state, ctx, beta).u
 
     def step_ctx(self, x, state, ctx, beta=0.0, x_drive=None):
@@ -280,11 +280,21 @@ class CRNN:
         """One synchronous update of every layer, s_l ← ρ(∂Φ^β/∂s_l) (Eq. 3.8)."""
         self._check_x(x)
         self._check_state(state, x.shape[0])
-        ctx = self.prepare(x, y) if beta != 0.0 else None
+        ctx = self._nudge_ctx(x, y, beta)
         return self.step_ctx(x, state, ctx, beta)
+
+    def _nudge_ctx(self, x, y, beta):
+        """Cost context of a nudged evaluation (None when β = 0); β ≠ 0 needs targets y."""
+        if beta == 0.0:
+            return None
+        if y is None:
+            raise ValueError(f"a nudged evaluation (beta={beta}) needs targets y")
+        return self.prepare(x, y)
 
     def cost(self, x, state, y, ctx=None):
         """Total cost C = Σ_k w_k C_k per sample, shape (n,) (Eq. 3.5)."""
+        if ctx is None and y is None:
+            raise ValueError("the cost needs targets y")
         ctx = self.prepare(x, y) if ctx is None else ctx
         total = None
         for (w_k, term), c in zip(self.cost_terms, ctx):
@@ -305,7 +315,7 @@ class CRNN:
             term = xp.sum(xp.reshape(b_l * state[l], (x.shape[0], -1)), axis=1)  # (n, …) -> (n,)
             total = term if total is None else total + term
         if beta != 0.0:
-            total = total - beta * self.cost(x, state, y)
+            total = total - beta * self.cost(x, state, y, self._nudge_ctx(x, y, beta))
         return total
 
     # ------------------------------------------------------------------ ∂Φ/∂θ
@@ -350,7 +360,7 @@ class CRNN:
         """Σ over the batch of ∂Φ^β/∂θ for every parameter, keyed like ``params`` (Eq. 3.9)."""
         self._check_x(x)
         self._check_state(state, x.shape[0])
-        ctx = self.prepare(x, y) if beta != 0.0 else None
+        ctx = self._nudge_ctx(x, y, beta)
         return self.dphi_dtheta_ctx(x, state, ctx, beta)
 
     # ------------------------------------------------------------------ inference
