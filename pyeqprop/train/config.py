@@ -31,21 +31,21 @@ class TrainConfig:
     # model
     arch: str = "digits"
     readout: str = "softmax"
-    activation: str = "hard_sigmoid"
+    activation: str = "half_hard_sigmoid"
     dtype: str = "float32"
     weight_scale: float = 1.0
     # EP
     estimator: str = "symmetric"
     beta: float = 0.5
-    T1: int = 20
-    T2: int = 6
+    T1: int = 30
+    T2: int = 10
     T_eval: int = 0  # 0: use T1
     # optimizer (Eqs. 8.1-8.3)
     epochs: int = 30
     batch_size: int = 32
-    lr: list = field(default_factory=lambda: [0.1])
+    lr: list = field(default_factory=lambda: [0.05])
     momentum: float = 0.9
-    weight_decay: float = 0.0
+    weight_decay: float = 5e-4
     lr_min: float = 1e-5
     cosine_epochs: int = 0  # 0: anneal over all epochs; -1: constant learning rate
     # intermediate signals (Eq. 6.1)
