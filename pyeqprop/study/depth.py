@@ -35,7 +35,7 @@ SETTINGS = {
 }
 
 DEFAULT_ARCHS = {
-    "digits": {"shallow": "c32m-c64m", "deep": "c16-c16-c32m-c32-c32-c64m-c64-c64"},
+    "digits": {"shallow": "c16m-c32m", "deep": "c8-c8-c16m-c16-c16-c32m-c32-c32"},
     "mnist5k": {"shallow": "c32m-c64m", "deep": "c16-c16m-c32-c32m-c64-c64-c64-c64"},
 }
 
@@ -165,7 +165,8 @@ def run_study_cli(ns) -> int:
     p.add_argument("--arch", default=None, help="one architecture (paper scale, e.g. vgg11) instead of shallow+deep")
     p.add_argument("--shallow", default=None)
     p.add_argument("--deep", default=None)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--weight-scale", type=float, default=1.0, help="student weight scale (Eq. 3.10)")
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--T1", type=int, default=30)
     p.add_argument("--T2", type=int, default=10)
@@ -189,7 +190,8 @@ def run_study_cli(ns) -> int:
         raise ValueError(f"unknown study setting {bad[0]!r}; settings are {', '.join(SETTINGS)}")
     base = config_from_mapping({"dataset": a.dataset, "epochs": a.epochs, "teacher_epochs": a.teacher_epochs,
                                 "T1": a.T1, "T2": a.T2, "beta": a.beta, "lr": a.lr, "batch_size": a.batch_size,
-                                "backend": a.backend, "augment": a.augment, "seed": a.seed, "progress": "none"},
+                                "backend": a.backend, "augment": a.augment, "seed": a.seed, "progress": "none",
+                                "weight_scale": a.weight_scale},
                                TrainConfig())
     run_depth_study(base, out=a.out, depths=depths, settings=settings)
     return 0
