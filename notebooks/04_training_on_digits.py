@@ -33,7 +33,7 @@ from pyeqprop.train.loop import train
 
 CI = os.environ.get("PYEQPROP_NOTEBOOK_CI") == "1"  # set by tests/test_notebooks.py
 
-# ---- FULL_JOB: True runs the default job of `pyeqprop train` (30 epochs, T1 = 20, T2 = 6,
+# ---- FULL_JOB: True runs the default job of `pyeqprop train` (30 epochs, T1 = 30, T2 = 10,
 # a 20-epoch teacher; minutes on a laptop). CI runs a 3-epoch version with fewer steps. ----
 FULL_JOB = not CI
 
@@ -46,7 +46,6 @@ print(cfg)
 
 # %%
 result = train(cfg)
-# train() writes RUN/curves.png through matplotlib's Agg backend, which turns inline figures off
 # %matplotlib inline
 print(f"\nstudent test accuracy {100 * result.test_acc:.2f}%, teacher {100 * result.teacher_test_acc:.2f}%, "
       f"{result.seconds:.0f}s")
