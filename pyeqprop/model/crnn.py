@@ -27,11 +27,12 @@ import numpy as np
 
 from ..backend import backend_name, device_of, namespace_of, resolve
 from ..ops.activations import get_activation
-from ..ops.conv import conv2d, conv2d_bias_grad, conv2d_transpose, conv2d_weight_grad
-from ..ops.linear import linear, linear_transpose, linear_weight_grad
-from ..ops.pool import avg_pool2d, avg_unpool2d, max_pool2d, max_pool2d_select, max_unpool2d
+from ..ops.conv import conv2d_bias_grad, conv2d_transpose, conv2d_weight_grad
+from ..ops.linear import linear_transpose, linear_weight_grad
+from ..ops.pool import avg_pool2d, max_pool2d_select
+from . import layers as layers_mod
 from .arch import ConvLayer, parse_arch
-from .costs import MSEOutput, ParamSpec, SoftmaxReadout
+from .costs import MSEOutput, SoftmaxReadout
 
 __all__ = ["CRNN", "Drive"]
 
@@ -109,28 +110,14 @@ class CRNN:
 
     # ------------------------------------------------------------------ parameters
     def _layer_param_specs(self):
-        specs = []
-        for layer in self.layers:
-            if isinstance(layer, ConvLayer):
-                fan_in = layer.in_channels * layer.kernel * layer.kernel
-                specs.append(ParamSpec(f"{layer.name}.weight",
-                                       (layer.out_channels, layer.in_channels, layer.kernel, layer.kernel), fan_in))
-                specs.append(ParamSpec(f"{layer.name}.bias", (layer.out_channels,), fan_in))
-            else:
-                specs.append(ParamSpec(f"{layer.name}.weight", (layer.out_features, layer.in_features),
-                                       layer.in_features))
-                specs.append(ParamSpec(f"{layer.name}.bias", (layer.out_features,), layer.in_features))
-        return specs
+        return layers_mod.param_specs(self.layers)
 
     def _init_params(self, specs, rng):
-        for spec in specs:
-            if spec.name in self.params:
-                raise ValueError(f"parameter {spec.name!r} already exists")
-            bound = 1.0 / np.sqrt(spec.fan_in)
-            if spec.name.endswith(".weight"):
-                bound *= self.weight_scale
-            host = rng.uniform(-bound, bound, size=spec.shape).astype(self.dtype_name)
-            self.params[spec.name] = self.xp.asarray(host, device=self.device)
+        taken = [spec.name for spec in specs if spec.name in self.params]
+        if taken:
+            raise ValueError(f"parameter {taken[0]!r} already exists")
+        self.params.update(layers_mod.init_params(specs, rng, dtype=self.dtype_name, xp=self.xp, device=self.device,
+                                                  weight_scale=self.weight_scale))
 
     @property
     def device(self):
@@ -189,27 +176,11 @@ class CRNN:
 
     def _bottom_up(self, l, a):
         """B_l(a) and the max-pool indices (Eq. 3.1)."""
-        xp = self.xp
-        layer = self.layers[l]
-        W, b = self.params[f"{layer.name}.weight"], self.params[f"{layer.name}.bias"]
-        if isinstance(layer, ConvLayer):
-            z = conv2d(a, W, b, padding=layer.padding)
-            if layer.pool == "max":
-                return max_pool2d(z)
-            if layer.pool == "avg":
-                return avg_pool2d(z), None
-            return z, None
-        flat = xp.reshape(a, (a.shape[0], -1))  # (n, c, h, w) -> (n, c·h·w)
-        return linear(flat, W, b), None
+        return layers_mod.forward(self.layers[l], self.params, a)
 
     def _unpool(self, l, g, idx):
         """P*_l: the adjoint of layer l's pooling at its argmax (identity without pooling)."""
-        layer = self.layers[l]
-        if layer.pool == "max":
-            return max_unpool2d(g, idx, output_size=layer.conv_hw)
-        if layer.pool == "avg":
-            return avg_unpool2d(g, output_size=layer.conv_hw)
-        return g
+        return layers_mod.unpool(self.layers[l], g, idx)
 
     def _pool_linear(self, l, z, idx):
         """P_l as a linear map at frozen argmax (selection for max pooling)."""

@@ -160,7 +160,7 @@ class DistillationMap:
                              f"of shape {self.state_shape}")
         self.conv = len(self.state_shape) == 3
         if self.conv:
-            (cs, hs, ws), (ct, ht, wt) = self.state_shape, self.teacher_shape
+            (_, hs, ws), (ct, ht, wt) = self.state_shape, self.teacher_shape
             if ht % hs or wt % ws:
                 raise ValueError(f"teacher map {ht}×{wt} cannot be average-pooled to the student's {hs}×{ws}")
             self.teacher_pool = (ht // hs, wt // ws)

@@ -42,11 +42,11 @@ import numpy as np
 
 from ..backend import asarray, backend_name, device_of, namespace_of, resolve, to_numpy
 from ..ops.activations import get_activation
-from ..ops.conv import conv2d, conv2d_bias_grad, conv2d_transpose, conv2d_weight_grad
+from ..ops.conv import conv2d_bias_grad, conv2d_transpose, conv2d_weight_grad
 from ..ops.linear import linear, linear_transpose, linear_weight_grad
-from ..ops.pool import avg_pool2d, avg_unpool2d, max_pool2d, max_unpool2d
+from . import layers as layers_mod
 from .arch import ConvLayer, parse_arch
-from .costs import ParamSpec, log_softmax, onehot
+from .costs import log_softmax, onehot
 
 __all__ = ["Teacher", "TeacherCache"]
 
@@ -124,27 +124,12 @@ class Teacher:
         rng = np.random.default_rng(seed)
         probe = self.xp.zeros((1,), dtype=self.dtype)
         self.device = device_of(probe)
-        for spec in self._param_specs():
-            bound = 1.0 / np.sqrt(spec.fan_in)
-            if spec.name.endswith(".weight"):
-                bound *= self.weight_scale
-            host = rng.uniform(-bound, bound, size=spec.shape).astype(self.dtype_name)
-            self.params[spec.name] = self.xp.asarray(host, device=self.device)
+        self.params.update(layers_mod.init_params(self._param_specs(), rng, dtype=self.dtype_name, xp=self.xp,
+                                                  device=self.device, weight_scale=self.weight_scale))
 
     # ------------------------------------------------------------------ parameters
     def _param_specs(self):
-        specs = []
-        for layer in self.layers + (self.readout,):
-            if isinstance(layer, ConvLayer):
-                fan_in = layer.in_channels * layer.kernel * layer.kernel
-                specs.append(ParamSpec(f"{layer.name}.weight",
-                                       (layer.out_channels, layer.in_channels, layer.kernel, layer.kernel), fan_in))
-                specs.append(ParamSpec(f"{layer.name}.bias", (layer.out_channels,), fan_in))
-            else:
-                specs.append(ParamSpec(f"{layer.name}.weight", (layer.out_features, layer.in_features),
-                                       layer.in_features))
-                specs.append(ParamSpec(f"{layer.name}.bias", (layer.out_features,), layer.in_features))
-        return specs
+        return layers_mod.param_specs(self.layers + (self.readout,))
 
     def spec(self) -> dict:
         """The constructor arguments (JSON-serialisable) that rebuild this architecture."""
@@ -179,27 +164,11 @@ class Teacher:
     # ------------------------------------------------------------------ forward (Eq. 7.1)
     def _pre_activation(self, l, a):
         """p_l = P_l(conv(a; W_l) + b_l) or W_l vec(a) + b_l, and the max-pool argmax (Eq. 7.1)."""
-        xp = self.xp
-        layer = self.layers[l]
-        W, b = self.params[f"{layer.name}.weight"], self.params[f"{layer.name}.bias"]
-        if isinstance(layer, ConvLayer):
-            z = conv2d(a, W, b, padding=layer.padding)  # (n, o, h_conv, w_conv)
-            if layer.pool == "max":
-                return max_pool2d(z)  # (n, o, h_conv/2, w_conv/2), argmax
-            if layer.pool == "avg":
-                return avg_pool2d(z), None
-            return z, None
-        flat = xp.reshape(a, (a.shape[0], -1))  # (n, c, h, w) -> (n, c·h·w)
-        return linear(flat, W, b), None
+        return layers_mod.forward(self.layers[l], self.params, a)
 
     def _unpool(self, l, g, idx):
         """P*_l: adjoint of layer l's pooling (at the forward argmax for max pooling)."""
-        layer = self.layers[l]
-        if layer.pool == "max":
-            return max_unpool2d(g, idx, output_size=layer.conv_hw)
-        if layer.pool == "avg":
-            return avg_unpool2d(g, output_size=layer.conv_hw)
-        return g
+        return layers_mod.unpool(self.layers[l], g, idx)
 
     def _readout(self, a_last):
         xp = self.xp

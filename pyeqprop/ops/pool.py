@@ -184,7 +184,7 @@ def avg_pool2d(x, *, kernel_size=2, stride=2):
     -------
     ⟨avg_pool2d(x), g⟩ = ⟨x, avg_unpool2d(g, output_size=x.shape)⟩.
     """
-    xp = namespace_of(x)
+    namespace_of(x)  # a supported array, or a clear TypeError
     _check_input(x)
     k, s = _geometry(kernel_size, stride)
     n, c, h, w = x.shape

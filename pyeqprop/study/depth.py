@@ -114,7 +114,7 @@ def _table(rows) -> str:
 
 def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), log=print):
     """Train every (depth, setting) pair of the study from TrainConfig ``base``; returns the rows."""
-    from ..backend import get_namespace, to_numpy
+    from ..backend import get_namespace
     from ..train.loop import _get_teacher, prepare_data, train
 
     study = Path(out)

@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 
-from ..backend import to_numpy
 
 __all__ = ["train_teacher", "run_teacher_cli"]
 
