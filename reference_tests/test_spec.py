@@ -48,6 +48,28 @@ def _files(*dirs):
     return [p for p in out if p.name != "test_spec.py"]
 
 
+def _test_files():
+    """Test modules (the example port under reference_tests/ports is a port, not a test)."""
+    return [p for p in _files("tests", "reference_tests") if "ports" not in p.parts and p.name.startswith("test_")]
+
+
+CHECKED_BY = re.compile(r"^— checked by: (.*)$", re.M)
+
+
+def checked_by_in_spec() -> dict[str, list[str]]:
+    """The '— checked by:' list written under each equation of SPEC.md."""
+    text = (ROOT / "SPEC.md").read_text(encoding="utf-8")
+    heads = list(HEADING.finditer(text))
+    out = {}
+    for i, h in enumerate(heads):
+        end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
+        block = text[h.end():end]
+        m = CHECKED_BY.search(block)
+        eq = f"{h.group(1)}.{h.group(2)}{h.group(3)}"
+        out[eq] = re.findall(r"`([^`]+)`", m.group(1)) if m else []
+    return out
+
+
 def test_spec_numbers_are_unique():
     eqs = spec_equations()
     assert eqs, "SPEC.md defines no numbered equations"
@@ -65,9 +87,18 @@ def test_every_citation_exists_in_the_spec():
 
 def test_every_spec_equation_has_a_test():
     """Each numbered equation is cited by at least one test."""
-    cited = citations(_files("tests", "reference_tests"))
+    cited = citations(_test_files())
     missing = [eq for eq in spec_equations() if eq not in cited]
     assert not missing, f"SPEC.md equations no test cites: {missing}"
+
+
+def test_checked_by_lists_are_current():
+    """Each equation's '— checked by:' line in SPEC.md names exactly the test modules citing it."""
+    cited = citations(_test_files())
+    listed = checked_by_in_spec()
+    stale = {eq: (sorted(files), sorted(cited.get(eq, set())))
+             for eq, files in listed.items() if sorted(files) != sorted(cited.get(eq, set()))}
+    assert not stale, f"update the '— checked by' lines of SPEC.md (listed, actual): {stale}"
 
 
 def test_every_spec_equation_is_implemented_and_cited_in_code():
