@@ -32,11 +32,14 @@ import matplotlib.pyplot as plt
 import pyeqprop
 
 CI = os.environ.get("PYEQPROP_NOTEBOOK_CI") == "1"  # set by tests/test_notebooks.py
-committed = Path(pyeqprop.__file__).resolve().parents[1] / "docs" / "results" / "depth" / "results.json"
-print("committed results:", committed if committed.exists() else "not found (installed without the repository)")
+results_dir = Path(pyeqprop.__file__).resolve().parents[1] / "docs" / "results"
+committed = sorted(results_dir.glob("depth*/results.json")) if results_dir.exists() else []
+print("committed results:", [str(p.parent.name) for p in committed] or "none (installed without the repository)")
 
 # %% [markdown]
-# ## The committed run
+# ## The committed runs
+# `docs/results/depth/`: the default study (student weight scale 1, all settings, 8 epochs);
+# `docs/results/depth-ws2/`: the deep net again with student weight scale 2 (5 epochs).
 # Final training loss and test accuracy per setting, then the training-loss curves and the
 # mean |gradient| of each conv layer's weights at initialisation (one batch).
 
@@ -65,8 +68,9 @@ def show(results):
     plt.show()
 
 
-if committed.exists():
-    show(json.loads(committed.read_text()))
+for path in committed:
+    print(f"--- {path.parent.name}")
+    show(json.loads(path.read_text()))
 
 # %% [markdown]
 # ## A tiny re-run
