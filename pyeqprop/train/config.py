@@ -50,7 +50,7 @@ class TrainConfig:
     cosine_epochs: int = 0  # 0: anneal over all epochs; -1: constant learning rate
     # intermediate signals (Eq. 6.1)
     local_layers: str = "all"
-    local_weight: float = 0.5
+    local_weight: float = 0.1
     local_grid: int = 2
     local_loss: str = "ce"
     kd_layers: str = "all"
