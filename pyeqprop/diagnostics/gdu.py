@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._figure import colour_cycle, new_figure
+
 from ..backend import asarray, to_numpy
 
 __all__ = ["GDURow", "GDUCurve", "GDUReport", "gdu_check", "format_table", "plot_gdu", "add_gdu_arguments",
@@ -251,18 +253,6 @@ def format_table(rows) -> str:
     return "\n".join(out)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise ImportError("plotting the GDU check needs matplotlib: pip install matplotlib "
-                          "(or pip install 'pyeqprop[plot]')") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_gdu(curves, path) -> str:
     """Draw cumulative EP updates (+β, −β, symmetric) against cumulative −∇BPTT_θ over the K
     steps, one panel per weight tensor, a few elements each; write a PNG to ``path``.
@@ -270,10 +260,10 @@ def plot_gdu(curves, path) -> str:
     ``curves``: a GDUReport or a list of GDUCurve. Returns ``str(path)``.
     """
     curves = curves.curves if isinstance(curves, GDUReport) else list(curves)
-    plt = _pyplot()
     tensors = list(dict.fromkeys(c.tensor for c in curves))
-    fig, axes = plt.subplots(1, max(1, len(tensors)), figsize=(4.0 * max(1, len(tensors)), 3.4), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = new_figure('the GDU check', 1, max(1, len(tensors)), figsize=(4.0 * max(1, len(tensors)), 3.4),
+                           squeeze=False)
+    colours = colour_cycle()
     for ax, name in zip(axes[0], tensors):
         mine = [c for c in curves if c.tensor == name]
         for j, c in enumerate(mine):
@@ -291,7 +281,6 @@ def plot_gdu(curves, path) -> str:
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=90)
-    plt.close(fig)
     return str(path)
 
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ._figure import new_figure
+
 from ..backend import to_numpy
 from ..model.signals import SignalConfig, attach_signals
 
@@ -176,25 +178,12 @@ def format_diagnose_table(rows) -> str:
     return "\n".join(out)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise ImportError("plotting the diagnosis needs matplotlib: pip install matplotlib "
-                          "(or pip install 'pyeqprop[plot]')") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_diagnose(rows, path) -> str:
     """Two panels, layers on the x axis and a log y axis, one line per setting: the nudged
     displacement per layer, and the mean |g| of each layer's weight tensor. Writes a PNG to
     ``path``; returns ``str(path)``. Zero values are left out (they have no logarithm)."""
     rows = list(rows)
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10.0, 3.8))
+    fig, axes = new_figure('the diagnosis', 1, 2, figsize=(10.0, 3.8))
     r0 = rows[0] if rows else None
     layers = r0.layers if r0 else []
     xs = np.arange(1, len(layers) + 1)
@@ -215,7 +204,6 @@ def plot_diagnose(rows, path) -> str:
         axes[0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=90)
-    plt.close(fig)
     return str(path)
 
 
