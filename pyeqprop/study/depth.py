@@ -168,6 +168,7 @@ def run_study_cli(ns) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--weight-scale", type=float, default=1.0, help="student weight scale (Eq. 3.10)")
     p.add_argument("--teacher-epochs", type=int, default=10)
+    p.add_argument("--teacher-weight-scale", type=float, default=2.0, help="teacher weight scale (SPEC §7.1)")
     p.add_argument("--T1", type=int, default=30)
     p.add_argument("--T2", type=int, default=10)
     p.add_argument("--beta", type=float, default=0.5)
@@ -191,7 +192,7 @@ def run_study_cli(ns) -> int:
     base = config_from_mapping({"dataset": a.dataset, "epochs": a.epochs, "teacher_epochs": a.teacher_epochs,
                                 "T1": a.T1, "T2": a.T2, "beta": a.beta, "lr": a.lr, "batch_size": a.batch_size,
                                 "backend": a.backend, "augment": a.augment, "seed": a.seed, "progress": "none",
-                                "weight_scale": a.weight_scale},
+                                "weight_scale": a.weight_scale, "teacher_weight_scale": a.teacher_weight_scale},
                                TrainConfig())
     run_depth_study(base, out=a.out, depths=depths, settings=settings)
     return 0
