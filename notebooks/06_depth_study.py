@@ -39,7 +39,9 @@ print("committed results:", [str(p.parent.name) for p in committed] or "none (in
 # %% [markdown]
 # ## The committed runs
 # `docs/results/depth/`: the default study (student weight scale 1, all settings, 8 epochs);
-# `docs/results/depth-ws2/`: the deep net again with student weight scale 2 (5 epochs).
+# `docs/results/depth-ws2/`: the deep net again with student weight scale 2 (5 epochs, λ = 0.5);
+# `docs/results/depth-ws2-kd/`: the same with every setting, λ = 0.1 and a teacher that trains
+# (teacher weight scale 4) — where the intermediate signals stall the deep net (see README).
 # Final training loss and test accuracy per setting, then the training-loss curves and the
 # mean |gradient| of each conv layer's weights at initialisation (one batch).
 

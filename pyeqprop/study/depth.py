@@ -176,6 +176,8 @@ def run_study_cli(ns) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backend", default="numpy")
     p.add_argument("--augment", action="store_true")
+    p.add_argument("--download", action="store_true", help="CIFAR: fetch the archive when it is not found")
+    p.add_argument("--data-root", default="", help="CIFAR folder or archive location (else $PYEQPROP_DATA)")
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="study-depth")
@@ -192,6 +194,7 @@ def run_study_cli(ns) -> int:
     base = config_from_mapping({"dataset": a.dataset, "epochs": a.epochs, "teacher_epochs": a.teacher_epochs,
                                 "T1": a.T1, "T2": a.T2, "beta": a.beta, "lr": a.lr, "batch_size": a.batch_size,
                                 "backend": a.backend, "augment": a.augment, "seed": a.seed, "progress": "none",
+                                "download": a.download, "data_root": a.data_root,
                                 "weight_scale": a.weight_scale, "teacher_weight_scale": a.teacher_weight_scale},
                                TrainConfig())
     run_depth_study(base, out=a.out, depths=depths, settings=settings)
