@@ -181,19 +181,20 @@ def test_local_head_grid(shape, grid, pool, features):
 
 
 def test_teacher_features_computed_once_per_batch():
+    """One teacher forward per batch gives both the features and the logits (Eqs. 6.4, 6.6)."""
+    from types import SimpleNamespace
+
     class Counting:
         calls = 0
 
-        def features(self, x):
-            Counting.calls += 1
-            return [x]
-
         def forward(self, x):
-            return np.zeros((x.shape[0], 3)), None
+            Counting.calls += 1
+            return np.zeros((x.shape[0], 3)), SimpleNamespace(acts=[x])
 
     prov = TeacherFeatures(Counting())
     x = np.ones((2, 1, 4, 4))
-    prov.get(x)
+    feats, logits = prov.get(x)
+    assert feats[0] is x and logits.shape == (2, 3)
     prov.get(x)
     assert Counting.calls == 1
     prov.get(np.ones((2, 1, 4, 4)))

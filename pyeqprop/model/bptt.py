@@ -87,10 +87,11 @@ def bptt(net, x, y, *, T, per_step=False) -> BPTTResult:
     ctx = net.prepare(x, y)
     # forward, storing s_t, u_t and the argmaxes of every step
     s = net.init_state(n)
+    x_drive = net.input_drive(x)  # B_1(x) and its argmax are the same at every step
     tape = []
     last_res = float("nan")
     for t in range(int(T)):
-        d = net.drive(x, s, None, 0.0)
+        d = net.drive(x, s, None, 0.0, x_drive)
         new = [net.act.fn(u) for u in d.u]
         if t == T - 1:
             last_res = residual(new, s)

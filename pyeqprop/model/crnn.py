@@ -104,6 +104,7 @@ class CRNN:
             term = SoftmaxReadout(last, ro.name, ro.in_features, self.num_classes)
         self.readout_term = term
         self.cost_terms: list = [(1.0, term)]
+        self.device = device_of(self.xp.zeros((1,), dtype=self.dtype))  # where states and parameters live
         self.params: dict = {}
         rng = np.random.default_rng(seed)
         self._init_params(self._layer_param_specs() + term.param_specs(), rng)
@@ -118,11 +119,6 @@ class CRNN:
             raise ValueError(f"parameter {taken[0]!r} already exists")
         self.params.update(layers_mod.init_params(specs, rng, dtype=self.dtype_name, xp=self.xp, device=self.device,
                                                   weight_scale=self.weight_scale))
-
-    @property
-    def device(self):
-        probe = self.xp.zeros((1,), dtype=self.dtype)
-        return device_of(probe)
 
     def add_cost_term(self, term, weight: float, *, seed: int | None = None):
         """Add an intermediate cost term C_k with weight w_k (Eq. 3.5) and initialise its parameters."""
@@ -307,11 +303,14 @@ class CRNN:
         if db is not None:
             out[kb] = db if kb not in out else out[kb] + db
 
-    def dphi_dtheta_ctx(self, x, state, ctx, beta=0.0, indices=None):
-        """Σ_batch ∂Φ^β/∂θ at ``state`` for every parameter (Eq. 3.9; cost parameters: −β ∂C/∂θ)."""
+    def dphi_dtheta_ctx(self, x, state, ctx, beta=0.0, x_drive=None):
+        """Σ_batch ∂Φ^β/∂θ at ``state`` for every parameter (Eq. 3.9; cost parameters: −β ∂C/∂θ).
+
+        ``x_drive``: :meth:`input_drive` of this x, whose argmax layer 1 reuses.
+        """
         xp = self.xp
-        if indices is None:
-            indices = [self._bottom_up(l, self._below(x, state, l))[1] for l in range(len(self.layers))]
+        first = self.input_drive(x) if x_drive is None else x_drive
+        indices = [first[1]] + [self._bottom_up(l, state[l - 1])[1] for l in range(1, len(self.layers))]
         out: dict = {}
         for l in range(len(self.layers)):
             self._layer_param_grads(l, self._below(x, state, l), state[l], indices[l], out)

@@ -71,16 +71,17 @@ def ep_estimate(net, x, y, *, beta, T1, T2, estimator="symmetric", rng=None, fre
         raise ValueError("ep_gradients needs targets y")
     ctx = net.prepare(x, y)
     n = x.shape[0]
+    xd = net.input_drive(x)  # B_1(x), shared by every phase and gradient of this batch
     if free_state is None:
-        free = settle_ctx(net, x, T1, ctx, beta=0.0, record=record)
+        free = settle_ctx(net, x, T1, ctx, beta=0.0, record=record, x_drive=xd)
     else:
         net._check_state(free_state, n)
         free = Settled(list(free_state), 0.0, [], 0)
     if estimator == "symmetric":
-        plus = settle_ctx(net, x, T2, ctx, beta=beta, state=free.state, record=record)
-        minus = settle_ctx(net, x, T2, ctx, beta=-beta, state=free.state, record=record)
-        gp = net.dphi_dtheta_ctx(x, plus.state, ctx, beta)
-        gm = net.dphi_dtheta_ctx(x, minus.state, ctx, -beta)
+        plus = settle_ctx(net, x, T2, ctx, beta=beta, state=free.state, record=record, x_drive=xd)
+        minus = settle_ctx(net, x, T2, ctx, beta=-beta, state=free.state, record=record, x_drive=xd)
+        gp = net.dphi_dtheta_ctx(x, plus.state, ctx, beta, x_drive=xd)
+        gm = net.dphi_dtheta_ctx(x, minus.state, ctx, -beta, x_drive=xd)
         scale = -1.0 / (2.0 * beta * n)
         grads = {k: scale * (gp[k] - gm[k]) for k in gp}
         return EPResult(grads, free, [plus, minus], [beta, -beta])
@@ -88,9 +89,9 @@ def ep_estimate(net, x, y, *, beta, T1, T2, estimator="symmetric", rng=None, fre
     if estimator == "random-sign":
         rng = np.random.default_rng() if rng is None else rng
         b = beta if rng.random() < 0.5 else -beta
-    nudged = settle_ctx(net, x, T2, ctx, beta=b, state=free.state, record=record)
-    gb = net.dphi_dtheta_ctx(x, nudged.state, ctx, b)
-    g0 = net.dphi_dtheta_ctx(x, free.state, ctx, 0.0)
+    nudged = settle_ctx(net, x, T2, ctx, beta=b, state=free.state, record=record, x_drive=xd)
+    gb = net.dphi_dtheta_ctx(x, nudged.state, ctx, b, x_drive=xd)
+    g0 = net.dphi_dtheta_ctx(x, free.state, ctx, 0.0, x_drive=xd)
     scale = -1.0 / (b * n)
     grads = {k: scale * (gb[k] - g0[k]) for k in gb}
     return EPResult(grads, free, [nudged], [b])

@@ -32,13 +32,17 @@ def residual(new, old) -> float:
     return worst
 
 
-def settle_ctx(net, x, T, ctx, *, beta=0.0, state=None, record=False) -> Settled:
-    """Run T steps of Eq. 3.8 from ``state`` (zeros when None) with a prepared cost context."""
+def settle_ctx(net, x, T, ctx, *, beta=0.0, state=None, record=False, x_drive=None) -> Settled:
+    """Run T steps of Eq. 3.8 from ``state`` (zeros when None) with a prepared cost context.
+
+    ``x_drive``: ``net.input_drive(x)``, when the caller already has it (it is constant in x).
+    """
     if int(T) != T or T < 0:
         raise ValueError(f"T must be a non-negative integer, got {T!r}")
     s = net.init_state(x.shape[0]) if state is None else list(state)
     res, hist = float("nan"), []
-    x_drive = net.input_drive(x) if T > 0 else None  # B_1(x) does not change during the phase
+    if x_drive is None and T > 0:
+        x_drive = net.input_drive(x)  # B_1(x) does not change during the phase
     for t in range(int(T)):
         new = net.step_ctx(x, s, ctx, beta, x_drive)
         if record:

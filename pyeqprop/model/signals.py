@@ -59,9 +59,8 @@ class TeacherFeatures:
 
     def get(self, x):
         if self._x is not x:
-            feats = self.teacher.features(x)
-            logits, _ = self.teacher.forward(x)
-            self._x, self._value = x, (feats, logits)
+            logits, cache = self.teacher.forward(x)  # one forward gives both t_l (Eq. 7.4) and the logits
+            self._x, self._value = x, (cache.acts, logits)
         return self._value
 
 

@@ -132,8 +132,15 @@ def _accuracy_and_loss(net, x, y, T, batch_size=256):
     return correct / max(n, 1), loss / max(n, 1)
 
 
+def _all_finite(xp, arrays) -> bool:
+    """One host transfer for the whole list (the per-array answers stay on the device)."""
+    return bool(to_numpy(xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in arrays]))))
+
+
 def _check_finite(net, states, epoch, batch, phase):
     xp = net.xp
+    if _all_finite(xp, states):
+        return
     for l, s in enumerate(states):
         if not bool(to_numpy(xp.all(xp.isfinite(s)))):
             raise TrainingDiverged(f"training diverged at epoch {epoch}, batch {batch}: the {phase} state of layer "
@@ -142,6 +149,8 @@ def _check_finite(net, states, epoch, batch, phase):
 
 def _check_finite_params(net, epoch, batch):
     xp = net.xp
+    if _all_finite(xp, list(net.params.values())):
+        return
     for k, v in net.params.items():
         if not bool(to_numpy(xp.all(xp.isfinite(v)))):
             raise TrainingDiverged(f"training diverged at epoch {epoch}, batch {batch}: parameter {k} holds NaN or inf "
@@ -163,13 +172,10 @@ def _lr_map(net, cfg):
         raise TrainingError(f"lr has {len(cfg.lr)} values but the network has {len(layer_names)} layers "
                             f"({', '.join(layer_names)}): give one rate or one per layer")
     rate = dict(zip(layer_names, cfg.lr))
-    out = {}
-    for _, term in net.cost_terms:
+    out = {k: rate[k.split(".")[0]] for k in net.network_param_names()}
+    for _, term in net.cost_terms:  # the readout has its own rate; a head or map takes its layer's
         for spec in term.param_specs():
-            prefix = spec.name.split(".")[0]
-            out[spec.name] = rate.get(prefix, cfg.lr[min(term.layer, len(cfg.lr) - 1)])
-    for k in net.params:
-        out.setdefault(k, rate[k.split(".")[0]])
+            out[spec.name] = rate.get(spec.name.split(".")[0], rate[layer_names[term.layer]])
     return out
 
 
