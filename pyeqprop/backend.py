@@ -171,13 +171,6 @@ def to_numpy(a) -> np.ndarray:
     return np.asarray(a)
 
 
-def dtype_of(xp: ModuleType, name: str):
-    """The dtype object named ``name`` ('float32' or 'float64') in namespace ``xp``."""
-    if name not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {name!r}")
-    return getattr(xp, name)
-
-
 def device_of(a):
     """The device of array ``a`` (works on NumPy < 2, which lacks ``.device``)."""
     from array_api_compat import device

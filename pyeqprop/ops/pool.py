@@ -35,6 +35,14 @@ def _window(a, b, k_out, s):
     return (slice(a, a + s[0] * (ho - 1) + 1, s[0]), slice(b, b + s[1] * (wo - 1) + 1, s[1]))
 
 
+def _corners(xp, out_hw, w, s, device):
+    """Flat index (s_h·i)·w + s_w·j of each window's top-left input element, shape (h', w') int64."""
+    ho, wo = out_hw
+    i = xp.reshape(xp.arange(ho, dtype=xp.int64, device=device), (ho, 1))
+    j = xp.reshape(xp.arange(wo, dtype=xp.int64, device=device), (1, wo))
+    return (s[0] * i) * w + s[1] * j  # (h', 1) + (1, w') -> (h', w')
+
+
 def _check_output_size(output_size, y_shape, k, s):
     if output_size is None:
         raise ValueError("output_size is required: the input size (h, w) is ambiguous")
@@ -78,9 +86,7 @@ def max_pool2d(x, *, kernel_size=2, stride=2):
     n, c, h, w = x.shape
     ho, wo = pool_outsize(h, k[0], s[0]), pool_outsize(w, k[1], s[1])
     dev = device_of(x)
-    i = xp.reshape(xp.arange(ho, dtype=xp.int64, device=dev), (ho, 1))
-    j = xp.reshape(xp.arange(wo, dtype=xp.int64, device=dev), (1, wo))
-    base = (s[0] * i) * w + s[1] * j  # (h', w') flat index of each window's corner
+    base = _corners(xp, (ho, wo), w, s, dev)  # (h', w')
     y = None
     idx = None
     for a in range(k[0]):
@@ -125,9 +131,7 @@ def max_unpool2d(y, indices, *, kernel_size=2, stride=2, output_size):
     h, w = _check_output_size(output_size, y.shape, k, s)
     n, c, ho, wo = y.shape
     dev = device_of(y)
-    i = xp.reshape(xp.arange(ho, dtype=xp.int64, device=dev), (ho, 1))
-    j = xp.reshape(xp.arange(wo, dtype=xp.int64, device=dev), (1, wo))
-    base = (s[0] * i) * w + s[1] * j  # (h', w')
+    base = _corners(xp, (ho, wo), w, s, dev)  # (h', w')
     indices = xp.astype(indices, xp.int64)
     z = xp.zeros((n, c, h, w), dtype=y.dtype, device=dev)
     zero = xp.zeros((), dtype=y.dtype, device=dev)
@@ -163,9 +167,7 @@ def max_pool2d_select(x, indices, *, kernel_size=2, stride=2):
         raise ValueError(f"indices must have shape {(n, c, ho, wo)} for x of shape {tuple(x.shape)}, "
                          f"got {tuple(indices.shape)}")
     dev = device_of(x)
-    i = xp.reshape(xp.arange(ho, dtype=xp.int64, device=dev), (ho, 1))
-    j = xp.reshape(xp.arange(wo, dtype=xp.int64, device=dev), (1, wo))
-    base = (s[0] * i) * w + s[1] * j  # (h', w')
+    base = _corners(xp, (ho, wo), w, s, dev)  # (h', w')
     indices = xp.astype(indices, xp.int64)
     y = xp.zeros((n, c, ho, wo), dtype=x.dtype, device=dev)
     for a in range(k[0]):
