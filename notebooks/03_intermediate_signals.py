@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -80,7 +82,9 @@ for l, shape in enumerate(teacher.feature_shapes(1)):
 # The EP settings are the training defaults of `pyeqprop train` (`TrainConfig`): symmetric
 # estimator, β, T1, T2, local weight λ and distillation weight γ. Every student is built
 # with the same seed, so the network weights (and the free phase) are identical; only the
-# cost terms differ.
+# cost terms differ. The heads and maps are drawn at random here (`init="uniform"`, Eq. 3.10):
+# training starts them at zero (Eq. 6.7), where they exert no force until they have learned,
+# so a zero head would show nothing about how far its nudge reaches.
 
 # %%
 cfg = TrainConfig()
@@ -88,10 +92,10 @@ print(f"β = {cfg.beta}, T1 = {cfg.T1}, T2 = {cfg.T2}, λ = {cfg.local_weight}, 
       f"estimator {cfg.estimator}")
 settings = {
     "EP": SignalConfig(),
-    "EP + local": SignalConfig(local_layers="all", local_weight=cfg.local_weight),
-    "EP + KD": SignalConfig(kd_layers="all", kd_weight=cfg.kd_weight),
+    "EP + local": SignalConfig(local_layers="all", local_weight=cfg.local_weight, init="uniform"),
+    "EP + KD": SignalConfig(kd_layers="all", kd_weight=cfg.kd_weight, init="uniform"),
     "EP + both": SignalConfig(local_layers="all", local_weight=cfg.local_weight, kd_layers="all",
-                              kd_weight=cfg.kd_weight),
+                              kd_weight=cfg.kd_weight, init="uniform"),
 }
 x, y = x_train[:BATCH], y_train[:BATCH]
 moves, drift, coherence, grad_sizes = {}, {}, {}, {}

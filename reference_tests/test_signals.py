@@ -184,10 +184,10 @@ def _build_terms(case: TermCase):
     l = case.layer
     shp, tshp = net.arch.state_shapes[l], teacher.arch.state_shapes[l]
     K = cfg.num_classes
-    terms = [LocalErrorHead(l, shp, K, grid=case.grid, loss="ce", name="hce"),
-             LocalErrorHead(l, shp, K, grid=case.grid, loss="mse", name="hmse"),
-             DistillationMap(l, shp, tshp, provider, normalisation="mean", name="kdmean"),
-             DistillationMap(l, shp, tshp, provider, normalisation="sum", name="kdsum"),
+    terms = [LocalErrorHead(l, shp, K, grid=case.grid, loss="ce", name="hce", init="uniform"),
+             LocalErrorHead(l, shp, K, grid=case.grid, loss="mse", name="hmse", init="uniform"),
+             DistillationMap(l, shp, tshp, provider, normalisation="mean", name="kdmean", init="uniform"),
+             DistillationMap(l, shp, tshp, provider, normalisation="sum", name="kdsum", init="uniform"),
              OutputDistillation(net.readout_term, provider, temperature=case.temperature)]
     for t in terms:
         net.add_cost_term(t, 1.0)
@@ -297,7 +297,7 @@ def test_distillation_pools_larger_teacher_maps():
         def get(self, x):
             return [t], None
 
-    m = DistillationMap(0, (2, 4, 3), (3, 8, 6), Provider())
+    m = DistillationMap(0, (2, 4, 3), (3, 8, 6), Provider(), init="uniform")
     got = _host(m.prepare({}, None, None))
     want = oracles.avg_pool2d(t, kernel_size=(2, 2), stride=(2, 2))
     assert_within_bound(got, want, 2 * _g(6) * oracles.avg_pool2d(np.abs(t)))
@@ -332,7 +332,7 @@ class SignalCase:
                             local_grid=self.grid, local_loss=self.local_loss,
                             kd_layers=list(self.kd_layers) or "none", kd_weight=1.0,
                             kd_normalisation=self.kd_normalisation, output_kd_weight=self.output_kd_weight,
-                            temperature=self.temperature)
+                            temperature=self.temperature, init="uniform")
 
 
 @st.composite
@@ -475,7 +475,8 @@ def test_ep_tends_to_bptt_with_signals(case):
 # ---------------------------------------------------------------------- Eq. 6.1: zero weights, inference
 def _all_signals(net, teacher, weight):
     """Local heads and distillation maps on every conv layer and output distillation, weight ``weight``."""
-    attach_signals(net, SignalConfig(local_layers="all", local_weight=weight, kd_layers="all", kd_weight=weight),
+    attach_signals(net, SignalConfig(local_layers="all", local_weight=weight, kd_layers="all", kd_weight=weight,
+                                     init="uniform"),
                    teacher)
     net.add_cost_term(OutputDistillation(net.readout_term, TeacherFeatures(teacher), temperature=2.0), weight)
 
@@ -573,7 +574,7 @@ def test_array_api_strict_parity_with_signals():
         net = CRNN("c3m-c2", (1, 6, 6), num_classes=3, readout="softmax", dtype="float64", xp=name, seed=3)
         teacher = Teacher("c3m-c2", (1, 6, 6), num_classes=3, dtype="float64", xp=name, seed=4)
         attach_signals(net, SignalConfig(local_layers="all", local_weight=0.5, kd_layers="1,2",
-                                         output_kd_weight=0.5, temperature=2.0), teacher)
+                                         output_kd_weight=0.5, temperature=2.0, init="uniform"), teacher)
         xb = backend.asarray(x, xp=name, dtype="float64")
         yb = backend.asarray(y, xp=name)
         res = ep_estimate(net, xb, yb, beta=beta, T1=10, T2=5)

@@ -165,6 +165,10 @@ def test_term_option_errors():
         DistillationMap(0, (2, 3, 3), (2, 4, 4), prov)
     with pytest.raises(ValueError, match="cannot distil"):
         DistillationMap(0, (2, 4, 4), (8,), prov)
+    with pytest.raises(ValueError, match="signal init must be 'zeros' or 'uniform', got 'normal'"):
+        LocalErrorHead(0, (2, 4, 4), 3, init="normal")
+    with pytest.raises(ValueError, match="signal init must be 'zeros' or 'uniform', got 'ones'"):
+        DistillationMap(0, (2, 4, 4), (2, 4, 4), prov, init="ones")
     with pytest.raises(ValueError, match="temperature must be > 0"):
         OutputDistillation(_net().readout_term, prov, temperature=0.0)
 
@@ -199,3 +203,32 @@ def test_teacher_features_computed_once_per_batch():
     assert Counting.calls == 1
     prov.get(np.ones((2, 1, 4, 4)))
     assert Counting.calls == 2
+
+
+# ---------------------------------------------------------------------- Eq. 6.7: heads and maps start at zero
+@pytest.mark.parametrize("init", ["zeros", "uniform"])
+def test_signal_init(init):
+    """Heads and maps start at zero by default (Eq. 6.7): silent, ∂C/∂s = 0 for every layer,
+    until they learn; ``init="uniform"`` draws them by Eq. 3.10 and they push at once. The network's
+    own parameters are the same either way."""
+    net, ref = _net(), _net()
+    terms = attach_signals(net, SignalConfig(local_layers="all", kd_layers="all", init=init), _teacher())
+    assert all(np.array_equal(net.params[k], ref.params[k]) for k in ref.params)
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 1, (4, *SHAPE)), np.array([0, 1, 2, 0])
+    states = [rng.uniform(0, 1, shp) for shp in net.state_shapes(4)]
+    for term in terms:
+        names = [spec.name for spec in term.param_specs()]
+        zero = all(not np.any(net.params[k]) for k in names)
+        assert zero == (init == "zeros"), names
+        force = term.state_grads(net.params, states, term.prepare(net.params, x, y))[term.layer]
+        assert (np.max(np.abs(force)) == 0.0) == (init == "zeros"), term.name
+
+
+def test_param_spec_init_error_names_the_value():
+    from pyeqprop.model.costs import ParamSpec
+    from pyeqprop.model.layers import init_params
+
+    with pytest.raises(ValueError, match=r"parameter 'h.weight' has init 'ones'; expected 'uniform' or 'zeros'"):
+        init_params([ParamSpec("h.weight", (2, 2), 2, "ones")], np.random.default_rng(0), dtype="float64",
+                    xp=np, device="cpu")

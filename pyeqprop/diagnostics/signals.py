@@ -22,6 +22,10 @@ In plain EP the nudge enters at the readout and reaches layer l only through the
 feedback T_l (Eq. 3.7), one layer per step and attenuated at each; local errors and
 distillation nudge each selected layer directly by −β ∂C/∂s_l.
 
+The heads and maps start from random parameters here (``init="uniform"``): a zero head, as
+training starts it (SPEC §6, Eq. 3.10), exerts no force until it has learned to read its
+layer, and would show nothing about how far its nudge reaches.
+
 Nothing here is needed to train; the CLI's ``pyeqprop diagnose`` uses :func:`run_diagnose_cli`.
 """
 from __future__ import annotations
@@ -54,7 +58,7 @@ def ablation_settings(base: SignalConfig | None = None, names=SETTINGS) -> dict:
     ``output_kd_weight = 0``, so that "EP" is plain EP.
     """
     if base is None:
-        base = SignalConfig(local_layers="all", local_weight=0.5, kd_layers="all", kd_weight=1.0)
+        base = SignalConfig(local_layers="all", local_weight=0.5, kd_layers="all", kd_weight=1.0, init="uniform")
     for what, layers in (("local_layers", base.local_layers), ("kd_layers", base.kd_layers)):
         if layers is None or (isinstance(layers, str) and layers.strip().lower() in ("none", "")) or (
                 not isinstance(layers, str) and len(list(layers)) == 0):
@@ -232,6 +236,9 @@ def add_diagnose_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--local-grid", type=int, default=2)
     parser.add_argument("--local-loss", choices=("ce", "mse"), default="ce")
     parser.add_argument("--kd-normalisation", choices=("mean", "sum"), default="mean")
+    parser.add_argument("--signal-init", choices=("uniform", "zeros"), default="uniform",
+                        help="how the heads and maps start (default uniform: random heads show how far a signal "
+                             "reaches; training starts them at zero, where they are silent until they have learned)")
     parser.add_argument("--teacher-epochs", type=int, default=2,
                         help="backprop epochs of the teacher on the training split before distilling (default 2; "
                              "0 keeps its random initialisation)")
@@ -281,7 +288,7 @@ def run_diagnose_cli(ns) -> int:
     names = tuple(s.strip() for s in str(ns.settings).split(",") if s.strip())
     base = SignalConfig(local_layers="all", local_weight=ns.local_weight, local_grid=ns.local_grid,
                         local_loss=ns.local_loss, kd_layers="all", kd_weight=ns.kd_weight,
-                        kd_normalisation=ns.kd_normalisation)
+                        kd_normalisation=ns.kd_normalisation, init=ns.signal_init)
     try:
         configs = ablation_settings(base, names)
     except ValueError as exc:

@@ -24,11 +24,15 @@ __all__ = ["onehot", "log_softmax", "MSEOutput", "SoftmaxReadout", "ParamSpec"]
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """A parameter a model or cost term owns: PyTorch name, shape, and fan-in for initialisation."""
+    """A parameter a model or cost term owns: PyTorch name, shape, fan-in and initialisation (Eq. 3.10).
+
+    ``init``: "uniform" (±1/√fan_in, weights × weight_scale) or "zeros".
+    """
 
     name: str
     shape: tuple[int, ...]
     fan_in: int
+    init: str = "uniform"
 
 
 def onehot(y, num_classes: int, dtype):

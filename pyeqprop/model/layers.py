@@ -34,9 +34,17 @@ def param_specs(layers) -> list[ParamSpec]:
 
 
 def init_params(specs, rng: np.random.Generator, *, dtype: str, xp, device, weight_scale: float = 1.0) -> dict:
-    """Draw each spec uniform in ±1/√fan_in (weights × ``weight_scale``) from ``rng`` in order, Eq. (3.10)."""
+    """Draw each spec uniform in ±1/√fan_in (weights × ``weight_scale``) from ``rng`` in order, Eq. (3.10).
+
+    A spec with ``init="zeros"`` (heads and maps, Eq. 6.7) starts at zero and draws nothing from ``rng``.
+    """
     out = {}
     for spec in specs:
+        if spec.init == "zeros":
+            out[spec.name] = xp.zeros(spec.shape, dtype=getattr(xp, dtype), device=device)
+            continue
+        if spec.init != "uniform":
+            raise ValueError(f"parameter {spec.name!r} has init {spec.init!r}; expected 'uniform' or 'zeros'")
         bound = 1.0 / np.sqrt(spec.fan_in)
         if spec.name.endswith(".weight"):
             bound *= weight_scale

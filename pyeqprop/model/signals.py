@@ -64,17 +64,26 @@ class TeacherFeatures:
         return self._value
 
 
+def _check_init(init):
+    """Heads and maps start at zero (Eq. 6.7) or uniform by Eq. 3.10."""
+    if init not in ("zeros", "uniform"):
+        raise ValueError(f"signal init must be 'zeros' or 'uniform', got {init!r}")
+
+
 class LocalErrorHead:
-    """Local error head on neuron layer ``layer`` (0-based), Eqs. (6.2)-(6.3)."""
+    """Local error head on neuron layer ``layer`` (0-based), Eqs. (6.2)-(6.3); starts at zero, Eq. (6.7)."""
 
     kind = "local"
 
-    def __init__(self, layer: int, state_shape, num_classes: int, *, grid: int = 2, loss: str = "ce", name=None):
+    def __init__(self, layer: int, state_shape, num_classes: int, *, grid: int = 2, loss: str = "ce", name=None,
+                 init: str = "zeros"):
+        _check_init(init)
         if loss not in ("ce", "mse"):
             raise ValueError(f"local error loss must be 'ce' or 'mse', got {loss!r}")
         if grid < 1:
             raise ValueError(f"local head grid must be >= 1, got {grid}")
         self.layer = layer
+        self.init = init
         self.name = name or f"head{layer + 1}"
         self.loss = loss
         self.num_classes = num_classes
@@ -89,8 +98,8 @@ class LocalErrorHead:
             self.features = self.state_shape[0]
 
     def param_specs(self):
-        return [ParamSpec(f"{self.name}.weight", (self.num_classes, self.features), self.features),
-                ParamSpec(f"{self.name}.bias", (self.num_classes,), self.features)]
+        return [ParamSpec(f"{self.name}.weight", (self.num_classes, self.features), self.features, self.init),
+                ParamSpec(f"{self.name}.bias", (self.num_classes,), self.features, self.init)]
 
     def prepare(self, params, x, y):
         return None if y is None else onehot(y, self.num_classes, x.dtype)
@@ -139,12 +148,13 @@ class LocalErrorHead:
 
 
 class DistillationMap:
-    """Linear-mapped distillation on neuron layer ``layer`` (0-based), Eqs. (6.4)-(6.5)."""
+    """Linear-mapped distillation on layer ``layer`` (0-based), Eqs. (6.4)-(6.5); starts at zero, Eq. (6.7)."""
 
     kind = "kd"
 
     def __init__(self, layer: int, state_shape, teacher_shape, provider: TeacherFeatures, *,
-                 teacher_layer=None, normalisation: str = "mean", name=None):
+                 teacher_layer=None, normalisation: str = "mean", name=None, init: str = "zeros"):
+        _check_init(init)
         if normalisation not in ("mean", "sum"):
             raise ValueError(f"distillation normalisation must be 'mean' or 'sum', got {normalisation!r}")
         self.layer = layer
@@ -152,6 +162,7 @@ class DistillationMap:
         self.name = name or f"kd{layer + 1}"
         self.provider = provider
         self.normalisation = normalisation
+        self.init = init
         self.state_shape = tuple(state_shape)
         self.teacher_shape = tuple(teacher_shape)
         if len(self.state_shape) != len(self.teacher_shape):
@@ -171,9 +182,11 @@ class DistillationMap:
     def param_specs(self):
         if self.conv:
             cs, ct = self.state_shape[0], self.teacher_shape[0]
-            return [ParamSpec(f"{self.name}.weight", (ct, cs, 1, 1), cs), ParamSpec(f"{self.name}.bias", (ct,), cs)]
+            return [ParamSpec(f"{self.name}.weight", (ct, cs, 1, 1), cs, self.init),
+                    ParamSpec(f"{self.name}.bias", (ct,), cs, self.init)]
         ds, dt = self.state_shape[0], self.teacher_shape[0]
-        return [ParamSpec(f"{self.name}.weight", (dt, ds), ds), ParamSpec(f"{self.name}.bias", (dt,), ds)]
+        return [ParamSpec(f"{self.name}.weight", (dt, ds), ds, self.init),
+                ParamSpec(f"{self.name}.bias", (dt,), ds, self.init)]
 
     def prepare(self, params, x, y):
         feats, _ = self.provider.get(x)
@@ -308,6 +321,7 @@ class SignalConfig:
     kd_normalisation: str = "mean"
     output_kd_weight: float = 0.0
     temperature: float = 4.0
+    init: str = "zeros"
     extra: dict = field(default_factory=dict)
 
     def needs_teacher(self) -> bool:
@@ -343,7 +357,8 @@ def attach_signals(net, config: SignalConfig, teacher=None):
     for j, w in zip(local, _weights(config.local_weight, len(local), "local-error")):
         l = conv_idx[j]
         terms.append(net.add_cost_term(
-            LocalErrorHead(l, shapes[l], net.num_classes, grid=config.local_grid, loss=config.local_loss), w))
+            LocalErrorHead(l, shapes[l], net.num_classes, grid=config.local_grid, loss=config.local_loss,
+                           init=config.init), w))
     kd = parse_layers(config.kd_layers, len(conv_idx), "distillation")
     if (kd or config.output_kd_weight) and teacher is None:
         raise ValueError("distillation was requested but no teacher was given")
@@ -353,7 +368,8 @@ def attach_signals(net, config: SignalConfig, teacher=None):
         for j, w in zip(kd, _weights(config.kd_weight, len(kd), "distillation")):
             l = conv_idx[j]
             terms.append(net.add_cost_term(
-                DistillationMap(l, shapes[l], tshapes[l], provider, normalisation=config.kd_normalisation), w))
+                DistillationMap(l, shapes[l], tshapes[l], provider, normalisation=config.kd_normalisation,
+                                init=config.init), w))
     if config.output_kd_weight:
         terms.append(net.add_cost_term(OutputDistillation(net.readout_term, provider, temperature=config.temperature),
                                        config.output_kd_weight))

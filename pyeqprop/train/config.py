@@ -58,6 +58,7 @@ class TrainConfig:
     kd_normalisation: str = "mean"
     output_kd_weight: float = 0.0
     temperature: float = 4.0
+    signal_init: str = "zeros"  # zeros | uniform: how heads and maps start (Eq. 6.7)
     # teacher (backprop, Eqs. 7.1-7.3)
     teacher_epochs: int = 20
     teacher_lr: float = 0.05
@@ -85,6 +86,7 @@ class TrainConfig:
             "backend": ("numpy", "cupy", "array_api_strict"),
             "progress": ("auto", "bar", "none"),
             "augment_padding_mode": ("edge", "zeros"),
+            "signal_init": ("zeros", "uniform"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
