@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -18,7 +20,7 @@
 # depth, and local error heads plus distillation (Eq. 6.1) restore it. `pyeqprop study depth`
 # trains a shallow and a deep CRNN on the digits under EP, EP + local errors, EP +
 # distillation, EP + both, BPTT (Eq. 5.4) and the backprop teacher (Eq. 7.3). This notebook
-# shows the committed results of that command (`docs/results/depth/`), then re-runs a tiny
+# shows the committed results of that command (`docs/results/`), then re-runs a tiny
 # version so CI checks the command still works.
 
 # %%
@@ -37,26 +39,28 @@ committed = sorted(results_dir.glob("depth*/results.json")) if results_dir.exist
 print("committed results:", [str(p.parent.name) for p in committed] or "none (installed without the repository)")
 
 # %% [markdown]
-# ## The committed runs
-# `docs/results/depth/`: the default study (student weight scale 1, all settings, 8 epochs);
-# `docs/results/depth-ws2/`: the deep net again with student weight scale 2 (5 epochs, λ = 0.5);
-# `docs/results/depth-ws2-kd/`: the same with every setting, λ = 0.1 and a teacher that trains
-# (teacher weight scale 4) — where the intermediate signals stall the deep net (see README).
-# Final training loss and test accuracy per setting, then the training-loss curves and the
-# mean |gradient| of each conv layer's weights at initialisation (one batch).
+# ## The committed run
+# `docs/results/depth/`: `pyeqprop study depth --jobs 2` with its defaults (student weight
+# scale 2, teacher weight scale 4, 8 epochs, seeds 0, 1, 2, λ = 0.1, γ = 1, heads and maps
+# starting at zero, Eq. 6.7). First the mean ± sample std over the seeds of the final training
+# loss and test accuracy per setting, then the training-loss curves (one line per seed) and
+# the mean |gradient| of each conv layer's weights over the first epoch.
 
 # %%
 def show(results):
+    for r in results["summary"]:
+        print(f"{r['depth']:>8} {r['setting']:<34} train loss {r['train_loss']:.3f} ± {r['train_loss_std']:.3f}  "
+              f"test {100 * r['test_acc']:5.1f} ± {100 * r['test_acc_std']:4.1f}%  "
+              f"({r['seeds']} seeds, {r['seconds']:.0f} s per run)")
     rows = results["rows"]
-    for r in rows:
-        print(f"{r['depth']:>8} {r['setting']:<34} train loss {r['train_loss']:.4f}  "
-              f"test {100 * r['test_acc']:6.2f}%  {r['seconds']:6.0f}s")
     depths = list(results["layer_grads"])
     fig, axes = plt.subplots(2, len(depths), figsize=(5 * len(depths), 6.5), squeeze=False)
     for j, depth in enumerate(depths):
-        for r in rows:
-            if r["depth"] == depth and r["curve"]:
-                axes[0][j].plot(range(1, len(r["curve"]) + 1), r["curve"], label=r["setting"])
+        names = list(dict.fromkeys(r["setting"] for r in rows if r["depth"] == depth and r["curve"]))
+        for i, name in enumerate(names):
+            for k, r in enumerate(r for r in rows if r["depth"] == depth and r["setting"] == name):
+                axes[0][j].plot(range(1, len(r["curve"]) + 1), r["curve"], color=f"C{i}",
+                                label=name if k == 0 else None)
         axes[0][j].set_yscale("log")
         axes[0][j].set_title(f"{depth}: training loss per epoch")
         axes[0][j].legend(fontsize=7)
@@ -64,7 +68,7 @@ def show(results):
             axes[1][j].plot(range(1, len(mags) + 1), mags, marker="o", label=name)
         axes[1][j].set_yscale("log")
         axes[1][j].set_xlabel("conv layer")
-        axes[1][j].set_ylabel("mean |gradient| at init")
+        axes[1][j].set_ylabel("mean |gradient|, first epoch")
         axes[1][j].legend(fontsize=7)
     fig.tight_layout()
     plt.show()
@@ -76,9 +80,9 @@ for path in committed:
 
 # %% [markdown]
 # ## A tiny re-run
-# One epoch, few steps, three settings: enough to exercise the whole command (teacher, EP
+# One epoch, few steps, three settings, two seeds: enough to exercise the whole command (teacher, EP
 # with and without local errors, BPTT, table, figures), not to reproduce the numbers above.
-# The full run is `pyeqprop study depth --out study-depth` (about half an hour on 2 cores).
+# The full run is `pyeqprop study depth --jobs 2 --out study-depth` (about half an hour on 2 cores).
 
 # %%
 from pyeqprop.study.depth import run_depth_study
@@ -88,5 +92,5 @@ out = Path(tempfile.mkdtemp(prefix="pyeqprop-nb06-"))
 base = TrainConfig(epochs=1, teacher_epochs=1, T1=6, T2=3, progress="none")
 depths = {"shallow": "c4m", "deep": "c4-c4m-c4-c4"} if CI else {"shallow": "c16m-c32m",
                                                                   "deep": "c8-c8-c16m-c16-c16-c32m-c32-c32"}
-rows = run_depth_study(base, out=out, depths=depths, settings=("ep", "ep+local", "bptt"), log=lambda m: None)
+run_depth_study(base, out=out, depths=depths, settings=("ep", "ep+local", "bptt"), seeds=(0, 1), log=lambda m: None)
 show(json.loads((out / "results.json").read_text()))

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from _cifar_fixtures import make_tiny_cifar
 from pyeqprop.cli import main
 
 
 def test_depth_study_writes_table_and_figures(tmp_path):
     out = tmp_path / "study"
     rc = main(["study", "depth", "--epochs", "1", "--teacher-epochs", "1", "--T1", "6", "--T2", "3",
-               "--shallow", "c4m", "--deep", "c4-c4m-c4-c4", "--settings", "ep,ep+local,bptt", "--out", str(out)])
+               "--shallow", "c4m", "--deep", "c4-c4m-c4-c4", "--settings", "ep,ep+local,bptt", "--seeds", "0,1",
+               "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     rows = res["rows"]
@@ -19,16 +23,26 @@ def test_depth_study_writes_table_and_figures(tmp_path):
             assert (depth, s) in settings
     for r in rows:
         assert 0.0 <= r["test_acc"] <= 1.0 and r["seconds"] >= 0.0
+    assert sorted({r["seed"] for r in rows}) == [0, 1] and len(rows) == 2 * 2 * 4
+    # the summary is the mean and sample std over the two seeds, per (depth, setting)
+    summary = {(r["depth"], r["setting"]): r for r in res["summary"]}
+    assert len(summary) == 8
+    for (depth, setting), line in summary.items():
+        vals = [r["test_acc"] for r in rows if (r["depth"], r["setting"]) == (depth, setting)]
+        assert line["seeds"] == 2
+        assert abs(line["test_acc"] - (vals[0] + vals[1]) / 2) <= 1e-12
+        assert abs(line["test_acc_std"] - abs(vals[0] - vals[1]) / 2 ** 0.5) <= 1e-12
     # per-layer gradient magnitudes: one value per conv layer, for every setting incl. BPTT (Eq. 5.4)
     assert len(res["layer_grads"]["deep"]["ep"]) == 4
     assert len(res["layer_grads"]["shallow"]["bptt"]) == 1
-    # Eq. 4.5's delay: with T2 = 3 the output nudge reaches s_2 of the 4-layer net but not s_1, so
-    # plain EP gives conv1 exactly nothing, while a local head on s_1 and BPTT over T1 = 6 steps do
+    # first-epoch means. Eq. 4.5's delay: with T2 = 3 the output nudge reaches s_2 of the 4-layer
+    # net but not s_1, so plain EP gives conv1 exactly nothing in every batch, while a local head
+    # on s_1 (silent at its zero start, nonzero once it has learned) and BPTT over T1 = 6 steps do
     deep = res["layer_grads"]["deep"]
     assert deep["ep"][0] == 0.0 and deep["ep"][1] > 0.0
     assert deep["ep+local"][0] > 0.0 and deep["bptt"][0] > 0.0
     table = (out / "results.md").read_text()
-    assert table.startswith("| depth |") and "ep+local" in table
+    assert table.startswith("| depth |") and "ep+local" in table and " ± " in table
     for name in ("curves.png", "layer_grads.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -37,3 +51,43 @@ def test_depth_study_rejects_unknown_setting(tmp_path, capsys):
     rc = main(["study", "depth", "--settings", "ep,magic", "--out", str(tmp_path / "s")])
     assert rc == 2
     assert "magic" in capsys.readouterr().err
+
+
+def test_depth_study_in_worker_processes(tmp_path):
+    """--jobs 2: the runs go to two spawned processes; rows keep the depth, seed, setting order."""
+    out = tmp_path / "study"
+    rc = main(["study", "depth", "--epochs", "1", "--teacher-epochs", "1", "--T1", "6", "--T2", "3",
+               "--deep", "c4-c4m-c4-c4", "--arch", "c4-c4m-c4-c4", "--settings", "ep,ep+local", "--jobs", "2",
+               "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["setting"] for r in res["rows"]] == ["teacher (backprop, feed-forward)", "ep", "ep+local"]
+    deep = res["layer_grads"]["deep"]
+    assert deep["ep"][0] == 0.0 and deep["ep+local"][0] > 0.0  # Eq. 4.5's delay, as in the run above
+    assert all((out / "runs" / f"deep-s0-{s}" / "metrics.jsonl").exists() for s in ("ep", "ep+local"))
+
+
+@pytest.mark.parametrize("flag, value", [("--seeds", "0,x"), ("--jobs", "0")])
+def test_depth_study_rejects_bad_seeds_and_jobs(tmp_path, capsys, flag, value):
+    rc = main(["study", "depth", flag, value, "--out", str(tmp_path / "s")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert value in err and flag in err
+
+
+def test_paper_scale_command_on_a_tiny_cifar10_archive(tmp_path, monkeypatch):
+    """`--dataset cifar10 --arch vgg11` (here at 1/32 width) reads the CIFAR archive in its real format."""
+    monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    monkeypatch.setenv("PYEQPROP_DATA", str(tmp_path / "empty"))
+    root = tmp_path / "data"
+    root.mkdir()
+    make_tiny_cifar("cifar10").write_archive(root)
+    out = tmp_path / "study"
+    rc = main(["study", "depth", "--dataset", "cifar10", "--data-root", str(root), "--arch", "vgg11/32",
+               "--epochs", "1", "--teacher-epochs", "1", "--T1", "3", "--T2", "2", "--seeds", "0",
+               "--settings", "ep,ep+local+kd", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["depths"] == {"deep": "vgg11/32"} and res["config"]["dataset"] == "cifar10"
+    assert [r["setting"] for r in res["rows"]] == ["teacher (backprop, feed-forward)", "ep", "ep+local+kd"]
+    assert len(res["layer_grads"]["deep"]["ep"]) == 8  # VGG-11's eight conv layers

@@ -71,7 +71,10 @@ def test_metrics_have_the_documented_keys_one_line_per_epoch(run):
     for r in lines:
         assert tuple(r) == METRIC_KEYS
         assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
-        assert all(math.isfinite(r[k]) for k in METRIC_KEYS)
+        assert all(math.isfinite(r[k]) for k in METRIC_KEYS if k != "grad_mean_abs")
+        # the learning signal per neuron layer: the epoch's mean of mean |g| over its weight tensor
+        assert list(r["grad_mean_abs"]) == ["conv1.weight"]
+        assert math.isfinite(r["grad_mean_abs"]["conv1.weight"]) and r["grad_mean_abs"]["conv1.weight"] > 0.0
     # the cosine schedule over 2 epochs: the full rate, then the midpoint between lr and lr_min
     cfg = tiny(run)
     assert lines[0]["lr"] == cfg.lr[0]

@@ -1,17 +1,20 @@
 """``pyeqprop study depth``: does plain EP fail on a deep CRNN, and do intermediate signals fix it?
 
-For a shallow and a deep architecture it trains, with the same seed, data and budget:
-EP (symmetric), EP + local errors, EP + distillation, EP + both, BPTT (the exact gradient
-of the same dynamics, Eqs. 5.1-5.4) and the backprop teacher (a feed-forward network of the
-same architecture, Eq. 7.3). It writes, into the study folder:
+For a shallow and a deep architecture, and for each seed, it trains with the same data and
+budget: EP (symmetric), EP + local errors, EP + distillation, EP + both, BPTT (the exact
+gradient of the same dynamics, Eqs. 5.1-5.4) and the backprop teacher (a feed-forward network
+of the same architecture, Eq. 7.3). It writes, into the study folder:
 
-    results.json / results.md   final train loss, test accuracy, epochs, wall time per run
-    curves.png                  training loss per epoch for every setting and depth
-    layer_grads.png             mean |gradient| per conv layer at initialisation, per setting
-    runs/<depth>-<setting>/     each run's own folder (config, metrics, checkpoints)
+    results.json / results.md   final train loss, test accuracy, epochs, wall time
+                                (per seed, and mean ± sample std over the seeds)
+    curves.png                  training loss per epoch, every setting, depth and seed
+    layer_grads.png             mean |gradient| per conv layer in the first epoch, per setting
+    runs/<depth>-s<seed>-<setting>/   each run's own folder (config, metrics, checkpoints)
 
-The per-layer gradient magnitudes are measured at initialisation on one training batch, so
-they show how far down each setting's learning signal reaches before any training.
+The per-layer gradient magnitudes are those of the estimates the runs applied, averaged over
+the batches of the first epoch and over the seeds: how far down each setting's learning
+signal reaches at the start of training. (Not at the very first batch: heads and maps start
+at zero, SPEC §6, and carry no signal until they have learned to read their layer.)
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SETTINGS", "run_depth_study", "run_study_cli", "layer_gradient_magnitudes"]
+__all__ = ["SETTINGS", "run_depth_study", "run_study_cli", "conv_gradient_curve", "summarise"]
 
 # setting -> overrides of TrainConfig
 SETTINGS = {
@@ -40,28 +43,39 @@ DEFAULT_ARCHS = {
 }
 
 
-def layer_gradient_magnitudes(cfg, data, teacher, xp, *, batch=64):
-    """Mean |g| of each conv layer's weight gradient at initialisation, for one training batch.
+def conv_gradient_curve(history, conv_names, epoch: int = 0):
+    """Mean |∂/∂W_l| of each conv layer, averaged over the batches of epoch ``epoch`` (0-based).
 
-    Returns {setting: [mean |∂/∂W_l| for l = 1 … L_conv]} for the EP settings (Eq. 4.2) and BPTT (Eq. 5.4).
+    ``history`` is a run's per-epoch rows (``grad_mean_abs``, recorded by the training loop
+    from the estimate each batch applied: Eq. 4.2 for EP, Eq. 5.4 for BPTT).
     """
-    from ..backend import to_numpy
-    from ..model.bptt import bptt_gradients
-    from ..model.ep import ep_estimate
-    from ..train.loop import build_student
+    mags = history[epoch]["grad_mean_abs"]
+    return [mags[f"{k}.weight"] for k in conv_names]
 
-    xb, yb = data.x_train[:batch, ...], data.y_train[:batch]
-    out = {}
-    for name, over in SETTINGS.items():
-        c = dataclasses.replace(cfg, **over)
-        net = build_student(c, data.input_shape, data.num_classes, xp, teacher)
-        if c.estimator == "bptt":
-            g = bptt_gradients(net, xb, yb, T=c.T1)
-        else:
-            g = ep_estimate(net, xb, yb, beta=c.beta, T1=c.T1, T2=c.T2, estimator=c.estimator).grads
-        convs = [layer.name for layer in net.layers if layer.name.startswith("conv")]
-        out[name] = [float(np.mean(np.abs(to_numpy(g[f"{k}.weight"])))) for k in convs]
-    return out
+
+def _mean_std(values):
+    v = np.asarray(values, dtype=float)
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+
+
+def summarise(rows):
+    """One line per (depth, setting): mean and sample standard deviation over the seeds."""
+    out, order = {}, []
+    for r in rows:
+        key = (r["depth"], r["setting"])
+        if key not in out:
+            out[key] = []
+            order.append(key)
+        out[key].append(r)
+    summary = []
+    for key in order:
+        group = out[key]
+        loss_m, loss_s = _mean_std([r["train_loss"] for r in group])
+        acc_m, acc_s = _mean_std([r["test_acc"] for r in group])
+        summary.append({"depth": key[0], "arch": group[0]["arch"], "setting": key[1], "seeds": len(group),
+                        "train_loss": loss_m, "train_loss_std": loss_s, "test_acc": acc_m, "test_acc_std": acc_s,
+                        "epochs": group[0]["epochs"], "seconds": float(np.mean([r["seconds"] for r in group]))})
+    return summary
 
 
 def _plot(study: Path, rows, grads):
@@ -79,10 +93,11 @@ def _plot(study: Path, rows, grads):
     depths = sorted({r["depth"] for r in rows}, key=lambda d: d != "shallow")
     fig, axes = subplots(len(depths))
     for ax, depth in zip(axes[0], depths):
-        for r in rows:
-            if r["depth"] == depth and r["curve"]:
-                ax.plot(range(1, len(r["curve"]) + 1), r["curve"], label=r["setting"])
-        ax.set_title(f"{depth}: training loss per epoch")
+        for i, name in enumerate(dict.fromkeys(r["setting"] for r in rows if r["depth"] == depth and r["curve"])):
+            curves = [r["curve"] for r in rows if r["depth"] == depth and r["setting"] == name]
+            for j, c in enumerate(curves):  # one line per seed, one colour per setting
+                ax.plot(range(1, len(c) + 1), c, color=f"C{i}", alpha=0.8, label=name if j == 0 else None)
+        ax.set_title(f"{depth}: training loss per epoch (one line per seed)")
         ax.set_xlabel("epoch")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
@@ -94,67 +109,140 @@ def _plot(study: Path, rows, grads):
             ax.plot(range(1, len(mags) + 1), mags, marker="o", label=name)
         ax.set_yscale("log")
         ax.set_xlabel("conv layer")
-        ax.set_ylabel("mean |gradient| at init")
+        ax.set_ylabel("mean |gradient|, first epoch")
         ax.set_title(depth)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(study / "layer_grads.png", dpi=100)
 
 
-def _table(rows) -> str:
-    lines = ["| depth | arch | setting | final train loss | test accuracy | epochs | wall time (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        acc = f"{100 * r['test_acc']:.2f}%" if r["test_acc"] == r["test_acc"] else "—"
-        loss = f"{r['train_loss']:.4f}" if r["train_loss"] == r["train_loss"] else "—"
-        lines.append(f"| {r['depth']} | `{r['arch']}` | {r['setting']} | {loss} | {acc} | {r['epochs']} | "
+def _pm(mean, std, seeds, fmt):
+    return fmt.format(mean) + (" ± " + fmt.format(std) if seeds > 1 else "")
+
+
+def _table(summary) -> str:
+    lines = ["| depth | arch | setting | seeds | final train loss | test accuracy (%) | epochs | wall time (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in summary:
+        n = r["seeds"]
+        lines.append(f"| {r['depth']} | `{r['arch']}` | {r['setting']} | {n} | "
+                     f"{_pm(r['train_loss'], r['train_loss_std'], n, '{:.3f}')} | "
+                     f"{_pm(100 * r['test_acc'], 100 * r['test_acc_std'], n, '{:.1f}')} | {r['epochs']} | "
                      f"{r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
-def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), log=print):
-    """Train every (depth, setting) pair of the study from TrainConfig ``base``; returns the rows."""
-    from ..backend import get_namespace
-    from ..train.loop import _get_teacher, prepare_data, train
+def _train_setting(job):
+    """Train one (depth, seed, setting) run; returns its table row and first-epoch conv gradients."""
+    from ..train.loop import train
 
+    cfg, depth, name = job
+    res = train(cfg, log=lambda m: None)
+    hist = res.history
+    convs = [k[:-len(".weight")] for k in hist[0]["grad_mean_abs"] if k.startswith("conv")]
+    row = {"depth": depth, "arch": cfg.arch, "seed": cfg.seed, "setting": name,
+           "train_loss": hist[-1]["train_loss"] if hist else float("nan"), "test_acc": res.test_acc,
+           "epochs": len(hist), "seconds": res.seconds, "curve": [h["train_loss"] for h in hist]}
+    return row, conv_gradient_curve(hist, convs)
+
+
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _run_jobs(todo, jobs, log):
+    """Run ``_train_setting`` over ``todo``, in this process or in ``jobs`` worker processes.
+
+    Workers start by "spawn" with each BLAS limited to cpu_count // jobs threads (unless the
+    caller set those variables): ``jobs`` processes each using every core would oversubscribe.
+    """
+    def done(i, out):
+        row = out[0]
+        log(f"[{row['depth']}, seed {row['seed']}] {row['setting']}: train loss {row['train_loss']:.4f}, "
+            f"test {100 * row['test_acc']:.2f}%, {row['seconds']:.0f}s; first-epoch mean |grad| per conv layer "
+            + " ".join(f"{v:.1e}" for v in out[1]))
+
+    results = [None] * len(todo)
+    if jobs == 1:
+        for i, job in enumerate(todo):
+            log(f"[{job[1]}, seed {job[0].seed}] {job[2]}: training {job[0].arch} for {job[0].epochs} epochs")
+            results[i] = _train_setting(job)
+            done(i, results[i])
+        return results
+    import concurrent.futures as cf
+    import multiprocessing
+    import os
+
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    for k in _THREAD_VARS:
+        os.environ.setdefault(k, threads)
+    try:
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_setting, job): i for i, job in enumerate(todo)}
+            log(f"training {len(todo)} runs in {jobs} processes")
+            for fut in cf.as_completed(futures):
+                i = futures[fut]
+                results[i] = fut.result()
+                done(i, results[i])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return results
+
+
+def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), jobs=1, log=print):
+    """Train every (depth, seed, setting) of the study from TrainConfig ``base``; returns the summary.
+
+    Teachers are trained first, in this process; the student runs then go to ``jobs`` worker
+    processes (1: in this process). Rows keep the order depth, seed, setting whatever the order
+    the runs finish in. Writes results.json (per-seed ``rows``, the per-setting ``summary`` over
+    seeds, first-epoch ``layer_grads`` averaged over seeds, the configuration), results.md,
+    curves.png and layer_grads.png into ``out``.
+    """
+    from ..backend import get_namespace
+    from ..train.loop import _get_teacher, prepare_data
+
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     study = Path(out)
     (study / "runs").mkdir(parents=True, exist_ok=True)
     xp = get_namespace(base.backend)
-    rows, grads = [], {}
+    rows, todo, slots = [], [], []
     for depth, arch in depths.items():
-        cfg = dataclasses.replace(base, arch=arch)
-        data = prepare_data(cfg, xp)
-        tdir = study / "runs" / f"{depth}-teacher"
-        tdir.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        teacher = _get_teacher(cfg, data, xp, tdir, log)
-        t_teacher = time.perf_counter() - t0
-        t_loss = teacher.loss(data.x_train, data.y_train)
-        rows.append({"depth": depth, "arch": arch, "setting": "teacher (backprop, feed-forward)",
-                     "train_loss": float(t_loss), "test_acc": float(teacher.accuracy(data.x_test, data.y_test)),
-                     "epochs": cfg.teacher_epochs, "seconds": t_teacher, "curve": []})
-        grads[depth] = layer_gradient_magnitudes(cfg, data, teacher, xp)
-        log(f"[{depth}] mean |grad| per conv layer at init: " +
-            "; ".join(f"{k}: " + " ".join(f"{v:.1e}" for v in mags) for k, mags in grads[depth].items()))
-        for name in settings:
-            over = dict(SETTINGS[name])
-            c = dataclasses.replace(cfg, out=str(study / "runs" / f"{depth}-{name}"),
-                                    teacher=str(tdir / "teacher.npz"), **over)
-            log(f"[{depth}] {name}: training {arch} for {c.epochs} epochs")
-            res = train(c, log=lambda m: None)
-            hist = res.history
-            rows.append({"depth": depth, "arch": arch, "setting": name,
-                         "train_loss": hist[-1]["train_loss"] if hist else float("nan"),
-                         "test_acc": res.test_acc, "epochs": len(hist), "seconds": res.seconds,
-                         "curve": [h["train_loss"] for h in hist]})
-            log(f"[{depth}] {name}: train loss {rows[-1]['train_loss']:.4f}, test {100 * res.test_acc:.2f}%, "
-                f"{res.seconds:.0f}s")
-    (study / "results.json").write_text(json.dumps({"rows": rows, "layer_grads": grads,
-                                                    "config": base.to_dict(), "depths": depths}, indent=1))
-    (study / "results.md").write_text(_table(rows) + "\n")
+        for seed in seeds:
+            cfg = dataclasses.replace(base, arch=arch, seed=seed)
+            data = prepare_data(cfg, xp)
+            tag = f"{depth}-s{seed}"
+            tdir = study / "runs" / f"{tag}-teacher"
+            tdir.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            teacher = _get_teacher(cfg, data, xp, tdir, log)
+            rows.append({"depth": depth, "arch": arch, "seed": seed, "setting": "teacher (backprop, feed-forward)",
+                         "train_loss": float(teacher.loss(data.x_train, data.y_train)),
+                         "test_acc": float(teacher.accuracy(data.x_test, data.y_test)),
+                         "epochs": cfg.teacher_epochs, "seconds": time.perf_counter() - t0, "curve": []})
+            for name in settings:
+                slots.append(len(rows))
+                rows.append(None)  # filled in when the run is done
+                todo.append((dataclasses.replace(cfg, out=str(study / "runs" / f"{tag}-{name}"),
+                                                 teacher=str(tdir / "teacher.npz"), **SETTINGS[name]), depth, name))
+    per_setting = {}
+    for slot, (row, curve) in zip(slots, _run_jobs(todo, jobs, log)):
+        rows[slot] = row
+        per_setting.setdefault(row["depth"], {}).setdefault(row["setting"], []).append(curve)
+    grads = {depth: {name: np.mean(np.asarray(v), axis=0).tolist() for name, v in by.items()}
+             for depth, by in per_setting.items()}
+    summary = summarise(rows)
+    (study / "results.json").write_text(json.dumps({"rows": rows, "summary": summary, "layer_grads": grads,
+                                                    "seeds": list(seeds), "config": base.to_dict(),
+                                                    "depths": depths}, indent=1))
+    (study / "results.md").write_text(_table(summary) + "\n")
     _plot(study, rows, grads)
-    log(_table(rows))
-    return rows
+    log(_table(summary))
+    return summary
 
 
 def run_study_cli(ns) -> int:
@@ -166,9 +254,12 @@ def run_study_cli(ns) -> int:
     p.add_argument("--shallow", default=None)
     p.add_argument("--deep", default=None)
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--weight-scale", type=float, default=1.0, help="student weight scale (Eq. 3.10)")
+    p.add_argument("--weight-scale", type=float, default=2.0,
+                   help="student weight scale (Eq. 3.10; default 2: at 1 the deep digits net does not train, "
+                        "BPTT included)")
     p.add_argument("--teacher-epochs", type=int, default=10)
-    p.add_argument("--teacher-weight-scale", type=float, default=2.0, help="teacher weight scale (SPEC §7.1)")
+    p.add_argument("--teacher-weight-scale", type=float, default=4.0,
+                   help="teacher weight scale (SPEC §7.1; default 4)")
     p.add_argument("--T1", type=int, default=30)
     p.add_argument("--T2", type=int, default=10)
     p.add_argument("--beta", type=float, default=0.5)
@@ -179,7 +270,12 @@ def run_study_cli(ns) -> int:
     p.add_argument("--download", action="store_true", help="CIFAR: fetch the archive when it is not found")
     p.add_argument("--data-root", default="", help="CIFAR folder or archive location (else $PYEQPROP_DATA)")
     p.add_argument("--settings", default=",".join(SETTINGS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds; the table gives mean ± std over them")
+    p.add_argument("--local-weight", type=float, default=None, help="λ of every local head (default: train's)")
+    p.add_argument("--kd-weight", type=float, default=None, help="γ of every distillation map (default: train's)")
+    p.add_argument("--signal-init", choices=("zeros", "uniform"), default="zeros",
+                   help="how heads and maps start (SPEC §6; default zeros)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, in worker processes (default 1)")
     p.add_argument("--out", default="study-depth")
     a = p.parse_args(ns.rest)
     archs = DEFAULT_ARCHS.get(a.dataset.lower(), DEFAULT_ARCHS["digits"])
@@ -191,11 +287,24 @@ def run_study_cli(ns) -> int:
     bad = [s for s in settings if s not in SETTINGS]
     if bad:
         raise ValueError(f"unknown study setting {bad[0]!r}; settings are {', '.join(SETTINGS)}")
-    base = config_from_mapping({"dataset": a.dataset, "epochs": a.epochs, "teacher_epochs": a.teacher_epochs,
+    try:
+        seeds = [int(v) for v in a.seeds.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of integers, got {a.seeds!r}") from None
+    if not seeds:
+        raise ValueError(f"--seeds must name at least one seed, got {a.seeds!r}")
+    signals = {"signal_init": a.signal_init}
+    if a.local_weight is not None:
+        signals["local_weight"] = a.local_weight
+    if a.kd_weight is not None:
+        signals["kd_weight"] = a.kd_weight
+    base = config_from_mapping({**signals, "dataset": a.dataset, "epochs": a.epochs, "teacher_epochs": a.teacher_epochs,
                                 "T1": a.T1, "T2": a.T2, "beta": a.beta, "lr": a.lr, "batch_size": a.batch_size,
-                                "backend": a.backend, "augment": a.augment, "seed": a.seed, "progress": "none",
+                                "backend": a.backend, "augment": a.augment, "progress": "none",
                                 "download": a.download, "data_root": a.data_root,
                                 "weight_scale": a.weight_scale, "teacher_weight_scale": a.teacher_weight_scale},
                                TrainConfig())
-    run_depth_study(base, out=a.out, depths=depths, settings=settings)
+    if a.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {a.jobs}")
+    run_depth_study(base, out=a.out, depths=depths, settings=settings, seeds=seeds, jobs=a.jobs)
     return 0

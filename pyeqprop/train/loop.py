@@ -51,7 +51,7 @@ __all__ = ["train", "evaluate_run", "TrainingError", "TrainingDiverged", "RunRes
            "make_signal_config", "prepare_data", "METRIC_KEYS"]
 
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "residual_free", "residual_nudged",
-               "lr", "seconds")
+               "lr", "seconds", "grad_mean_abs")  # grad_mean_abs: {layer weight: epoch mean of mean |g|}
 
 
 class TrainingError(RuntimeError):
@@ -76,7 +76,7 @@ def make_signal_config(cfg: TrainConfig) -> SignalConfig:
     return SignalConfig(local_layers=cfg.local_layers, local_weight=cfg.local_weight, local_grid=cfg.local_grid,
                         local_loss=cfg.local_loss, kd_layers=cfg.kd_layers, kd_weight=cfg.kd_weight,
                         kd_normalisation=cfg.kd_normalisation, output_kd_weight=cfg.output_kd_weight,
-                        temperature=cfg.temperature)
+                        temperature=cfg.temperature, init=cfg.signal_init)
 
 
 def build_student(cfg: TrainConfig, input_shape, num_classes, xp, teacher=None) -> CRNN:
@@ -413,7 +413,11 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
     total_batches = 0
 
     def fresh():
-        return {"loss": 0.0, "correct": 0, "seen": 0, "res_free": 0.0, "res_nudged": 0.0, "time": 0.0}
+        return {"loss": 0.0, "correct": 0, "seen": 0, "res_free": 0.0, "res_nudged": 0.0, "time": 0.0,
+                "grad": {}, "batches": 0}
+
+    # per-layer learning signal: mean |g| of each neuron layer's weight estimate, averaged over the epoch
+    grad_keys = [f"{layer.name}.weight" for layer in net.layers]
 
     def save(path, epoch, batch, acc):
         try:
@@ -466,6 +470,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
                         _check_finite(net, res.free.state, epoch + 1, b + 1, "free")
                         for ph in res.nudged:
                             _check_finite(net, ph.state, epoch + 1, b + 1, "nudged")
+                        mags = to_numpy(xp.stack([xp.mean(xp.abs(res.grads[k])) for k in grad_keys]))
                         busy = True
                         opt.step(res.grads)
                         _check_finite_params(net, epoch + 1, b + 1)
@@ -478,6 +483,10 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
                         acc["seen"] += int(xb.shape[0])
                         acc["res_free"] = max(acc["res_free"], res.free.residual)
                         acc["res_nudged"] = max([acc["res_nudged"]] + [ph.residual for ph in res.nudged])
+                        grad_sums = acc.setdefault("grad", {})  # setdefault: a checkpoint from before this field
+                        for k, v in zip(grad_keys, mags.tolist()):
+                            grad_sums[k] = grad_sums.get(k, 0.0) + v
+                        acc["batches"] = acc.get("batches", 0) + 1
                         total_batches += 1
                         batch = b + 1
                         busy = False
@@ -491,7 +500,9 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
                     row = {"epoch": epoch + 1, "train_loss": acc["loss"] / max(acc["seen"], 1),
                            "train_acc": acc["correct"] / max(acc["seen"], 1), "test_loss": test_loss,
                            "test_acc": test_acc, "residual_free": acc["res_free"], "residual_nudged": acc["res_nudged"],
-                           "lr": lr_now, "seconds": acc["time"]}
+                           "lr": lr_now, "seconds": acc["time"],
+                           "grad_mean_abs": {k: v / max(acc.get("batches", 0), 1)
+                                             for k, v in acc.get("grad", {}).items()}}
                     busy = True
                     history.append(row)
                     epoch, batch, acc = epoch + 1, 0, None  # the epoch is done: the position moves on
