@@ -41,6 +41,12 @@ def test_depth_study_writes_table_and_figures(tmp_path):
     deep = res["layer_grads"]["deep"]
     assert deep["ep"][0] == 0.0 and deep["ep"][1] > 0.0
     assert deep["ep+local"][0] > 0.0 and deep["bptt"][0] > 0.0
+    # plain EP against BPTT at init: with T2 = 3, conv1 of the deep net gets nothing (ratio 0), the
+    # top conv layer a nonzero estimate; cosines are cosines
+    agree = res["ep_vs_bptt_at_init"]["deep"]
+    assert len(agree["cos"]) == len(agree["ratio"]) == 4
+    assert agree["ratio"][0] == 0.0 and agree["ratio"][3] > 0.0
+    assert all(-1.0 - 1e-12 <= c <= 1.0 + 1e-12 for c in agree["cos"])
     table = (out / "results.md").read_text()
     assert table.startswith("| depth |") and "ep+local" in table and " ± " in table
     for name in ("curves.png", "layer_grads.png"):
@@ -57,7 +63,7 @@ def test_depth_study_in_worker_processes(tmp_path):
     """--jobs 2: the runs go to two spawned processes; rows keep the depth, seed, setting order."""
     out = tmp_path / "study"
     rc = main(["study", "depth", "--epochs", "1", "--teacher-epochs", "1", "--T1", "6", "--T2", "3",
-               "--deep", "c4-c4m-c4-c4", "--arch", "c4-c4m-c4-c4", "--settings", "ep,ep+local", "--jobs", "2",
+               "--deep", "c4-c4m-c4-c4", "--arch", "c4-c4m-c4-c4", "--settings", "ep,ep+local", "--jobs", "2", "--seeds", "0",
                "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
