@@ -39,12 +39,15 @@ committed = sorted(results_dir.glob("depth*/results.json")) if results_dir.exist
 print("committed results:", [str(p.parent.name) for p in committed] or "none (installed without the repository)")
 
 # %% [markdown]
-# ## The committed run
+# ## The committed runs
 # `docs/results/depth/`: `pyeqprop study depth --jobs 2` with its defaults (student weight
-# scale 2, teacher weight scale 4, 8 epochs, seeds 0, 1, 2, λ = 0.1, γ = 1, heads and maps
-# starting at zero, Eq. 6.7). First the mean ± sample std over the seeds of the final training
-# loss and test accuracy per setting, then the training-loss curves (one line per seed) and
-# the mean |gradient| of each conv layer's weights over the first epoch.
+# scale 2, teacher weight scale 4, 8 epochs, seeds 0, 1, 2, T2 = 10, λ = 0.1, γ = 1, heads and
+# maps starting at zero, Eq. 6.7); `depth-T2-4/` and `depth-T2-2/`: the deep net with a
+# nudged phase shorter than its depth (EP and EP + local errors); `depth-kd01/`: distillation
+# at γ = 0.1. For each: the mean ± sample std over the seeds of the final training loss and
+# test accuracy per setting, plain EP against BPTT per conv layer at initialisation, then the
+# training-loss curves (one line per seed) and the mean |gradient| of each conv layer's
+# weights over the first epoch. `docs/results/README.md` lists the commands.
 
 # %%
 def show(results):
@@ -52,6 +55,10 @@ def show(results):
         print(f"{r['depth']:>8} {r['setting']:<34} train loss {r['train_loss']:.3f} ± {r['train_loss_std']:.3f}  "
               f"test {100 * r['test_acc']:5.1f} ± {100 * r['test_acc_std']:4.1f}%  "
               f"({r['seeds']} seeds, {r['seconds']:.0f} s per run)")
+    for depth, agree in results["ep_vs_bptt_at_init"].items():
+        print(f"{depth:>8} plain EP vs BPTT at init, per conv layer: cosine "
+              + " ".join(f"{v:+.2f}" for v in agree["cos"]) + "; norm ratio "
+              + " ".join(f"{v:.2f}" for v in agree["ratio"]))
     rows = results["rows"]
     depths = list(results["layer_grads"])
     fig, axes = plt.subplots(2, len(depths), figsize=(5 * len(depths), 6.5), squeeze=False)

@@ -73,7 +73,7 @@ def test_depth_study_in_worker_processes(tmp_path):
     assert all((out / "runs" / f"deep-s0-{s}" / "metrics.jsonl").exists() for s in ("ep", "ep+local"))
 
 
-@pytest.mark.parametrize("flag, value", [("--seeds", "0,x"), ("--jobs", "0")])
+@pytest.mark.parametrize("flag, value", [("--seeds", "0,x"), ("--seeds", "1,1"), ("--seeds", ","), ("--jobs", "0")])
 def test_depth_study_rejects_bad_seeds_and_jobs(tmp_path, capsys, flag, value):
     rc = main(["study", "depth", flag, value, "--out", str(tmp_path / "s")])
     assert rc == 2

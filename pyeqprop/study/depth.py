@@ -185,7 +185,7 @@ def _run_jobs(todo, jobs, log):
     Workers start by "spawn" with each BLAS limited to cpu_count // jobs threads (unless the
     caller set those variables): ``jobs`` processes each using every core would oversubscribe.
     """
-    def done(i, out):
+    def done(out):
         row = out[0]
         log(f"[{row['depth']}, seed {row['seed']}] {row['setting']}: train loss {row['train_loss']:.4f}, "
             f"test {100 * row['test_acc']:.2f}%, {row['seconds']:.0f}s; first-epoch mean |grad| per conv layer "
@@ -196,7 +196,7 @@ def _run_jobs(todo, jobs, log):
         for i, job in enumerate(todo):
             log(f"[{job[1]}, seed {job[0].seed}] {job[2]}: training {job[0].arch} for {job[0].epochs} epochs")
             results[i] = _train_setting(job)
-            done(i, results[i])
+            done(results[i])
         return results
     import concurrent.futures as cf
     import multiprocessing
@@ -213,7 +213,7 @@ def _run_jobs(todo, jobs, log):
             for fut in cf.as_completed(futures):
                 i = futures[fut]
                 results[i] = fut.result()
-                done(i, results[i])
+                done(results[i])
     finally:
         for k, v in saved.items():
             if v is None:
@@ -310,7 +310,7 @@ def run_study_cli(ns) -> int:
     p.add_argument("--local-weight", type=float, default=None, help="λ of every local head (default: train's)")
     p.add_argument("--kd-weight", type=float, default=None, help="γ of every distillation map (default: train's)")
     p.add_argument("--signal-init", choices=("zeros", "uniform"), default="zeros",
-                   help="how heads and maps start (SPEC §6; default zeros)")
+                   help="how heads and maps start (Eq. 6.7; default zeros)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, in worker processes (default 1)")
     p.add_argument("--out", default="study-depth")
     a = p.parse_args(ns.rest)
@@ -327,8 +327,8 @@ def run_study_cli(ns) -> int:
         seeds = [int(v) for v in a.seeds.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"--seeds must be a comma list of integers, got {a.seeds!r}") from None
-    if not seeds:
-        raise ValueError(f"--seeds must name at least one seed, got {a.seeds!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must name one or more distinct seeds, got {a.seeds!r}")
     signals = {"signal_init": a.signal_init}
     if a.local_weight is not None:
         signals["local_weight"] = a.local_weight
