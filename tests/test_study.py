@@ -63,7 +63,7 @@ def test_depth_study_in_worker_processes(tmp_path):
     """--jobs 2: the runs go to two spawned processes; rows keep the depth, seed, setting order."""
     out = tmp_path / "study"
     rc = main(["study", "depth", "--epochs", "1", "--teacher-epochs", "1", "--T1", "6", "--T2", "3",
-               "--deep", "c4-c4m-c4-c4", "--arch", "c4-c4m-c4-c4", "--settings", "ep,ep+local", "--jobs", "2", "--seeds", "0",
+               "--arch", "c4-c4m-c4-c4", "--settings", "ep,ep+local", "--jobs", "2", "--seeds", "0",
                "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
@@ -73,7 +73,8 @@ def test_depth_study_in_worker_processes(tmp_path):
     assert all((out / "runs" / f"deep-s0-{s}" / "metrics.jsonl").exists() for s in ("ep", "ep+local"))
 
 
-@pytest.mark.parametrize("flag, value", [("--seeds", "0,x"), ("--seeds", "1,1"), ("--seeds", ","), ("--jobs", "0")])
+@pytest.mark.parametrize("flag, value", [("--seeds", "0,x"), ("--seeds", "1,1"), ("--seeds", ","),
+                                         ("--jobs", "0")])
 def test_depth_study_rejects_bad_seeds_and_jobs(tmp_path, capsys, flag, value):
     rc = main(["study", "depth", flag, value, "--out", str(tmp_path / "s")])
     assert rc == 2
