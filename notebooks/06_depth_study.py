@@ -42,9 +42,9 @@ print("committed results:", [str(p.parent.name) for p in committed] or "none (in
 # ## The committed runs
 # `docs/results/depth/`: `pyeqprop study depth --jobs 2` with its defaults (student weight
 # scale 2, teacher weight scale 4, 8 epochs, seeds 0, 1, 2, T2 = 10, λ = 0.1, γ = 1, heads and
-# maps starting at zero, Eq. 6.7); `depth-T2-4/` and `depth-T2-2/`: the deep net with a
-# nudged phase shorter than its depth (EP and EP + local errors); `depth-kd01/`: distillation
-# at γ = 0.1. For each: the mean ± sample std over the seeds of the final training loss and
+# maps starting at zero, Eq. 6.7); `depth-T2-10/`, `depth-T2-4/` and `depth-T2-2/`: EP
+# against EP + local errors on the deep net over five seeds, at the default T2 and with a
+# nudged phase shorter than the depth; `depth-kd01/`: distillation at γ = 0.1. For each: the mean ± sample std over the seeds of the final training loss and
 # test accuracy per setting, plain EP against BPTT per conv layer at initialisation, then the
 # training-loss curves (one line per seed) and the mean |gradient| of each conv layer's
 # weights over the first epoch. `docs/results/README.md` lists the commands.
