@@ -78,6 +78,14 @@ def _dev(a, net):
     return backend.asarray(a.astype(F64), xp=net.xp, dtype="float64")
 
 
+def _drawn(cfg):
+    """The example's network, its rng after drawing the data, and the data on host (xh, yh) and device (x, y)."""
+    net = cfg.net()
+    rng = cfg.rng()
+    xh, yh = cfg.data(rng)
+    return net, rng, xh, yh, _dev(xh, net), _dev(yh, net)
+
+
 def _devs(arrays, net):
     return [_dev(a, net) for a in arrays]
 
@@ -366,10 +374,7 @@ def test_dphi_ds_equals_finite_differences_of_phi(cfg, beta):
     truncation |β| h²/6 · Σ_n 2‖W_out d_L,n‖∞³. Examples where ±hd moves a max-pool argmax
     (probability O(h)) are rejected.
     """
-    net = cfg.net()
-    rng = cfg.rng()
-    xh, yh = cfg.data(rng)
-    x, y = _dev(xh, net), _dev(yh, net)
+    net, rng, xh, yh, x, y = _drawn(cfg)
     n = cfg.n
     s = [rng.random(shape) for shape in net.state_shapes(n)]
     d = [rng.standard_normal(shape) for shape in net.state_shapes(n)]
@@ -410,10 +415,7 @@ def test_dphi_dtheta_equals_finite_differences_of_phi(cfg, beta):
     θ ± h d_θ; the softmax readout's parameters add the truncation |β| h²/6 Σ_n 2‖z′_n‖∞³ with
     z′ = W_d vec(s_L) + b_d. Examples where the perturbation moves an argmax are rejected.
     """
-    net = cfg.net()
-    rng = cfg.rng()
-    xh, yh = cfg.data(rng)
-    x, y = _dev(xh, net), _dev(yh, net)
+    net, rng, xh, yh, x, y = _drawn(cfg)
     n = cfg.n
     s = [rng.random(shape) for shape in net.state_shapes(n)]
     theta = {k: _h(v) for k, v in net.params.items()}
