@@ -147,6 +147,15 @@ def _check_finite(net, states, epoch, batch, phase):
                                    f"{l + 1} ({net.layers[l].name}) holds NaN or inf")
 
 
+def _check_phases_finite(net, res, epoch, batch):
+    """The free and nudged states of one estimate, with one host transfer when all are finite."""
+    if _all_finite(net.xp, list(res.free.state) + [s for ph in res.nudged for s in ph.state]):
+        return
+    _check_finite(net, res.free.state, epoch, batch, "free")
+    for ph in res.nudged:
+        _check_finite(net, ph.state, epoch, batch, "nudged")
+
+
 def _check_finite_params(net, epoch, batch):
     xp = net.xp
     if _all_finite(xp, list(net.params.values())):
@@ -467,24 +476,25 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
                         if cfg.augment:
                             xb = normalize(augment(xb, rng, **cfg.augment_options), data.mean, data.std)
                         res = _estimate(net, xb, yb, cfg, rng)
-                        _check_finite(net, res.free.state, epoch + 1, b + 1, "free")
-                        for ph in res.nudged:
-                            _check_finite(net, ph.state, epoch + 1, b + 1, "nudged")
-                        mags = to_numpy(xp.stack([xp.mean(xp.abs(res.grads[k])) for k in grad_keys]))
+                        _check_phases_finite(net, res, epoch + 1, b + 1)
+                        mags = [xp.mean(xp.abs(res.grads[k])) for k in grad_keys]  # before the step; on device
                         busy = True
                         opt.step(res.grads)
                         _check_finite_params(net, epoch + 1, b + 1)
                         term = net.readout_term
                         st = res.free.state
-                        loss = float(to_numpy(xp.sum(term.value(net.params, st, term.prepare(net.params, xb, yb)))))
-                        pred = xp.argmax(net.logits(st), axis=1)
-                        acc["loss"] += loss
-                        acc["correct"] += int(to_numpy(xp.sum(xp.astype(pred == yb, xp.int64))))
+                        loss = xp.sum(term.value(net.params, st, term.prepare(net.params, xb, yb)))
+                        correct = xp.sum(xp.astype(xp.argmax(net.logits(st), axis=1) == yb, loss.dtype))
+                        # one host transfer for the batch's loss, correct count and per-layer |g|
+                        host = to_numpy(xp.stack([loss, correct, *mags])).tolist()
+                        acc["loss"] += host[0]
+                        acc["correct"] += int(host[1])
+                        mags = host[2:]
                         acc["seen"] += int(xb.shape[0])
                         acc["res_free"] = max(acc["res_free"], res.free.residual)
                         acc["res_nudged"] = max([acc["res_nudged"]] + [ph.residual for ph in res.nudged])
                         grad_sums = acc.setdefault("grad", {})  # setdefault: a checkpoint from before this field
-                        for k, v in zip(grad_keys, mags.tolist()):
+                        for k, v in zip(grad_keys, mags):
                             grad_sums[k] = grad_sums.get(k, 0.0) + v
                         acc["batches"] = acc.get("batches", 0) + 1
                         total_batches += 1
