@@ -104,7 +104,7 @@ def ep_steps(b):
     G = net.dphi_dtheta(x, s)  # Σ_batch ∂Φ/∂θ (Eq. 3.9)
     out = {k: [] for k in weights}
     for _ in range(K):
-        s_next = net.step(x, s, y, beta=b)  # one nudged step (Eq. 3.8 with Φ^b)
+        s_next = net.step(x, s, net.nudge(x, y, b))  # one nudged step (Eq. 3.8 with Φ^b)
         G_next = net.dphi_dtheta(x, s_next)
         for k in weights:
             out[k].append((G_next[k] - G[k]) / (b * n))
@@ -182,13 +182,13 @@ def region(u):
     return (u > 0).astype(int) + (u >= 1).astype(int)
 
 
-ctx = net.prepare(x, y)
+nudge = net.nudge(x, y)  # the batch's cost context and B_1(x); .at(b) sets the nudging strength
 free_drive = net.drive(x, free.state)  # pre-activations u and max-pool argmaxes at s^0
 
 
 def crossings(state, b):
     """Neurons on another piece of ρ, and max-pool argmaxes moved, at a nudged state vs s^0."""
-    d = net.drive(x, state, ctx, b)
+    d = net.drive(x, state, nudge.at(b))
     kinks = sum(int(np.sum(region(u) != region(u0))) for u, u0 in zip(d.u, free_drive.u))
     flips = sum(int(np.sum(i != i0)) for i, i0 in zip(d.indices, free_drive.indices) if i is not None)
     return kinks, flips

@@ -40,10 +40,10 @@ import numpy as np
 
 import pyeqprop as pe
 from pyeqprop.data import load_dataset
-from pyeqprop.model.signals import SignalConfig, attach_signals
+from pyeqprop.learning.signals import SignalConfig, attach_signals
 from pyeqprop.model.teacher import Teacher
 from pyeqprop.train.config import TrainConfig
-from pyeqprop.train.teacher_train import train_teacher
+from pyeqprop.train.teacher import train_teacher
 
 CI = os.environ.get("PYEQPROP_NOTEBOOK_CI") == "1"  # set by tests/test_notebooks.py: small sizes
 

@@ -1,11 +1,15 @@
 """pyeqprop: a reference implementation of Equilibrium Propagation for convolutional CRNNs.
 
 See SPEC.md for the equations; every public function cites the equation it implements.
+Layers: ``backend`` → ``ops`` (primitives and adjoints) → ``model`` (layers, the CRNN's
+energy, the teacher) → ``learning`` (settling, estimators, BPTT, signals) → the application
+(``data``, ``train``, ``diagnostics``, ``study``, ``bench``, ``conformance``, ``cli``).
 """
 from . import backend, ops
 from .backend import set_backend, to_numpy
-from .model import CRNN, bptt, bptt_gradients, ep_estimate, ep_gradients, settle
+from .learning import Estimate, bptt, bptt_gradients, ep_estimate, ep_gradients, estimate, settle
+from .model import CRNN, Nudge
 
 __version__ = "0.1.0"
-__all__ = ["CRNN", "settle", "ep_gradients", "ep_estimate", "bptt_gradients", "bptt", "set_backend", "to_numpy",
-           "backend", "ops"]
+__all__ = ["CRNN", "Nudge", "settle", "ep_gradients", "ep_estimate", "estimate", "Estimate", "bptt_gradients",
+           "bptt", "set_backend", "to_numpy", "backend", "ops"]

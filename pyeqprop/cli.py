@@ -22,7 +22,7 @@ def _known_errors():
     from .backend import BackendError
     from .model.arch import ArchError
     from .train.config import ConfigError
-    from .train.loop import TrainingError
+    from .train.errors import TrainingError
 
     # OSError covers a missing file, a full disk or a file-size limit hit while writing the run folder
     errs = [BackendError, ArchError, ConfigError, TrainingError, OSError, ImportError]
@@ -70,7 +70,7 @@ def _config_for(ns):
     if getattr(ns, "resume", None):
         path = Path(ns.resume) / "config.toml"
         if not path.exists():
-            from .train.loop import TrainingError
+            from .train.errors import TrainingError
 
             raise TrainingError(f"cannot resume: {path} does not exist (is {ns.resume!r} a run folder?)")
         base = config_from_mapping(load_toml(path))
@@ -83,7 +83,8 @@ def _config_for(ns):
 
 
 def _cmd_train(ns):
-    from .train.loop import TrainingDiverged, train
+    from .train.errors import TrainingDiverged
+    from .train.loop import train
 
     cfg = _config_for(ns)
     try:
@@ -101,14 +102,14 @@ def _cmd_train(ns):
 
 
 def _cmd_evaluate(ns):
-    from .train.loop import evaluate_run
+    from .train.evaluate import evaluate_run
 
     evaluate_run(ns.path, dataset=ns.dataset)
     return 0
 
 
 def _cmd_teacher(ns):
-    from .train.teacher_train import run_teacher_cli
+    from .train.teacher import run_teacher_cli
 
     return run_teacher_cli(_config_for(ns), ns.save)
 

@@ -122,8 +122,7 @@ class _params_set:
 def _piece(net, x, state, y=None, beta=0.0):
     """The piece s lies in for the dynamics of Φ^β: per layer, the side of each kink of ρ that
     u_l = ∂Φ^β/∂s_l is on (0: u ≤ k₀, 1: k₀ < u < k₁, 2: u ≥ k₁, matching ρ′) and the max-pool argmaxes."""
-    ctx = net.prepare(x, y) if beta != 0.0 else None
-    d = net.drive(x, list(state), ctx, beta)
+    d = net.drive(x, list(state), net.nudge(x, y if beta != 0.0 else None, beta))
     k0, k1 = net.act.kinks
     regions = [np.where(_h(u) <= k0, 0, np.where(_h(u) < k1, 1, 2)) for u in d.u]
     idx = [None if i is None else backend.to_numpy(i).copy() for i in d.indices]
@@ -157,14 +156,14 @@ def _kernel(layer) -> int:
 def _depth(net, n: int) -> int:
     """An upper bound on the rounding depth of any one output of Φ, ∂Φ/∂s, ∂Φ/∂θ, C or ∂C/∂s
     (Eqs. 3.2-3.9): the longest reduction of each kind plus a few elementwise operations."""
-    fan = max(ly.in_channels * ly.kernel ** 2 if isinstance(ly, ConvLayer) else ly.in_features for ly in net.layers)
+    fan = max(ly.in_channels * ly.kernel ** 2 if isinstance(ly, ConvLayer) else ly.in_features for ly in net.arch.layers)
     fan_t = max(ly.out_channels * ly.kernel ** 2 if isinstance(ly, ConvLayer) else ly.out_features
-                for ly in net.layers)
+                for ly in net.arch.layers)
     units = max(int(np.prod(s)) for s in net.arch.state_shapes)
-    conv_pos = max(ly.conv_hw[0] * ly.conv_hw[1] if isinstance(ly, ConvLayer) else 1 for ly in net.layers)
+    conv_pos = max(ly.conv_hw[0] * ly.conv_hw[1] if isinstance(ly, ConvLayer) else 1 for ly in net.arch.layers)
     ro = net.arch.readout
     cost = net.num_classes + (ro.in_features if ro is not None else 0)
-    return fan + fan_t + n * units + n * conv_pos + len(net.layers) + cost + n + 16
+    return fan + fan_t + n * units + n * conv_pos + len(net.arch.layers) + cost + n + 16
 
 
 def _abs_params(net, params=None) -> dict:
@@ -184,7 +183,7 @@ def _drive_abs(net, P, x, s):
     n = x.shape[0]
     below = [np.abs(x)] + [np.abs(a) for a in s]
     bu = []
-    for l, layer in enumerate(net.layers):
+    for l, layer in enumerate(net.arch.layers):
         W, b = P[f"{layer.name}.weight"], P[f"{layer.name}.bias"]
         if isinstance(layer, ConvLayer):
             z = _h(ops.conv2d(below[l], W, b, padding=layer.padding))
@@ -194,8 +193,8 @@ def _drive_abs(net, P, x, s):
             z = below[l].reshape(n, -1) @ W.T + b  # (n, in) -> (n, out)
         bu.append(z)
     u = [z.copy() for z in bu]
-    for l in range(1, len(net.layers)):
-        layer = net.layers[l]
+    for l in range(1, len(net.arch.layers)):
+        layer = net.arch.layers[l]
         W = P[f"{layer.name}.weight"]
         g = _spread(np.abs(s[l]), layer)
         if isinstance(layer, ConvLayer):
@@ -233,7 +232,7 @@ def _state_norms(net, n):
 def _bilinear_bound(net, n, a_norms, b_norms, *, with_bias=True) -> float:
     """Bound on ‖Σ_batch Σ_l ∂⟨B_l(a_l), b_l⟩/∂θ_l‖_F, a_l the layer's lower argument (module docstring)."""
     return sum(_kernel(ly) * a_norms[l] * b_norms[l] + with_bias * math.sqrt(n * _pool_positions(ly)) * b_norms[l]
-               for l, ly in enumerate(net.layers))
+               for l, ly in enumerate(net.arch.layers))
 
 
 def _drive_norm_bound(net, x, beta=0.0) -> float:
@@ -242,7 +241,7 @@ def _drive_norm_bound(net, x, beta=0.0) -> float:
     P = _abs_params(net)
     S = math.sqrt(sum(v * v for v in _state_norms(net, n)))
     a_abs = block_norm_bounds(net, P)
-    bias = math.sqrt(sum(n * _pool_positions(ly) * float(np.sum(P[f"{ly.name}.bias"] ** 2)) for ly in net.layers))
+    bias = math.sqrt(sum(n * _pool_positions(ly) * float(np.sum(P[f"{ly.name}.bias"] ** 2)) for ly in net.arch.layers))
     total = tridiagonal_norm(a_abs) * S + a_abs[0] * float(np.linalg.norm(x)) + bias
     if beta != 0.0:
         S_L = _state_norms(net, n)[-1]
@@ -271,9 +270,9 @@ def _dphi_dtheta_error(net, x, e_s) -> float:
     S = [float(np.linalg.norm(x))] + _state_norms(net, n)
     absterms = _bilinear_bound(net, n, S[:-1], S[1:])
     # G(s + δ) − G(s): lower ⊗ δ_upper + δ_lower ⊗ upper + δ_lower ⊗ δ_upper (+ bias), δ_lower = 0 for the input
-    E = [0.0] + [e_s] * len(net.layers)
+    E = [0.0] + [e_s] * len(net.arch.layers)
     lip = sum(_kernel(ly) * (S[l] * E[l + 1] + E[l] * S[l + 1] + E[l] * E[l + 1])
-              + math.sqrt(n * _pool_positions(ly)) * E[l + 1] for l, ly in enumerate(net.layers))
+              + math.sqrt(n * _pool_positions(ly)) * E[l + 1] for l, ly in enumerate(net.arch.layers))
     return gamma(F64, d) * absterms + lip
 
 
@@ -325,8 +324,8 @@ def _bptt_floor(net, x, mu_norms, *, per_step_mu=False):
         W = _h(net.params[f"{net.arch.readout.name}.weight"])
         w2 = float(np.linalg.norm(W, 2))
         eps_lam = (w2 * w2 * e_s + g * float(np.linalg.norm(W)) * math.sqrt(2.0 * n)) / n
-    kmax = max(_kernel(ly) for ly in net.layers)
-    L = len(net.layers)
+    kmax = max(_kernel(ly) for ly in net.arch.layers)
+    L = len(net.arch.layers)
     ones, below_ones = [1.0] * L, [0.0] + [1.0] * (L - 1)
     # Lipschitz constant of the step term (Eq. 5.4) in μ, for fixed s
     lip_mu = (_bilinear_bound(net, n, S[:-1], ones)
@@ -385,10 +384,10 @@ def test_dphi_ds_equals_finite_differences_of_phi(cfg, beta):
     yy = y if beta != 0.0 else None
 
     def phi(state):
-        return float(np.sum(_h(net.phi(x, _devs(state, net), yy, beta))))
+        return float(np.sum(_h(net.phi(x, _devs(state, net), net.nudge(x, yy, beta)))))
 
     fd = (phi(plus) - phi(minus)) / (2.0 * H_FD)
-    grads = net.dphi_ds(x, _devs(s, net), yy, beta)
+    grads = net.dphi_ds(x, _devs(s, net), net.nudge(x, yy, beta))
     directional = sum(_vdot(_h(g), b) for g, b in zip(grads, d))
 
     P = _abs_params(net)
@@ -426,12 +425,12 @@ def test_dphi_dtheta_equals_finite_differences_of_phi(cfg, beta):
     yy = y if beta != 0.0 else None
     p0 = _piece(net, x, st_dev)
     with _params_set(net, plus):
-        pp, fp = _piece(net, x, st_dev), float(np.sum(_h(net.phi(x, st_dev, yy, beta))))
+        pp, fp = _piece(net, x, st_dev), float(np.sum(_h(net.phi(x, st_dev, net.nudge(x, yy, beta)))))
     with _params_set(net, minus):
-        pm, fm = _piece(net, x, st_dev), float(np.sum(_h(net.phi(x, st_dev, yy, beta))))
+        pm, fm = _piece(net, x, st_dev), float(np.sum(_h(net.phi(x, st_dev, net.nudge(x, yy, beta)))))
     assume(_same_piece(p0, pp) and _same_piece(p0, pm))
     fd = (fp - fm) / (2.0 * H_FD)
-    grads = net.dphi_dtheta(x, st_dev, yy, beta)
+    grads = net.dphi_dtheta(x, st_dev, net.nudge(x, yy, beta))
     assert list(grads) == list(net.params)
     directional = sum(_vdot(_h(grads[k]), dtheta[k]) for k in theta)
 
@@ -480,7 +479,7 @@ def _loss_third_derivative(net, x, T, dtheta) -> float:
     hn = tridiagonal_norm(block_norm_bounds(net)) + H_FD * hd
     S = math.sqrt(sum(v * v for v in _state_norms(net, n)))
     bias_d = math.sqrt(sum(n * _pool_positions(ly) * float(np.sum(dtheta[f"{ly.name}.bias"] ** 2))
-                           for ly in net.layers))
+                           for ly in net.arch.layers))
     gd = block_norm_bounds(net, dtheta)[0] * float(np.linalg.norm(x)) + bias_d
     s1 = s2 = s3 = 0.0
     for _ in range(T):
@@ -527,7 +526,7 @@ def test_bptt_equals_finite_differences_of_loss(cfg, T):
         with _params_set(net, {k: theta[k] + sign * H_FD * dtheta[k] for k in theta}):
             pieces, sT = _trajectory_pieces(net, x, T)
             assume(all(_same_piece(a, b) for a, b in zip(center, pieces)))
-            losses.append(float(np.sum(_h(net.cost(x, sT, y)))) / n)
+            losses.append(float(np.sum(_h(net.cost(x, sT, net.nudge(x, y))))) / n)
             errs.append(_loss_error(net, xh, yh, sT, _state_error(net, xh)))
     fd = (losses[0] - losses[1]) / (2.0 * H_FD)
     directional = sum(_vdot(_h(ref.grads[k]), dtheta[k]) for k in theta)
@@ -654,8 +653,8 @@ def test_random_sign_is_one_sided_with_the_drawn_sign(cfg):
                                  rng=np.random.default_rng(cfg.seed), free_state=free.state)
     (b,) = r.betas
     assert abs(b) == beta and again.betas == r.betas
-    nudged = pyeqprop.settle(net, x, T_SETTLE, y=y, beta=b, state=free.state)
-    gb, g0 = net.dphi_dtheta(x, nudged.state, y, b), net.dphi_dtheta(x, free.state)
+    nudged = pyeqprop.settle(net, x, T_SETTLE, nudge=net.nudge(x, y, b), state=free.state)
+    gb, g0 = net.dphi_dtheta(x, nudged.state, net.nudge(x, y, b)), net.dphi_dtheta(x, free.state)
     manual = {k: -(_h(gb[k]) - _h(g0[k])) / (b * n) for k in gb}
     tol = 2.0 * _ep_floor(net, xh, beta, "one-sided")
     diff = math.sqrt(sum(float(np.sum((_h(r.grads[k]) - manual[k]) ** 2)) for k in manual))
@@ -689,7 +688,7 @@ def _gdu_deltas(net, x, y, free_state, b, K, names, piece0):
     d_theta, d_s, inside = [], [], True
     for _ in range(K):
         inside = inside and _same_piece(_piece(net, x, s, y, b), piece0)
-        s_new = net.step(x, s, y, beta=b)
+        s_new = net.step(x, s, net.nudge(x, y, b))
         G_new = net.dphi_dtheta(x, s_new)
         d_theta.append({k: (_h(G_new[k]) - _h(G[k])) / (b * n) for k in names})
         d_s.append([(_h(a) - _h(c)) / (b * n) for a, c in zip(s_new, s)])
@@ -784,10 +783,11 @@ def test_backend_parity(xp, cfg, beta):
         x, y = _dev(xh, net), _dev(yh, net)
         yy = y if beta != 0.0 else None
         sd = _devs(s, net)
+        nudge = net.nudge(x, yy, beta)
         ref = pyeqprop.bptt(net, x, y, T=T_SETTLE, per_step=True)
         out.append(dict(
-            phi=_h(net.phi(x, sd, yy, beta)), ds=[_h(a) for a in net.dphi_ds(x, sd, yy, beta)],
-            dt={k: _h(v) for k, v in net.dphi_dtheta(x, sd, yy, beta).items()},
+            phi=_h(net.phi(x, sd, nudge)), ds=[_h(a) for a in net.dphi_ds(x, sd, nudge)],
+            dt={k: _h(v) for k, v in net.dphi_dtheta(x, sd, nudge).items()},
             ep={k: _h(v) for k, v in pyeqprop.ep_gradients(net, x, y, beta=1e-2, T1=T_SETTLE, T2=T_SETTLE,
                                                            estimator="symmetric").items()},
             bptt={k: _h(v) for k, v in ref.grads.items()}, mu=_mu_norms(ref)))

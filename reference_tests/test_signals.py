@@ -44,9 +44,9 @@ from hypothesis import strategies as st
 
 from pyeqprop import backend
 from pyeqprop.diagnostics.gdu import contracting_weight_scale
-from pyeqprop.model import bptt, ep_estimate
+from pyeqprop.learning import bptt, ep_estimate, predict
 from pyeqprop.model.arch import ConvLayer
-from pyeqprop.model.signals import (DistillationMap, LocalErrorHead, OutputDistillation, SignalConfig,
+from pyeqprop.learning.signals import (DistillationMap, LocalErrorHead, OutputDistillation, SignalConfig,
                                     TeacherFeatures, attach_signals)
 from pyeqprop.model.teacher import Teacher
 from pyeqprop.testing import oracles
@@ -349,10 +349,10 @@ def signal_cases(draw) -> SignalCase:
                       draw(st.sampled_from((0.0, 0.5))) if kd else 0.0, draw(st.sampled_from((1.0, 4.0))))
 
 
-def _pattern(net, x, state, ctx, beta):
+def _pattern(net, x, state, nudge=None):
     """The linear piece of ρ of every pre-activation (below / inside / above the kinks) and the argmaxes."""
     lo, hi = net.act.kinks
-    d = net.drive(x, state, ctx, beta)
+    d = net.drive(x, state, nudge)
     return [(np.where(_host(u) <= lo, 0, np.where(_host(u) >= hi, 2, 1)), None if i is None else backend.to_numpy(i))
             for u, i in zip(d.u, d.indices)]
 
@@ -368,7 +368,7 @@ def _vec(grads, names):
 def _max_reduction(net, n: int) -> int:
     """Largest number of products summed into one entry of Σ_batch ∂Φ/∂θ (Eq. 3.9)."""
     d = 0
-    for layer in net.layers:
+    for layer in net.arch.layers:
         if isinstance(layer, ConvLayer):
             h, w = layer.conv_hw
             d = max(d, n * h * w)
@@ -431,12 +431,12 @@ def test_ep_tends_to_bptt_with_signals(case):
     assert ref.residual <= RESIDUAL_MAX, f"BPTT forward residual {ref.residual:.2e} ({case})"
     network = net.network_param_names()
     groups = {"network": network, "cost-only": [k for k in net.params if k not in network]}
-    ctx = net.prepare(xb, yb)
+    nudge = net.nudge(xb, yb)
     free_run = ep_estimate(net, xb, yb, beta=BETAS[0], T1=T_SETTLE, T2=T_SETTLE)
     free = free_run.free
     assert free.residual <= RESIDUAL_MAX, f"free residual {free.residual:.2e} ({case})"
-    base = _pattern(net, xb, free.state, None, 0.0)
-    A = net.dphi_dtheta_ctx(backend.asarray(np.abs(x), xp="numpy"), free.state, None, 0.0)
+    base = _pattern(net, xb, free.state)
+    A = net.dphi_dtheta(backend.asarray(np.abs(x), xp="numpy"), free.state)
     floor_num = 2 * _g(_max_reduction(net, cfg.n)) * float(np.linalg.norm(_vec(A, network))) / cfg.n
 
     kept, est = [], {"one-sided": [], "symmetric": []}
@@ -448,8 +448,8 @@ def test_ep_tends_to_bptt_with_signals(case):
         for ph in sym.nudged + one.nudged:
             assert ph.residual <= RESIDUAL_MAX, f"nudged residual {ph.residual:.2e} at beta {beta:g} ({case})"
         plus, minus = sym.nudged
-        if not (_same(_pattern(net, xb, plus.state, ctx, beta), base)
-                and _same(_pattern(net, xb, minus.state, ctx, -beta), base)):
+        if not (_same(_pattern(net, xb, plus.state, nudge.at(beta)), base)
+                and _same(_pattern(net, xb, minus.state, nudge.at(-beta)), base)):
             continue  # this β crosses a kink or flips an argmax: outside the premise of Eq. 4.4
         kept.append(beta)
         est["one-sided"].append(one.grads)
@@ -514,7 +514,7 @@ def test_signals_do_not_change_inference(cfg):
         assert np.array_equal(backend.to_numpy(plain.params[k]), backend.to_numpy(signals.params[k])), k
     x, _ = cfg.data()
     xb = backend.asarray(x, xp="numpy")
-    assert np.array_equal(backend.to_numpy(plain.predict(xb, 6)), backend.to_numpy(signals.predict(xb, 6)))
+    assert np.array_equal(backend.to_numpy(predict(plain, xb, 6)), backend.to_numpy(predict(signals, xb, 6)))
 
 
 # ---------------------------------------------------------------------- backend parity
@@ -578,7 +578,7 @@ def test_array_api_strict_parity_with_signals():
         xb = backend.asarray(x, xp=name, dtype="float64")
         yb = backend.asarray(y, xp=name)
         res = ep_estimate(net, xb, yb, beta=beta, T1=10, T2=5)
-        out[name] = (net, net.prepare(xb, yb), res)
+        out[name] = (net, net.nudge(xb, yb).ctx, res)
     (net, ctx, r0), (_, _, r1) = out["numpy"], out["array_api_strict"]
     for ph0, ph1 in zip([r0.free] + r0.nudged, [r1.free] + r1.nudged):
         for a, b in zip(ph0.state, ph1.state):
@@ -587,7 +587,7 @@ def test_array_api_strict_parity_with_signals():
     hx = backend.asarray(np.abs(x), xp="numpy")
     S = {k: 0.0 for k in P}
     for ph in r0.nudged:
-        for k, v in net.dphi_dtheta_ctx(hx, ph.state, None, 0.0).items():
+        for k, v in net.dphi_dtheta(hx, ph.state).items():
             S[k] = S[k] + _host(v) / (2 * beta * n)
         states = [_host(s) for s in ph.state]
         for (w_k, term), c in zip(net.cost_terms, ctx):

@@ -100,7 +100,7 @@ def oracle_forward(t: Teacher, params: dict, x: np.ndarray):
     """Eq. 7.1 with the loop-based oracles: pre-activations, activations, logits; and Eq. 7.2's ℓ_i."""
     lip, kinks = ACT[t.activation]
     a, pre, acts = x, [], []
-    for layer in t.layers:
+    for layer in t.arch.layers:
         W, b = params[f"{layer.name}.weight"], params[f"{layer.name}.bias"]
         if isinstance(layer, ConvLayer):
             z = oracles.conv2d(a, W, b, padding=layer.padding)
@@ -121,7 +121,7 @@ def rounding_bounds(t: Teacher, params: dict, x: np.ndarray, n: int):
     """Per-layer activation error bounds e_l, logits bound E, and the loss bound (module docstring)."""
     lip, _ = ACT[t.activation]
     A, e, per_layer = float(np.max(np.abs(x))), 0.0, []
-    for layer in t.layers:
+    for layer in t.arch.layers:
         W, b = params[f"{layer.name}.weight"], params[f"{layer.name}.bias"]
         m = int(np.prod(W.shape[1:]))
         norm = float(np.max(np.abs(W).reshape(W.shape[0], -1).sum(axis=1)))
@@ -274,8 +274,8 @@ def gradient_rounding_bound(t: Teacher, x: np.ndarray, y: np.ndarray) -> dict:
     p = np.exp(zs) / np.exp(zs).sum(axis=1, keepdims=True)
     delta = np.abs(p - np.eye(K)[y]) / n
     e_delta = (1.01 * eps_l + 5 * u) / n
-    D, hw = K + 2 * len(t.layers) + 4, 1
-    for layer in t.layers:
+    D, hw = K + 2 * len(t.arch.layers) + 4, 1
+    for layer in t.arch.layers:
         if isinstance(layer, ConvLayer):
             D += layer.out_channels * layer.kernel**2
             hw = max(hw, layer.conv_hw[0] * layer.conv_hw[1])

@@ -218,7 +218,7 @@ def test_bad_x_is_named(small):
         pyeqprop.settle(net, x.astype(np.float32), 3)
     strict = backend.asarray(x, xp="array_api_strict", dtype="float64")
     with pytest.raises(TypeError, match="array_api_strict"):
-        net.predict(strict, 3)
+        pyeqprop.learning.predict(net, strict, 3)
 
 
 def test_bad_state_is_named(small):
@@ -238,10 +238,9 @@ def test_bad_y_is_named(small):
     with pytest.raises(ValueError, match="needs targets"):
         pyeqprop.ep_gradients(net, x, None, beta=0.1, T1=2, T2=2)
     with pytest.raises(ValueError, match="needs targets y"):
-        pyeqprop.settle(net, x, 2, beta=0.1)
-    for method in (net.dphi_ds, net.dphi_dtheta, net.step, net.phi):
-        with pytest.raises(ValueError, match=r"nudged evaluation \(beta=0.1\) needs targets y"):
-            method(x, net.init_state(2), None, 0.1)
+        net.nudge(x, None, 0.1)
+    with pytest.raises(ValueError, match=r"nudged evaluation \(beta=0.1\) needs targets y"):
+        net.nudge(x).at(0.1)
     with pytest.raises(ValueError, match="the cost needs targets y"):
         net.cost(x, net.init_state(2), None)
 

@@ -182,7 +182,7 @@ def test_evaluate_on_another_data_set_names_the_readout_shapes(run, capsys):
 def test_evaluate_checkpoint_whose_config_names_another_architecture(run, tmp_path, capsys):
     c = load_checkpoint(run / "latest.npz")
     save_checkpoint(tmp_path / "odd.npz", params=c.params, optimizer_state=c.optimizer_state, epoch=c.epoch,
-                    config=dict(c.config, arch="c6m"), extra=c.extra)
+                    config=dict(c.config, arch="c6m"), progress=c.progress)
     assert main(["evaluate", str(tmp_path / "odd.npz")]) == 2
     line = error_line(capsys)
     assert "'conv1.weight'" in line and "(4, 1, 3, 3)" in line and "(6, 1, 3, 3)" in line

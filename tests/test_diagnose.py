@@ -10,7 +10,7 @@ from pyeqprop.backend import asarray
 from pyeqprop.data.synthetic import make_synthetic
 from pyeqprop.diagnostics.signals import SETTINGS, ablation_settings, diagnose, format_diagnose_table, plot_diagnose
 from pyeqprop.model import CRNN
-from pyeqprop.model.signals import attach_signals
+from pyeqprop.learning.signals import attach_signals
 from pyeqprop.model.teacher import Teacher
 
 ARCH, SHAPE, K = "c4m-c4-c4m-c4", (1, 8, 8), 4  # four conv layers: 4×4×4, 4×4×4, 4×2×2, 4×2×2
@@ -66,7 +66,7 @@ def test_local_errors_move_the_first_layer_more(seed):
 def test_displacement_is_from_the_continued_free_phase():
     """D_l = mean|s^β_l − s̄^0_l| with s̄^0 the free phase continued T2 steps; on a converged free
     phase (contracting weights, long T1) the drift is zero and D_l = mean|s^β_l − s^0_l|."""
-    from pyeqprop.model import ep_estimate
+    from pyeqprop.learning import ep_estimate
 
     x, y, _ = make_synthetic(SHAPE, K, 8, seed=3)
     xb, yb = asarray(x, xp="numpy", dtype="float64"), asarray(y, xp="numpy")

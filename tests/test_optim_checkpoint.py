@@ -19,6 +19,7 @@ from pyeqprop import backend
 from pyeqprop.model.teacher import Teacher
 from pyeqprop.train.checkpoint import (
     CheckpointError,
+    FORMAT_VERSION,
     check_compatible,
     load_checkpoint,
     load_teacher,
@@ -170,7 +171,7 @@ def test_checkpoint_round_trip(tmp_path):
                     rng_state=rng.bit_generator.state, config=config, extra={"hist": np.arange(3.0), "note": "x"})
     expected_draws = rng.standard_normal(5)
     ck = load_checkpoint(path)
-    assert ck.epoch == 7 and ck.version == 1
+    assert ck.epoch == 7 and ck.version == FORMAT_VERSION == 2
     assert list(ck.params) == list(t.params)
     for k, v in t.params.items():
         assert ck.params[k].dtype == np.float32

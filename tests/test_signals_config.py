@@ -8,7 +8,7 @@ import pytest
 
 from pyeqprop.diagnostics.signals import SETTINGS, ablation_settings
 from pyeqprop.model import CRNN
-from pyeqprop.model.signals import (DistillationMap, LocalErrorHead, OutputDistillation, SignalConfig,
+from pyeqprop.learning.signals import (DistillationMap, LocalErrorHead, OutputDistillation, SignalConfig,
                                     TeacherFeatures, attach_signals, parse_layers)
 from pyeqprop.model.teacher import Teacher
 
@@ -226,8 +226,7 @@ def test_signal_init(init):
 
 
 def test_param_spec_init_error_names_the_value():
-    from pyeqprop.model.costs import ParamSpec
-    from pyeqprop.model.layers import init_params
+    from pyeqprop.model.params import ParamSpec, init_params
 
     with pytest.raises(ValueError, match=r"parameter 'h.weight' has init 'ones'; expected 'uniform' or 'zeros'"):
         init_params([ParamSpec("h.weight", (2, 2), 2, "ones")], np.random.default_rng(0), dtype="float64",

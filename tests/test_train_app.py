@@ -17,7 +17,9 @@ import pytest
 from pyeqprop.cli import main
 from pyeqprop.train.checkpoint import load_checkpoint
 from pyeqprop.train.config import TrainConfig, config_from_mapping, dump_toml, load_toml
-from pyeqprop.train.loop import METRIC_KEYS, TrainingError, evaluate_run, train
+from pyeqprop.train.errors import TrainingError
+from pyeqprop.train.evaluate import evaluate_run
+from pyeqprop.train.loop import METRIC_KEYS, train
 from pyeqprop.train.progress import ProgressBar
 
 TINY = dict(dataset="synthetic", arch="c4m", T1=5, T2=2, epochs=2, teacher_epochs=1, batch_size=64,
@@ -84,13 +86,13 @@ def test_metrics_have_the_documented_keys_one_line_per_epoch(run):
 def test_checkpoints_hold_the_position_history_and_config(run):
     latest = load_checkpoint(run / "latest.npz")
     best = load_checkpoint(run / "best.npz")
-    assert latest.extra["position"] == {"epoch": 2, "batch": 0}
-    assert [h["epoch"] for h in latest.extra["history"]] == [1, 2]
+    assert latest.progress["position"] == {"epoch": 2, "batch": 0}
+    assert [h["epoch"] for h in latest.progress["history"]] == [1, 2]
     assert config_from_mapping(latest.config) == tiny(run)
     accs = [r["test_acc"] for r in rows(run)]
     best_epoch = 1 + int(np.argmax(accs))  # the first epoch reaching the best accuracy
-    assert best.extra["position"] == {"epoch": best_epoch, "batch": 0}
-    assert best.extra["best_test_acc"] == max(accs)
+    assert best.progress["position"] == {"epoch": best_epoch, "batch": 0}
+    assert best.progress["best_test_acc"] == max(accs)
 
 
 def test_curves_png_is_a_png(run):

@@ -24,7 +24,8 @@ import pytest
 from pyeqprop.cli import main
 from pyeqprop.train.checkpoint import load_checkpoint
 from pyeqprop.train.config import TrainConfig
-from pyeqprop.train.loop import TrainingDiverged, train
+from pyeqprop.train.errors import TrainingDiverged
+from pyeqprop.train.loop import train
 
 N_BATCHES = 4  # ceil(204 / 64): synthetic has 204 training samples at the default test fraction
 
@@ -60,7 +61,7 @@ def assert_same_state(run_a, run_b, name="latest.npz"):
     for k, v in a.optimizer_state["velocity"].items():
         np.testing.assert_array_equal(v, b.optimizer_state["velocity"][k], err_msg=f"velocity {k}")
     assert a.optimizer_state["steps"] == b.optimizer_state["steps"]
-    assert a.extra["position"] == b.extra["position"]
+    assert a.progress["position"] == b.progress["position"]
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +101,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run_bitwise(reference,
     res = train(tiny(run), log=quiet, max_batches=stops[0])
     assert res.interrupted
     done = stops[0]
-    pos = load_checkpoint(run / "latest.npz").extra["position"]
+    pos = load_checkpoint(run / "latest.npz").progress["position"]
     assert (pos["epoch"], pos["batch"]) == divmod(done, N_BATCHES)
     for more in stops[1:]:
         assert train(tiny(run), resume=run, log=quiet, max_batches=more).interrupted
         done += more
-        pos = load_checkpoint(run / "latest.npz").extra["position"]
+        pos = load_checkpoint(run / "latest.npz").progress["position"]
         assert (pos["epoch"], pos["batch"]) == divmod(done, N_BATCHES)
     res = train(tiny(run), resume=run, log=quiet)
     assert not res.interrupted
@@ -180,9 +181,9 @@ def test_sigint_exits_130_and_the_run_resumes_exactly(tmp_path, capsys, presses)
     assert f"--resume {run}" in out
     assert ("interrupted (" in out) or (presses == 2 and "aborted during an update" in out), out
     ckpt = load_checkpoint(run / "latest.npz")
-    pos = ckpt.extra["position"]
+    pos = ckpt.progress["position"]
     assert 1 <= pos["epoch"] < 1000 and 0 <= pos["batch"] < N_BATCHES
-    assert len(ckpt.extra["history"]) == pos["epoch"]
+    assert len(ckpt.progress["history"]) == pos["epoch"]
     if "interrupted (" in out:  # a clean stop: metrics.jsonl agrees with the checkpoint, no half-recorded epoch
         assert len(metrics(run)) == pos["epoch"]
 
@@ -250,7 +251,8 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_latest(reference, tm
         i = 0
         while True:
             save_checkpoint(path, params=c.params, optimizer_state=c.optimizer_state, epoch=c.epoch,
-                            rng_state=c.rng_state, config=c.config, extra=dict(c.extra, ballast=ballast + i))
+                            rng_state=c.rng_state, config=c.config, progress=c.progress,
+                            extra={{"ballast": ballast + i}})
             i += 1
             print(i, flush=True)
     """)

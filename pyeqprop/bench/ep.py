@@ -61,7 +61,7 @@ def time_pyeqprop_step(arch, shape, batch, T1, T2, *, backend="numpy", dtype="fl
                        readout="softmax", activation="half_hard_sigmoid"):
     """Median seconds of one symmetric EP step with pyeqprop, and the bottom-up/top-down split."""
     from ..model.crnn import CRNN
-    from ..model.ep import ep_estimate
+    from ..learning.estimators import ep_estimate
 
     xp = get_namespace(backend)
     net = CRNN(arch, shape, num_classes=10, readout=readout, activation=activation, dtype=dtype, xp=xp, seed=0)
@@ -91,8 +91,9 @@ def time_pyeqprop_step(arch, shape, batch, T1, T2, *, backend="numpy", dtype="fl
 
         return wrapper
 
-    net._bottom_up = timed(net._bottom_up, "bottom_up")
-    net._top_down = timed(net._top_down, "top_down")
+    for layer in net.layers:  # instrument this net's layer objects only
+        layer.bottom_up = timed(layer.bottom_up, "bottom_up")
+        layer.top_down = timed(layer.top_down, "top_down")
     t0 = time.perf_counter()
     ep_estimate(net, x, y, beta=beta, T1=T1, T2=T2)
     _sync(xp)
@@ -107,7 +108,7 @@ def time_torch_step(arch, shape, batch, T1, T2, *, device="cpu", dtype="float32"
     import torch
     import torch.nn.functional as F
 
-    from ..model.arch import ConvLayer, parse_arch
+    from ..model.arch import parse_arch
 
     if threads and device == "cpu":
         torch.set_num_threads(threads)
@@ -116,7 +117,7 @@ def time_torch_step(arch, shape, batch, T1, T2, *, device="cpu", dtype="float32"
     g = torch.Generator().manual_seed(0)
     params = []
     for layer in spec.layers:
-        if isinstance(layer, ConvLayer):
+        if layer.kind == "conv":
             fan = layer.in_channels * layer.kernel ** 2
             w = (torch.rand(layer.out_channels, layer.in_channels, layer.kernel, layer.kernel, generator=g) * 2 - 1)
         else:
@@ -138,7 +139,7 @@ def time_torch_step(arch, shape, batch, T1, T2, *, device="cpu", dtype="float32"
         below = x
         for i, layer in enumerate(spec.layers):
             w, b = params[2 * i], params[2 * i + 1]
-            if isinstance(layer, ConvLayer):
+            if layer.kind == "conv":
                 z = F.conv2d(below, w, b, padding=layer.padding)
                 if layer.pool == "max":
                     z = F.max_pool2d(z, 2)

@@ -53,9 +53,9 @@ def peak_bytes(fn, xp) -> int:
 
 
 def run_memory_bench(ns) -> int:
-    from ..model.bptt import bptt
+    from ..learning.bptt import bptt
     from ..model.crnn import CRNN
-    from ..model.ep import ep_estimate
+    from ..learning.estimators import ep_estimate
 
     backend = getattr(ns, "backend", "numpy")
     dtype = getattr(ns, "dtype", "float32")

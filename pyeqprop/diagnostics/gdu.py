@@ -157,7 +157,7 @@ def _nudged_deltas(net, x, y, free_state, b, K, names):
     theta = {k: [] for k in names}
     states = {f"s{l + 1}": [] for l in range(len(s))}
     for _ in range(K):
-        s_new = net.step(x, s, y, beta=b)
+        s_new = net.step(x, s, net.nudge(x, y, b))
         G_new = net.dphi_dtheta(x, s_new)
         for k in names:
             theta[k].append((_host64(G_new[k]) - _host64(G[k])) / (b * n))
@@ -198,8 +198,8 @@ def gdu_check(net, x, y, *, beta, T1, K, estimators=_ESTIMATORS, plot_elements: 
     GDUReport: one row per (estimator, tensor) for every network parameter and neuron layer,
     curves of cumulative updates, and the free phase's last residual (Eq. 3.11).
     """
-    from ..model.bptt import bptt
-    from ..model.settle import settle
+    from ..learning.bptt import bptt
+    from ..learning.settle import settle
 
     for e in estimators:
         if e not in _ESTIMATORS:

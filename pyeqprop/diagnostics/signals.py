@@ -39,7 +39,7 @@ import numpy as np
 from ._figure import new_figure
 
 from ..backend import to_numpy
-from ..model.signals import SignalConfig, attach_signals
+from ..learning.signals import SignalConfig, attach_signals
 
 __all__ = ["SETTINGS", "DiagnoseRow", "ablation_settings", "diagnose", "format_diagnose_table", "plot_diagnose",
            "add_diagnose_arguments", "run_diagnose_cli"]
@@ -109,7 +109,7 @@ def diagnose(net_factory, x, y, *, settings=SETTINGS, beta, T1, T2, teacher=None
         every call (e.g. a fixed ``seed``); signals are attached to each fresh copy.
     x : (n, c, h, w), y : (n,) on the network's backend and dtype.
     settings : names from :data:`SETTINGS` (built by :func:`ablation_settings`), or a mapping
-        name -> :class:`~pyeqprop.model.signals.SignalConfig`.
+        name -> :class:`~pyeqprop.learning.signals.SignalConfig`.
     beta, T1, T2 : nudge, free and nudged steps of one symmetric EP estimate (Eq. 4.2).
     teacher : a :class:`~pyeqprop.model.teacher.Teacher`; needed by the distillation settings.
 
@@ -117,8 +117,8 @@ def diagnose(net_factory, x, y, *, settings=SETTINGS, beta, T1, T2, teacher=None
     -------
     list of :class:`DiagnoseRow`, one per setting, in the given order.
     """
-    from ..model.ep import ep_estimate
-    from ..model.settle import settle
+    from ..learning.estimators import ep_estimate
+    from ..learning.settle import settle
 
     configs = dict(settings) if isinstance(settings, dict) else ablation_settings(names=tuple(settings))
     base = net_factory()
@@ -312,7 +312,7 @@ def run_diagnose_cli(ns) -> int:
     teacher = None
     teacher_note = "not needed"
     if any(c.needs_teacher() for c in configs.values()):
-        from ..train.teacher_train import train_teacher
+        from ..train.teacher import train_teacher
 
         teacher = Teacher(ns.arch, shape, num_classes=K, activation=ns.activation, dtype=ns.dtype, xp=xp,
                           seed=ns.seed + 1)

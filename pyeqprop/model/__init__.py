@@ -1,11 +1,14 @@
-"""The CRNN model, its dynamics, EP estimators and BPTT (SPEC.md §3-5)."""
+"""The model: architectures, layer objects, the CRNN's energy and the feed-forward teacher (SPEC.md §3, §7).
+
+``model`` never imports :mod:`pyeqprop.learning` or anything above it: learning algorithms
+use the CRNN through its public energy protocol (SPEC.md §3.12).
+"""
 from .arch import PRESETS, ArchError, Architecture, parse_arch, preset_spec
-from .bptt import BPTTResult, bptt, bptt_gradients
-from .crnn import CRNN
-from .ep import ESTIMATORS, EPResult, ep_estimate, ep_gradients
-from .settle import Settled, settle
+from .crnn import CRNN, DTYPES, Drive, Nudge
+from .layers import ConvMap, DenseMap
+from .params import ParamSpec
+from .readout import READOUTS, MSEOutput, SoftmaxReadout
 from .teacher import Teacher
 
-__all__ = ["CRNN", "settle", "Settled", "ep_gradients", "ep_estimate", "EPResult", "ESTIMATORS",
-           "bptt", "bptt_gradients", "BPTTResult", "Teacher", "parse_arch", "preset_spec", "PRESETS", "ArchError",
-           "Architecture"]
+__all__ = ["CRNN", "Nudge", "Drive", "DTYPES", "Teacher", "ConvMap", "DenseMap", "ParamSpec", "READOUTS",
+           "MSEOutput", "SoftmaxReadout", "parse_arch", "preset_spec", "PRESETS", "ArchError", "Architecture"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .._shapes import conv_outsize
 
@@ -36,6 +37,7 @@ class ArchError(ValueError):
 class ConvLayer:
     """Neuron layer s_l = P_l(conv(s_{l−1}; W_l) + b_l) of shape (c_out, h_out, w_out)."""
 
+    kind: ClassVar[str] = "conv"
     name: str  # parameter prefix, e.g. "conv1"
     token: str
     in_channels: int
@@ -56,6 +58,7 @@ class ConvLayer:
 class FCLayer:
     """Fully connected layer: a neuron layer s_l = W_l vec(s_{l−1}) + b_l, or the softmax readout."""
 
+    kind: ClassVar[str] = "fc"
     name: str  # e.g. "fc1"
     token: str
     in_features: int

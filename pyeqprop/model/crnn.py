@@ -16,25 +16,30 @@ is per sample; sums over the batch are explicit.
     ∂Φ/∂W_l = conv2d_weight_grad(s_{l−1}, P*_l(s_l)),  ∂Φ/∂b_l = Σ P*_l(s_l)    (Eq. 3.9)
             = s_lᵀ vec(s_{l−1}),                      = Σ s_l              (fc)
 
+The energy protocol (SPEC.md §3.12) is what every learning algorithm uses:
+``init_state(n)``, ``nudge(x, y, beta)`` → :class:`Nudge`, ``drive(x, s, nudge)``,
+``step(x, s, nudge)``, ``dphi_dtheta(x, s, nudge)``, and for BPTT the frozen-argmax linear
+parts ``hessian_vector(μ, idx)`` and ``dphi_dtheta_tangent(x, s, μ, idx)``.
+
 Max pooling inside Φ is piecewise linear: with the argmax frozen, Φ is bilinear in
 neighbouring layers, which makes its Hessian in s symmetric (used by BPTT, Eq. 5.2).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..backend import backend_name, device_of, namespace_of, resolve
 from ..ops.activations import get_activation
-from ..ops.conv import conv2d_bias_grad, conv2d_transpose, conv2d_weight_grad
-from ..ops.linear import linear_transpose, linear_weight_grad
-from ..ops.pool import avg_pool2d, max_pool2d_select
-from . import layers as layers_mod
-from .arch import ConvLayer, parse_arch
-from .costs import MSEOutput, SoftmaxReadout
+from .arch import parse_arch
+from .layers import make_layers, param_specs
+from .params import init_params
+from .readout import make_readout
 
-__all__ = ["CRNN", "Drive"]
+__all__ = ["CRNN", "Drive", "Nudge", "DTYPES"]
+
+DTYPES = ("float32", "float64")
 
 
 @dataclass
@@ -44,6 +49,30 @@ class Drive:
     u: list  # u_l = ∂Φ^β/∂s_l, shape of s_l
     indices: list  # max-pool indices of layer l (None unless P_l is max)
     bottom_up: list = field(default_factory=list)  # B_l(s_{l−1})
+
+
+@dataclass(frozen=True)
+class Nudge:
+    """What one batch's evaluations of Φ^β share: β, the prepared cost context and B_1(x) (Eqs. 3.1, 3.6).
+
+    Build it with :meth:`CRNN.nudge`; :meth:`at` gives the same batch at another β (the phases
+    of one EP estimate share everything but β).
+
+    beta : float, the nudging strength β of Φ^β = Φ − βC (0: the free dynamics).
+    ctx : list or None, one prepared context per cost term (one-hot targets, teacher features);
+        None when no targets were given, which allows only β = 0.
+    x_drive : (B_1(x), argmax_1), constant while x is: every phase and gradient of the batch reuses it.
+    """
+
+    beta: float
+    ctx: list | None
+    x_drive: tuple
+
+    def at(self, beta: float) -> "Nudge":
+        """The same batch and cost context at nudging strength ``beta``."""
+        if beta != 0.0 and self.ctx is None:
+            raise ValueError(f"a nudged evaluation (beta={beta}) needs targets y")
+        return replace(self, beta=float(beta))
 
 
 class CRNN:
@@ -75,6 +104,8 @@ class CRNN:
     params : dict[str, array]
         PyTorch names and layouts: ``conv1.weight`` (o, c, k, k), ``conv1.bias`` (o,),
         ``fc1.weight`` (out, in), ``fc1.bias`` (out,), …, in a fixed order.
+    layers : tuple of :class:`~pyeqprop.model.layers.ConvMap` / ``DenseMap``
+        The neuron layers s_1 … s_L, each owning its maps and adjoints.
     cost_terms : list of (weight, term)
         The readout first, then any intermediate-signal terms (``add_cost_term``).
     """
@@ -82,7 +113,7 @@ class CRNN:
     def __init__(self, arch, input_shape, *, num_classes=10, readout="mse", activation="hard_sigmoid",
                  dtype="float32", xp=None, seed=0, weight_scale=1.0):
         self.xp = resolve(xp)
-        if dtype not in ("float32", "float64"):
+        if dtype not in DTYPES:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype_name = dtype
         self.dtype = getattr(self.xp, dtype)
@@ -95,30 +126,22 @@ class CRNN:
         self.activation = activation
         self.seed = seed
         self.weight_scale = float(weight_scale)
-        self.layers = self.arch.layers
-        last = len(self.layers) - 1
-        if readout == "mse":
-            term = MSEOutput(last, self.num_classes)
-        else:
-            ro = self.arch.readout
-            term = SoftmaxReadout(last, ro.name, ro.in_features, self.num_classes)
+        self.layers = make_layers(self.arch.layers)
+        term = make_readout(readout, self.arch, self.num_classes)
         self.readout_term = term
         self.cost_terms: list = [(1.0, term)]
         self.device = device_of(self.xp.zeros((1,), dtype=self.dtype))  # where states and parameters live
         self.params: dict = {}
         rng = np.random.default_rng(seed)
-        self._init_params(self._layer_param_specs() + term.param_specs(), rng)
+        self._init_params(param_specs(self.layers) + term.param_specs(), rng)
 
     # ------------------------------------------------------------------ parameters
-    def _layer_param_specs(self):
-        return layers_mod.param_specs(self.layers)
-
     def _init_params(self, specs, rng):
         taken = [spec.name for spec in specs if spec.name in self.params]
         if taken:
             raise ValueError(f"parameter {taken[0]!r} already exists")
-        self.params.update(layers_mod.init_params(specs, rng, dtype=self.dtype_name, xp=self.xp, device=self.device,
-                                                  weight_scale=self.weight_scale))
+        self.params.update(init_params(specs, rng, dtype=self.dtype_name, xp=self.xp, device=self.device,
+                                       weight_scale=self.weight_scale))
 
     def add_cost_term(self, term, weight: float, *, seed: int | None = None):
         """Add an intermediate cost term C_k with weight w_k (Eq. 3.5) and initialise its parameters."""
@@ -129,7 +152,24 @@ class CRNN:
 
     def network_param_names(self):
         """Names of the parameters that appear in Φ (not only in the cost)."""
-        return [s.name for s in self._layer_param_specs()]
+        return [s.name for s in param_specs(self.layers)]
+
+    def param_owners(self) -> dict[str, str]:
+        """The layer each parameter belongs to, in ``params`` order: its own layer (neuron or readout);
+        for a local head or distillation map, the neuron layer it reads."""
+        own = {layer.name for layer in self.layers}
+        if self.arch.readout is not None:
+            own.add(self.arch.readout.name)
+        out = {}
+        for _, term in self.cost_terms:
+            for spec in term.param_specs():
+                prefix = spec.name.rsplit(".", 1)[0]
+                out[spec.name] = prefix if prefix in own else self.layers[term.layer].name
+        return {k: out.get(k, k.rsplit(".", 1)[0]) for k in self.params}
+
+    def conv_layer_indices(self) -> list[int]:
+        """0-based indices of the convolutional neuron layers, in order (what ``--local-layers 1,3`` counts)."""
+        return [l for l, layer in enumerate(self.layers) if layer.kind == "conv"]
 
     def state_shapes(self, batch: int):
         return [(batch, *shape) for shape in self.arch.state_shapes]
@@ -139,7 +179,8 @@ class CRNN:
         return [self.xp.zeros(shape, dtype=self.dtype, device=self.device) for shape in self.state_shapes(batch)]
 
     # ------------------------------------------------------------------ checks
-    def _check_x(self, x):
+    def check_input(self, x):
+        """Raise unless x is (n, c, h, w) of the network's input shape, namespace and dtype."""
         xp = namespace_of(x)
         if backend_name(xp) != backend_name(self.xp):
             raise TypeError(f"x lives in namespace {backend_name(xp)!r} but the network in {backend_name(self.xp)!r}")
@@ -148,7 +189,8 @@ class CRNN:
         if x.dtype != self.dtype:
             raise ValueError(f"x has dtype {x.dtype} but the network uses {self.dtype_name}")
 
-    def _check_state(self, state, n):
+    def check_state(self, state, n):
+        """Raise unless ``state`` is a list of L arrays of the state shapes for a batch of n."""
         shapes = self.state_shapes(n)
         if len(state) != len(shapes):
             raise ValueError(f"state must have {len(shapes)} layers, got {len(state)}")
@@ -156,70 +198,57 @@ class CRNN:
             if tuple(s.shape) != shape:
                 raise ValueError(f"state layer {l + 1} must have shape {shape}, got {tuple(s.shape)}")
 
+    def check_labels(self, y, n):
+        """Raise unless y is (n,) integer class labels in [0, num_classes)."""
+        xp = namespace_of(y)
+        if y.ndim != 1 or y.shape[0] != n:
+            raise ValueError(f"y must have shape ({n},), got {tuple(y.shape)}")
+        if not xp.isdtype(y.dtype, "integral"):
+            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+
+    # ------------------------------------------------------------------ the nudge of a batch
     def prepare(self, x, y):
         """Per-batch cost context: one entry per cost term (one-hot targets, teacher features)."""
         if y is not None:
-            xp = namespace_of(y)
-            if y.ndim != 1 or y.shape[0] != x.shape[0]:
-                raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-            if not xp.isdtype(y.dtype, "integral"):
-                raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+            self.check_labels(y, x.shape[0])
         return [term.prepare(self.params, x, y) for _, term in self.cost_terms]
 
-    # ------------------------------------------------------------------ Φ and its state gradient
-    def _below(self, x, state, l):
-        return x if l == 0 else state[l - 1]
-
-    def _bottom_up(self, l, a):
-        """B_l(a) and the max-pool indices (Eq. 3.1)."""
-        return layers_mod.forward(self.layers[l], self.params, a)
-
-    def _unpool(self, l, g, idx):
-        """P*_l: the adjoint of layer l's pooling at its argmax (identity without pooling)."""
-        return layers_mod.unpool(self.layers[l], g, idx)
-
-    def _pool_linear(self, l, z, idx):
-        """P_l as a linear map at frozen argmax (selection for max pooling)."""
-        layer = self.layers[l]
-        if layer.pool == "max":
-            return max_pool2d_select(z, idx)
-        if layer.pool == "avg":
-            return avg_pool2d(z)
-        return z
-
-    def _top_down(self, l, s_above, idx_above, below_shape):
-        """T_{l−1}(s_l): the feedback that layer l sends to the layer below (Eq. 3.7)."""
-        xp = self.xp
-        layer = self.layers[l]
-        W = self.params[f"{layer.name}.weight"]
-        if isinstance(layer, ConvLayer):
-            g = self._unpool(l, s_above, idx_above)
-            return conv2d_transpose(g, W, padding=layer.padding, output_size=below_shape[2:])
-        return xp.reshape(linear_transpose(s_above, W), below_shape)  # (n, in) -> shape of s_{l−1}
-
     def input_drive(self, x):
-        """B_1(x) and its argmax: constant while x is, so a phase computes it once (Eq. 3.1)."""
-        return self._bottom_up(0, x)
+        """B_1(x) and its argmax: constant while x is, so a batch computes it once (Eq. 3.1)."""
+        return self.layers[0].bottom_up(self.params, x)
 
-    def drive(self, x, state, ctx=None, beta=0.0, x_drive=None) -> Drive:
-        """u_l = ∂Φ^β/∂s_l for every layer (Eq. 3.7), with the argmaxes used.
+    def nudge(self, x, y=None, beta: float = 0.0) -> Nudge:
+        """The :class:`Nudge` of a batch: checks x (and y), prepares the cost context, computes B_1(x).
 
-        ``x_drive``: the result of :meth:`input_drive` for this x, to skip recomputing it.
+        ``y`` may be None for the free dynamics (β = 0); a nudged evaluation needs it.
         """
+        self.check_input(x)
+        if beta != 0.0 and y is None:
+            raise ValueError(f"a nudged evaluation (beta={beta}) needs targets y")
+        ctx = self.prepare(x, y) if y is not None else None
+        return Nudge(float(beta), ctx, self.input_drive(x))
+
+    def _free(self, x, nudge):
+        """``nudge``, or the free nudge of x when None (checking x)."""
+        return self.nudge(x) if nudge is None else nudge
+
+    # ------------------------------------------------------------------ Φ and its state gradient
+    def drive(self, x, state, nudge: Nudge | None = None) -> Drive:
+        """u_l = ∂Φ^β/∂s_l for every layer (Eq. 3.7), with the argmaxes used; β from ``nudge`` (0 when None)."""
+        nudge = self._free(x, nudge)
+        self.check_state(state, x.shape[0])
         L = len(self.layers)
-        bu, idx = [], []
-        for l in range(L):
-            if l == 0 and x_drive is not None:
-                b_l, i_l = x_drive
-            else:
-                b_l, i_l = self._bottom_up(l, self._below(x, state, l))
+        bu, idx = [nudge.x_drive[0]], [nudge.x_drive[1]]
+        for l in range(1, L):
+            b_l, i_l = self.layers[l].bottom_up(self.params, state[l - 1])
             bu.append(b_l)
             idx.append(i_l)
         u = list(bu)
         for l in range(1, L):
-            u[l - 1] = u[l - 1] + self._top_down(l, state[l], idx[l], state[l - 1].shape)
+            u[l - 1] = u[l - 1] + self.layers[l].top_down(self.params, state[l], idx[l], state[l - 1].shape)
+        beta = nudge.beta
         if beta != 0.0:
-            for w_k, grads in self._weighted_cost_state_grads(state, ctx):
+            for w_k, grads in self._weighted_cost_state_grads(state, nudge.ctx):
                 for l, g in grads.items():
                     u[l] = u[l] - (beta * w_k) * g
         return Drive(u, idx, bu)
@@ -231,119 +260,116 @@ class CRNN:
             if w_k != 0.0:
                 yield w_k, term.state_grads(self.params, state, c)
 
-    def dphi_ds(self, x, state, y=None, beta=0.0):
+    def dphi_ds(self, x, state, nudge: Nudge | None = None):
         """∂Φ^β/∂s_l for l = 1 … L, per sample (Eq. 3.7)."""
-        self._check_x(x)
-        self._check_state(state, x.shape[0])
-        ctx = self._nudge_ctx(x, y, beta)
-        return self.drive(x, state, ctx, beta).u
+        return self.drive(x, state, nudge).u
 
-    def step_ctx(self, x, state, ctx, beta=0.0, x_drive=None):
-        """One synchronous update s ← ρ(∂Φ^β/∂s) (Eq. 3.8) with a prepared cost context."""
-        d = self.drive(x, state, ctx, beta, x_drive)
+    def step(self, x, state, nudge: Nudge | None = None):
+        """One synchronous update of every layer, s_l ← ρ(∂Φ^β/∂s_l) (Eq. 3.8)."""
+        d = self.drive(x, state, nudge)
         return [self.act.fn(u) for u in d.u]
 
-    def step(self, x, state, y=None, beta=0.0):
-        """One synchronous update of every layer, s_l ← ρ(∂Φ^β/∂s_l) (Eq. 3.8)."""
-        self._check_x(x)
-        self._check_state(state, x.shape[0])
-        ctx = self._nudge_ctx(x, y, beta)
-        return self.step_ctx(x, state, ctx, beta)
-
-    def _nudge_ctx(self, x, y, beta):
-        """Cost context of a nudged evaluation (None when β = 0); β ≠ 0 needs targets y."""
-        if beta == 0.0:
-            return None
-        if y is None:
-            raise ValueError(f"a nudged evaluation (beta={beta}) needs targets y")
-        return self.prepare(x, y)
-
-    def cost(self, x, state, y, ctx=None):
-        """Total cost C = Σ_k w_k C_k per sample, shape (n,) (Eq. 3.5)."""
-        if ctx is None and y is None:
+    def cost(self, x, state, nudge: Nudge):
+        """Total cost C = Σ_k w_k C_k per sample, shape (n,) (Eq. 3.5); needs a nudge built with targets."""
+        if nudge is None or nudge.ctx is None:
             raise ValueError("the cost needs targets y")
-        ctx = self.prepare(x, y) if ctx is None else ctx
         total = None
-        for (w_k, term), c in zip(self.cost_terms, ctx):
+        for (w_k, term), c in zip(self.cost_terms, nudge.ctx):
             if w_k == 0.0:
                 continue
             v = w_k * term.value(self.params, state, c)
             total = v if total is None else total + v
         return total
 
-    def phi(self, x, state, y=None, beta=0.0):
+    def phi(self, x, state, nudge: Nudge | None = None):
         """Φ^β(x, s; θ) per sample, shape (n,) (Eqs. 3.2, 3.6)."""
         xp = self.xp
-        self._check_x(x)
-        self._check_state(state, x.shape[0])
+        nudge = self._free(x, nudge)
+        self.check_state(state, x.shape[0])
         total = None
-        for l in range(len(self.layers)):
-            b_l, _ = self._bottom_up(l, self._below(x, state, l))
+        for l, layer in enumerate(self.layers):
+            b_l = nudge.x_drive[0] if l == 0 else layer.bottom_up(self.params, state[l - 1])[0]
             term = xp.sum(xp.reshape(b_l * state[l], (x.shape[0], -1)), axis=1)  # (n, …) -> (n,)
             total = term if total is None else total + term
-        if beta != 0.0:
-            total = total - beta * self.cost(x, state, y, self._nudge_ctx(x, y, beta))
+        if nudge.beta != 0.0:
+            total = total - nudge.beta * self.cost(x, state, nudge)
         return total
 
     # ------------------------------------------------------------------ ∂Φ/∂θ
-    def _layer_param_grads(self, l, lower, upper, idx, out, with_bias=True):
-        """Add Σ_batch ∂⟨B_l(lower), upper⟩/∂θ_l to ``out`` (Eq. 3.9), argmax frozen at ``idx``."""
-        xp = self.xp
-        layer = self.layers[l]
-        kw, kb = f"{layer.name}.weight", f"{layer.name}.bias"
-        if isinstance(layer, ConvLayer):
-            g = self._unpool(l, upper, idx)  # (n, o, h_conv, w_conv)
-            dW = conv2d_weight_grad(lower, g, kernel_size=layer.kernel, padding=layer.padding)
-            db = conv2d_bias_grad(g) if with_bias else None
-        else:
-            flat = xp.reshape(lower, (lower.shape[0], -1))  # (n, c, h, w) -> (n, c·h·w)
-            dW = linear_weight_grad(flat, upper)
-            db = xp.sum(upper, axis=0) if with_bias else None
-        out[kw] = dW if kw not in out else out[kw] + dW
-        if db is not None:
-            out[kb] = db if kb not in out else out[kb] + db
+    @staticmethod
+    def _accumulate(out, name, g):
+        out[name] = g if name not in out else out[name] + g
 
-    def dphi_dtheta_ctx(self, x, state, ctx, beta=0.0, x_drive=None):
-        """Σ_batch ∂Φ^β/∂θ at ``state`` for every parameter (Eq. 3.9; cost parameters: −β ∂C/∂θ).
+    def dphi_dtheta(self, x, state, nudge: Nudge | None = None):
+        """Σ_batch ∂Φ^β/∂θ at ``state`` for every parameter, keyed like ``params`` (Eq. 3.9).
 
-        ``x_drive``: :meth:`input_drive` of this x, whose argmax layer 1 reuses.
+        Cost-only parameters (readout, heads, maps) get −β w_k ∂C_k/∂θ; zero at β = 0.
         """
         xp = self.xp
-        first = self.input_drive(x) if x_drive is None else x_drive
-        indices = [first[1]] + [self._bottom_up(l, state[l - 1])[1] for l in range(1, len(self.layers))]
+        nudge = self._free(x, nudge)
+        self.check_state(state, x.shape[0])
+        indices = [nudge.x_drive[1]] + [self.layers[l].bottom_up(self.params, state[l - 1])[1]
+                                        for l in range(1, len(self.layers))]
         out: dict = {}
-        for l in range(len(self.layers)):
-            self._layer_param_grads(l, self._below(x, state, l), state[l], indices[l], out)
+        for l, layer in enumerate(self.layers):
+            dW, db = layer.param_adjoint(x if l == 0 else state[l - 1], state[l], indices[l])
+            self._accumulate(out, layer.weight, dW)
+            self._accumulate(out, layer.bias, db)
+        beta = nudge.beta
         if beta != 0.0:
-            for (w_k, term), c in zip(self.cost_terms, ctx):
+            for (w_k, term), c in zip(self.cost_terms, nudge.ctx):
                 if w_k == 0.0:
                     continue
                 for name, g in term.param_grads(self.params, state, c).items():
-                    g = (-beta * w_k) * g
-                    out[name] = g if name not in out else out[name] + g
+                    self._accumulate(out, name, (-beta * w_k) * g)
         for name in self.params:
             if name not in out:  # cost-only parameters at β = 0, or with a zero weight
                 out[name] = xp.zeros_like(self.params[name])
         return {k: out[k] for k in self.params}
 
-    def dphi_dtheta(self, x, state, y=None, beta=0.0):
-        """Σ over the batch of ∂Φ^β/∂θ for every parameter, keyed like ``params`` (Eq. 3.9)."""
-        self._check_x(x)
-        self._check_state(state, x.shape[0])
-        ctx = self._nudge_ctx(x, y, beta)
-        return self.dphi_dtheta_ctx(x, state, ctx, beta)
+    # ------------------------------------------------------------------ frozen-argmax linear parts (BPTT)
+    def hessian_vector(self, mu, indices):
+        """H μ = ∂²Φ/∂s² · μ at frozen argmaxes ``indices`` (Eq. 5.3).
+
+        (H μ)_l = P_l(conv(μ_{l−1}; W_l)) + T_l(μ_{l+1}), with μ_0 = 0 and P_l the selection at
+        the argmax: the drive of Eq. 3.7 without biases or input, applied to μ. H is symmetric
+        because Φ is bilinear in neighbouring layers.
+        """
+        L = len(self.layers)
+        shapes = [tuple(m.shape) for m in mu]
+        out = []
+        for l in range(L):
+            term = None
+            if l > 0:
+                term = self.layers[l].bottom_up_linear(self.params, mu[l - 1], indices[l])
+            if l < L - 1:
+                td = self.layers[l + 1].top_down(self.params, mu[l + 1], indices[l + 1], shapes[l])
+                term = td if term is None else term + td
+            if term is None:
+                term = self.xp.zeros(shapes[l], dtype=self.dtype, device=self.device)
+            out.append(term)
+        return out
+
+    def dphi_dtheta_tangent(self, x, state, mu, indices):
+        """D_s(Σ_batch ∂Φ/∂θ)(s) · μ at frozen argmaxes (Eq. 5.4), keyed by the network's parameters.
+
+        By the product rule on Eq. 3.9: ∂/∂W_l ← conv2d_weight_grad(s_{l−1}, P*_l(μ_l)) +
+        conv2d_weight_grad(μ_{l−1}, P*_l(s_l)) (μ_0 = 0: x is fixed), ∂/∂b_l ← Σ P*_l(μ_l).
+        """
+        out: dict = {}
+        for l, layer in enumerate(self.layers):
+            dW, db = layer.param_adjoint(x if l == 0 else state[l - 1], mu[l], indices[l])  # s_{l−1} ⊗ P*(μ_l)
+            self._accumulate(out, layer.weight, dW)
+            self._accumulate(out, layer.bias, db)
+            if l > 0:
+                dW, _ = layer.param_adjoint(mu[l - 1], state[l], indices[l], with_bias=False)  # μ_{l−1} ⊗ P*(s_l)
+                self._accumulate(out, layer.weight, dW)
+        return out
 
     # ------------------------------------------------------------------ inference
     def logits(self, state):
         """Readout of a settled state: s_L (mse) or W_out vec(s_L) + b_out (softmax)."""
         return self.readout_term.logits(self.params, state)
-
-    def predict(self, x, T):
-        """Class predictions after T free steps from zero (Eq. 3.8 with β = 0), shape (n,)."""
-        from .settle import settle
-
-        st = settle(self, x, T)
-        return self.xp.argmax(self.logits(st.state), axis=1)
 
     def __repr__(self):
         return (f"CRNN({self.arch_name!r}, input_shape={self.input_shape}, num_classes={self.num_classes}, "

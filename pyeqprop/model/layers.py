@@ -1,80 +1,179 @@
-"""The per-layer maps that the CRNN and the teacher share (Eqs. 3.1, 3.10, 7.1).
+"""Layer objects: each layer kind owns its maps and their adjoints, side by side (Eqs. 3.1, 3.7, 3.9, 5.3).
 
-A layer is a :class:`~pyeqprop.model.arch.ConvLayer` or :class:`~pyeqprop.model.arch.FCLayer`;
-its parameters live in a plain mapping under PyTorch names (``conv1.weight`` …).
+Notation: a the layer's input (s_{l−1}, or x for l = 1), s its state s_l, n the batch;
+a conv layer has W (o, c, k, k), b (o,), padding p and pooling P ∈ {max 2×2/2, avg 2×2/2,
+identity}, with P* its adjoint (max-unpooling at the argmax ``idx``, average-unpooling, or the
+identity); an fc layer has W (out, in) and b (out,).
+
+Each layer object provides, for its own kind only:
+
+=========================  =====================================================  ==========
+``bottom_up(θ, a)``        B(a) = P(conv(a; W, p) + b)  |  W vec(a) + b, and idx   Eq. 3.1
+``bottom_up_linear(θ, a,   the frozen-argmax linear part of B: P_idx(conv(a; W))   Eq. 5.3
+idx)``                     |  W vec(a) (no bias)
+``top_down(θ, s, idx,      T(s) = conv_transpose(P*_idx(s); W)  |  reshape(Wᵀ s):  Eq. 3.7
+shape)``                   the adjoint of ``bottom_up_linear`` in a
+``param_adjoint(a, s,      ∂⟨B(a), s⟩/∂θ summed over the batch, argmax frozen at   Eq. 3.9
+idx)``                     idx: (conv2d_weight_grad(a, P*(s)), Σ P*(s))  |  (sᵀ
+                           vec(a), Σ s)
+``unpool(g, idx)``         P*_idx(g)                                               Eqs. 2.7-2.8
+=========================  =====================================================  ==========
+
+The CRNN (its Φ, drive and ∂Φ/∂θ), the feed-forward teacher (Eq. 7.1 and its reverse pass
+7.3) and BPTT (the Hessian-vector product of Eq. 5.3) compose these; no other module switches
+on the kind of a layer.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ..backend import namespace_of
-from ..ops.conv import conv2d
-from ..ops.linear import linear
-from ..ops.pool import avg_pool2d, avg_unpool2d, max_pool2d, max_unpool2d
-from .arch import ConvLayer
-from .costs import ParamSpec
+from ..ops.conv import conv2d, conv2d_bias_grad, conv2d_transpose, conv2d_weight_grad
+from ..ops.linear import linear, linear_transpose, linear_weight_grad
+from ..ops.pool import avg_pool2d, avg_unpool2d, max_pool2d, max_pool2d_select, max_unpool2d
+from .arch import ConvLayer, FCLayer
+from .params import ParamSpec
 
-__all__ = ["param_specs", "init_params", "forward", "unpool"]
+__all__ = ["ConvMap", "DenseMap", "make_layer", "make_layers", "param_specs"]
+
+
+class ConvMap:
+    """A convolutional layer: B(a) = P(conv(a; W, p) + b), a (n, c, h, w) -> (n, o, h_out, w_out) (Eq. 3.1).
+
+    Parameters
+    ----------
+    desc : :class:`~pyeqprop.model.arch.ConvLayer`
+        The resolved description: name, channels, kernel, padding, pooling and sizes.
+
+    Adjoint
+    -------
+    With the argmax frozen, B is affine in a and in θ: ``top_down`` is the adjoint in a of
+    ``bottom_up_linear`` (⟨P_idx(conv(a; W)), s⟩ = ⟨a, T(s)⟩, Eqs. 2.3, 2.7a), and
+    ``param_adjoint`` gives ∂⟨B(a), s⟩/∂(W, b) (Eq. 2.4).
+    """
+
+    kind = "conv"
+
+    def __init__(self, desc: ConvLayer):
+        self.desc = desc
+        self.name = desc.name
+        self.weight, self.bias = f"{desc.name}.weight", f"{desc.name}.bias"
+        self.padding = desc.padding
+        self.kernel = desc.kernel
+        self.pool = desc.pool
+        self.state_shape = desc.state_shape
+
+    def param_specs(self) -> list[ParamSpec]:
+        """W (o, c, k, k) and b (o,), fan-in c·k·k for Eq. 3.10."""
+        d = self.desc
+        fan_in = d.in_channels * d.kernel * d.kernel
+        return [ParamSpec(self.weight, (d.out_channels, d.in_channels, d.kernel, d.kernel), fan_in),
+                ParamSpec(self.bias, (d.out_channels,), fan_in)]
+
+    def bottom_up(self, params, a):
+        """B(a) = P(conv(a; W, p) + b) and the max-pool argmax (None unless P is max), Eq. (3.1)."""
+        z = conv2d(a, params[self.weight], params[self.bias], padding=self.padding)  # (n, o, h_conv, w_conv)
+        if self.pool == "max":
+            return max_pool2d(z)  # (n, o, h_conv/2, w_conv/2), argmax
+        if self.pool == "avg":
+            return avg_pool2d(z), None
+        return z, None
+
+    def bottom_up_linear(self, params, a, idx):
+        """P_idx(conv(a; W, p)): B without its bias, the pooling a selection at ``idx`` (Eq. 5.3)."""
+        z = conv2d(a, params[self.weight], padding=self.padding)  # (n, o, h_conv, w_conv)
+        if self.pool == "max":
+            return max_pool2d_select(z, idx)
+        if self.pool == "avg":
+            return avg_pool2d(z)
+        return z
+
+    def unpool(self, g, idx):
+        """P*: the adjoint of the pooling, at ``idx`` for max pooling (Eqs. 2.7, 2.8); identity otherwise."""
+        if self.pool == "max":
+            return max_unpool2d(g, idx, output_size=self.desc.conv_hw)
+        if self.pool == "avg":
+            return avg_unpool2d(g, output_size=self.desc.conv_hw)
+        return g
+
+    def top_down(self, params, s, idx, below_shape):
+        """T(s) = conv_transpose(P*_idx(s); W): the feedback to the layer below, shape ``below_shape`` (Eq. 3.7)."""
+        g = self.unpool(s, idx)  # (n, o, h_conv, w_conv)
+        return conv2d_transpose(g, params[self.weight], padding=self.padding, output_size=below_shape[2:])
+
+    def param_adjoint(self, a, s, idx, *, with_bias=True):
+        """Σ_batch ∂⟨B(a), s⟩/∂(W, b) at frozen argmax ``idx`` (Eq. 3.9): (dW, db); db is None without bias."""
+        g = self.unpool(s, idx)  # (n, o, h_conv, w_conv)
+        dW = conv2d_weight_grad(a, g, kernel_size=self.kernel, padding=self.padding)
+        return dW, (conv2d_bias_grad(g) if with_bias else None)
+
+
+class DenseMap:
+    """A fully connected layer: B(a) = W vec(a) + b, a (n, …) -> (n, out) (Eq. 3.1).
+
+    Also the softmax readout's shape of map (the teacher's output layer, Eq. 7.1).
+
+    Adjoint
+    -------
+    ``top_down`` is the adjoint in a of ``bottom_up_linear`` (⟨W vec(a), s⟩ = ⟨a, reshape(Wᵀ s)⟩,
+    Eq. 2.11), and ``param_adjoint`` gives ∂⟨B(a), s⟩/∂(W, b) = (sᵀ vec(a), Σ s).
+    """
+
+    kind = "fc"
+
+    def __init__(self, desc: FCLayer):
+        self.desc = desc
+        self.name = desc.name
+        self.weight, self.bias = f"{desc.name}.weight", f"{desc.name}.bias"
+        self.state_shape = desc.state_shape
+
+    def param_specs(self) -> list[ParamSpec]:
+        """W (out, in) and b (out,), fan-in = in for Eq. 3.10."""
+        d = self.desc
+        return [ParamSpec(self.weight, (d.out_features, d.in_features), d.in_features),
+                ParamSpec(self.bias, (d.out_features,), d.in_features)]
+
+    @staticmethod
+    def _flat(a):
+        xp = namespace_of(a)
+        return xp.reshape(a, (a.shape[0], -1))  # (n, c, h, w) -> (n, c·h·w)
+
+    def bottom_up(self, params, a):
+        """B(a) = W vec(a) + b, and no argmax (None), Eq. (3.1)."""
+        return linear(self._flat(a), params[self.weight], params[self.bias]), None
+
+    def bottom_up_linear(self, params, a, idx=None):
+        """W vec(a): B without its bias (Eq. 5.3)."""
+        return linear(self._flat(a), params[self.weight])
+
+    def unpool(self, g, idx=None):
+        """The identity: an fc layer has no pooling."""
+        return g
+
+    def top_down(self, params, s, idx, below_shape):
+        """T(s) = reshape(Wᵀ s) to ``below_shape`` (Eq. 3.7)."""
+        xp = namespace_of(s)
+        return xp.reshape(linear_transpose(s, params[self.weight]), below_shape)  # (n, in) -> shape of the layer below
+
+    def param_adjoint(self, a, s, idx=None, *, with_bias=True):
+        """Σ_batch ∂⟨B(a), s⟩/∂(W, b) = (sᵀ vec(a), Σ_n s) (Eq. 3.9); db is None without bias."""
+        xp = namespace_of(s)
+        dW = linear_weight_grad(self._flat(a), s)
+        return dW, (xp.sum(s, axis=0) if with_bias else None)
+
+
+def make_layer(desc):
+    """The layer object of a resolved description: :class:`ConvMap` or :class:`DenseMap`."""
+    if isinstance(desc, ConvLayer):
+        return ConvMap(desc)
+    if isinstance(desc, FCLayer):
+        return DenseMap(desc)
+    raise TypeError(f"cannot build a layer from {desc!r}: expected a ConvLayer or FCLayer description")
+
+
+def make_layers(descs) -> tuple:
+    """Layer objects for a sequence of descriptions, in order."""
+    return tuple(make_layer(d) for d in descs)
 
 
 def param_specs(layers) -> list[ParamSpec]:
-    """Weight and bias specs of ``layers`` in order: conv W (o, c, k, k), fc W (out, in); fan-in for Eq. 3.10."""
-    specs = []
-    for layer in layers:
-        if isinstance(layer, ConvLayer):
-            fan_in = layer.in_channels * layer.kernel * layer.kernel
-            specs.append(ParamSpec(f"{layer.name}.weight",
-                                   (layer.out_channels, layer.in_channels, layer.kernel, layer.kernel), fan_in))
-            specs.append(ParamSpec(f"{layer.name}.bias", (layer.out_channels,), fan_in))
-        else:
-            specs.append(ParamSpec(f"{layer.name}.weight", (layer.out_features, layer.in_features),
-                                   layer.in_features))
-            specs.append(ParamSpec(f"{layer.name}.bias", (layer.out_features,), layer.in_features))
-    return specs
-
-
-def init_params(specs, rng: np.random.Generator, *, dtype: str, xp, device, weight_scale: float = 1.0) -> dict:
-    """Draw each spec uniform in ±1/√fan_in (weights × ``weight_scale``) from ``rng`` in order, Eq. (3.10).
-
-    A spec with ``init="zeros"`` (heads and maps, Eq. 6.7) starts at zero and draws nothing from ``rng``.
-    """
-    out = {}
-    for spec in specs:
-        if spec.init == "zeros":
-            out[spec.name] = xp.zeros(spec.shape, dtype=getattr(xp, dtype), device=device)
-            continue
-        if spec.init != "uniform":
-            raise ValueError(f"parameter {spec.name!r} has init {spec.init!r}; expected 'uniform' or 'zeros'")
-        bound = 1.0 / np.sqrt(spec.fan_in)
-        if spec.name.endswith(".weight"):
-            bound *= weight_scale
-        host = rng.uniform(-bound, bound, size=spec.shape).astype(dtype)
-        out[spec.name] = xp.asarray(host, device=device)
-    return out
-
-
-def forward(layer, params, a):
-    """P(conv(a; W) + b) for a conv layer, W vec(a) + b for an fc layer, and the max-pool argmax (Eqs. 3.1, 7.1).
-
-    a : (n, c, h, w) or (n, in). Returns (B, indices) with indices None unless the pooling is max.
-    """
-    W, b = params[f"{layer.name}.weight"], params[f"{layer.name}.bias"]
-    if isinstance(layer, ConvLayer):
-        z = conv2d(a, W, b, padding=layer.padding)  # (n, o, h_conv, w_conv)
-        if layer.pool == "max":
-            return max_pool2d(z)  # (n, o, h_conv/2, w_conv/2), argmax
-        if layer.pool == "avg":
-            return avg_pool2d(z), None
-        return z, None
-    xp = namespace_of(a)
-    flat = xp.reshape(a, (a.shape[0], -1))  # (n, c, h, w) -> (n, c·h·w)
-    return linear(flat, W, b), None
-
-
-def unpool(layer, g, indices):
-    """P*: the adjoint of the layer's pooling, at ``indices`` for max pooling (Eqs. 2.7, 2.8); identity otherwise."""
-    if getattr(layer, "pool", "none") == "max":
-        return max_unpool2d(g, indices, output_size=layer.conv_hw)
-    if getattr(layer, "pool", "none") == "avg":
-        return avg_unpool2d(g, output_size=layer.conv_hw)
-    return g
+    """Weight and bias specs of ``layers`` in order (W then b per layer), Eq. (3.10)."""
+    return [spec for layer in layers for spec in layer.param_specs()]

@@ -42,11 +42,11 @@ import numpy as np
 
 from ..backend import asarray, backend_name, device_of, namespace_of, resolve, to_numpy
 from ..ops.activations import get_activation
-from ..ops.conv import conv2d_bias_grad, conv2d_transpose, conv2d_weight_grad
-from ..ops.linear import linear, linear_transpose, linear_weight_grad
-from . import layers as layers_mod
-from .arch import ConvLayer, parse_arch
-from .costs import log_softmax, onehot
+from ..ops.softmax import log_softmax, onehot
+from .arch import parse_arch
+from .crnn import DTYPES
+from .layers import make_layer, make_layers, param_specs
+from .params import init_params
 
 __all__ = ["Teacher", "TeacherCache"]
 
@@ -99,15 +99,15 @@ class Teacher:
     params : dict[str, array]
         PyTorch names and layouts, in order: ``conv1.weight`` (o, c, k, k), ``conv1.bias``
         (o,), …, ``fc1.weight`` (out, in), ``fc1.bias`` (out,), …, the readout last.
-    layers : tuple of ConvLayer / FCLayer
-        The hidden layers 1 … L. ``readout`` : FCLayer, the output layer.
+    layers : tuple of :class:`~pyeqprop.model.layers.ConvMap` / ``DenseMap``
+        The hidden layers 1 … L, the CRNN's layer objects. ``readout`` : ``DenseMap``, the output layer.
     """
 
     def __init__(self, arch, input_shape, *, num_classes=10, activation="hard_sigmoid", dtype="float32",
                  xp=None, seed=0, weight_scale=1.0):
         self.xp = resolve(xp)
         self.weight_scale = float(weight_scale)
-        if dtype not in ("float32", "float64"):
+        if dtype not in DTYPES:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype_name = dtype
         self.dtype = getattr(self.xp, dtype)
@@ -118,18 +118,14 @@ class Teacher:
         self.activation = activation
         self.act = get_activation(activation)
         self.seed = seed
-        self.layers = self.arch.layers
-        self.readout = self.arch.readout
+        self.layers = make_layers(self.arch.layers)
+        self.readout = make_layer(self.arch.readout)
         self.params: dict = {}
         rng = np.random.default_rng(seed)
         probe = self.xp.zeros((1,), dtype=self.dtype)
         self.device = device_of(probe)
-        self.params.update(layers_mod.init_params(self._param_specs(), rng, dtype=self.dtype_name, xp=self.xp,
-                                                  device=self.device, weight_scale=self.weight_scale))
-
-    # ------------------------------------------------------------------ parameters
-    def _param_specs(self):
-        return layers_mod.param_specs(self.layers + (self.readout,))
+        self.params.update(init_params(param_specs(self.layers + (self.readout,)), rng, dtype=self.dtype_name,
+                                       xp=self.xp, device=self.device, weight_scale=self.weight_scale))
 
     def spec(self) -> dict:
         """The constructor arguments (JSON-serialisable) that rebuild this architecture."""
@@ -162,20 +158,6 @@ class Teacher:
             raise ValueError(f"labels y must lie in [0, {self.num_classes}), got values outside it")
 
     # ------------------------------------------------------------------ forward (Eq. 7.1)
-    def _pre_activation(self, l, a):
-        """p_l = P_l(conv(a; W_l) + b_l) or W_l vec(a) + b_l, and the max-pool argmax (Eq. 7.1)."""
-        return layers_mod.forward(self.layers[l], self.params, a)
-
-    def _unpool(self, l, g, idx):
-        """P*_l: adjoint of layer l's pooling (at the forward argmax for max pooling)."""
-        return layers_mod.unpool(self.layers[l], g, idx)
-
-    def _readout(self, a_last):
-        xp = self.xp
-        ro = self.readout
-        flat = xp.reshape(a_last, (a_last.shape[0], -1))  # (n, …) -> (n, in_features)
-        return linear(flat, self.params[f"{ro.name}.weight"], self.params[f"{ro.name}.bias"])
-
     def forward(self, x):
         """Logits and the cache of the forward pass, Eq. (7.1).
 
@@ -190,13 +172,13 @@ class Teacher:
         self._check_x(x)
         a = x
         pre, acts, indices = [], [], []
-        for l in range(len(self.layers)):
-            p, idx = self._pre_activation(l, a)
+        for layer in self.layers:
+            p, idx = layer.bottom_up(self.params, a)  # p_l = P_l(conv(a; W_l) + b_l) or W_l vec(a) + b_l
             a = self.act.fn(p)
             pre.append(p)
             acts.append(a)
             indices.append(idx)
-        logits = self._readout(a)
+        logits = self.readout.bottom_up(self.params, a)[0]  # W_out vec(a_L) + b_out
         return logits, TeacherCache(x, pre, acts, indices, logits)
 
     def features(self, x):
@@ -272,28 +254,16 @@ class Teacher:
         grads: dict = {}
         ro = self.readout
         a_last = cache.acts[-1]
-        W_out = self.params[f"{ro.name}.weight"]
-        grads[f"{ro.name}.weight"] = linear_weight_grad(xp.reshape(a_last, (n, -1)), delta)  # (K, in)
-        grads[f"{ro.name}.bias"] = xp.sum(delta, axis=0)  # (K,)
-        g = xp.reshape(linear_transpose(delta, W_out), a_last.shape)  # (n, in) -> shape of a_L
+        grads[ro.weight], grads[ro.bias] = ro.param_adjoint(a_last, delta)  # (K, in), (K,)
+        g = ro.top_down(self.params, delta, None, a_last.shape)  # (n, in) -> shape of a_L
         for l in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[l]
             below = x if l == 0 else cache.acts[l - 1]
-            W = self.params[f"{layer.name}.weight"]
             mu = self.act.grad(cache.pre[l]) * g  # ∂L/∂p_l, shape of a_l
-            if isinstance(layer, ConvLayer):
-                zeta = self._unpool(l, mu, cache.indices[l])  # (n, o, h_conv, w_conv) = ∂L/∂z_l
-                grads[f"{layer.name}.weight"] = conv2d_weight_grad(below, zeta, kernel_size=layer.kernel,
-                                                                   padding=layer.padding)
-                grads[f"{layer.name}.bias"] = conv2d_bias_grad(zeta)
-                if l > 0:
-                    g = conv2d_transpose(zeta, W, padding=layer.padding, output_size=below.shape[2:])
-            else:
-                flat = xp.reshape(below, (n, -1))  # (n, c, h, w) -> (n, c·h·w)
-                grads[f"{layer.name}.weight"] = linear_weight_grad(flat, mu)  # (out, in)
-                grads[f"{layer.name}.bias"] = xp.sum(mu, axis=0)
-                if l > 0:
-                    g = xp.reshape(linear_transpose(mu, W), below.shape)  # (n, in) -> shape of a_{l−1}
+            # ∂L/∂W_l, ∂L/∂b_l through P*_l at the forward argmax (ζ_l = P*_l(μ_l) for conv, μ_l for fc)
+            grads[layer.weight], grads[layer.bias] = layer.param_adjoint(below, mu, cache.indices[l])
+            if l > 0:
+                g = layer.top_down(self.params, mu, cache.indices[l], below.shape)  # g_{l−1}
         return {k: grads[k] for k in self.params}
 
     # ------------------------------------------------------------------ inference

@@ -62,9 +62,9 @@ def ep_bptt_agreement(cfg, data, xp, *, batch=64):
     a cosine well below 1 the estimate's error where the free phase has not converged.
     """
     from ..backend import to_numpy
-    from ..model.bptt import bptt_gradients
-    from ..model.ep import ep_estimate
-    from ..train.loop import build_student
+    from ..learning.bptt import bptt_gradients
+    from ..learning.estimators import ep_estimate
+    from ..train.student import build_student
 
     c = dataclasses.replace(cfg, **SETTINGS["ep"])
     net = build_student(c, data.input_shape, data.num_classes, xp)
@@ -233,7 +233,8 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
     curves.png and layer_grads.png into ``out``.
     """
     from ..backend import get_namespace
-    from ..train.loop import _get_teacher, prepare_data
+    from ..train.data import prepare_data
+    from ..train.teacher import get_teacher
 
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -250,7 +251,7 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
             tdir = study / "runs" / f"{tag}-teacher"
             tdir.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            teacher = _get_teacher(cfg, data, xp, tdir, log)
+            teacher = get_teacher(cfg, data, xp, tdir, log)
             rows.append({"depth": depth, "arch": arch, "seed": seed, "setting": "teacher (backprop, feed-forward)",
                          "train_loss": float(teacher.loss(data.x_train, data.y_train)),
                          "test_acc": float(teacher.accuracy(data.x_test, data.y_test)),

@@ -1,15 +1,19 @@
 """Checkpoints: atomic ``.npz`` files holding parameters, optimizer state, epoch, RNG state and config.
 
-Format (version 1), the entries of one uncompressed ``.npz``, readable with
+Format (version 2), the entries of one uncompressed ``.npz``, readable with
 ``numpy.load(path, allow_pickle=False)``:
 
 ``__pyeqprop_format__``   JSON string {"format": "pyeqprop.checkpoint", "version": 1}; a file
                           without it is not one of ours.
 ``param/<name>``          each parameter as a host NumPy array, e.g. ``param/conv1.weight``.
-``array/<i>``             arrays found inside the optimizer state, RNG state or ``extra``.
+``array/<i>``             arrays found inside the optimizer state, RNG state, progress or ``extra``.
 ``meta``                  JSON string: parameter order, epoch, optimizer state, RNG state,
-                          extra; arrays inside them appear as {"__array__": "array/<i>"}.
+                          progress, extra; arrays inside them appear as {"__array__": "array/<i>"}.
 ``config``                JSON string of the run configuration.
+
+``progress`` is the training loop's own record (position, running sums of the epoch, metrics
+history, best validation score; :mod:`pyeqprop.train.loop`). Version 1 files kept it inside
+``extra``; :func:`load_checkpoint` reads it from there.
 
 JSON turns tuples into lists and NumPy scalars into Python numbers. The RNG state is
 ``numpy.random.Generator.bit_generator.state`` (a dict of Python ints for PCG64).
@@ -38,7 +42,8 @@ __all__ = ["CheckpointError", "Checkpoint", "FORMAT_VERSION", "save_checkpoint",
            "check_compatible", "save_teacher", "load_teacher"]
 
 FORMAT_NAME = "pyeqprop.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_PROGRESS_KEYS = ("position", "accum", "history", "best_test_acc")  # in version 1 files, inside extra
 _MARKER = "__pyeqprop_format__"
 _PARAM = "param/"
 _ARRAY = "array/"
@@ -60,6 +65,7 @@ class Checkpoint:
     config: dict | None = None
     extra: dict | None = None
     version: int = FORMAT_VERSION
+    progress: dict | None = None
     param_order: list = field(default_factory=list)
 
 
@@ -149,7 +155,8 @@ def _atomic_savez(path: str, entries: dict) -> None:
 
 
 def save_checkpoint(path, *, params: dict, optimizer_state: dict | None = None, epoch: int = 0,
-                    rng_state: dict | None = None, config: dict | None = None, extra: dict | None = None) -> str:
+                    rng_state: dict | None = None, config: dict | None = None, extra: dict | None = None,
+                    progress: dict | None = None) -> str:
     """Write a checkpoint atomically and return its path.
 
     Parameters
@@ -168,6 +175,8 @@ def save_checkpoint(path, *, params: dict, optimizer_state: dict | None = None, 
         The run configuration; must be JSON-serialisable.
     extra : dict or None
         Anything else (arrays allowed, as in ``optimizer_state``).
+    progress : dict or None
+        The training loop's position, running sums, metrics history and best score.
 
     Raises ``TypeError`` naming the entry when something cannot be stored, before any file
     is touched.
@@ -187,6 +196,7 @@ def save_checkpoint(path, *, params: dict, optimizer_state: dict | None = None, 
         "optimizer_state": _encode(optimizer_state, arrays, "optimizer_state"),
         "rng_state": _encode(rng_state, arrays, "rng_state"),
         "extra": _encode(extra, arrays, "extra"),
+        "progress": _encode(progress, arrays, "progress"),
     }
     entries["meta"] = np.asarray(_json(meta, "meta"))
     entries["config"] = np.asarray(_json(config, "config"))
@@ -252,6 +262,11 @@ def load_checkpoint(path) -> Checkpoint:
     if missing:
         raise CheckpointError(f"checkpoint {path} is corrupt: parameter {missing[0]!r} is listed but missing")
     params = {k: found[k] for k in order}
+    extra = _decode(meta.get("extra"), arrays, path)
+    progress = _decode(meta.get("progress"), arrays, path)
+    if version == 1 and isinstance(extra, dict) and "position" in extra:  # the loop's record rode in extra
+        progress = {k: extra[k] for k in _PROGRESS_KEYS if k in extra}
+        extra = {k: v for k, v in extra.items() if k not in _PROGRESS_KEYS} or None
     return Checkpoint(
         path=path,
         params=params,
@@ -259,9 +274,10 @@ def load_checkpoint(path) -> Checkpoint:
         epoch=int(meta.get("epoch", 0)),
         rng_state=_decode(meta.get("rng_state"), arrays, path),
         config=config,
-        extra=_decode(meta.get("extra"), arrays, path),
+        extra=extra,
         version=version,
         param_order=order,
+        progress=progress,
     )
 
 

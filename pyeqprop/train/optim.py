@@ -43,46 +43,47 @@ def cosine_lr(epoch, *, lr0: float, lr_min: float, epochs_cos: int) -> float:
     return float(lr_min + 0.5 * (lr0 - lr_min) * (1.0 + math.cos(math.pi * epoch / epochs_cos)))
 
 
-def _layer_prefixes(param_names) -> list[str]:
-    """The layer prefixes ('conv1' of 'conv1.weight') in order of first appearance."""
-    out: list[str] = []
-    for name in param_names:
-        prefix = name.rsplit(".", 1)[0] if "." in name else name
-        if prefix not in out:
-            out.append(prefix)
-    return out
+def _prefix(name: str) -> str:
+    """The layer prefix of a parameter name: 'conv1' of 'conv1.weight'."""
+    return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def per_layer_lrs(param_names, lrs) -> dict[str, float]:
+def per_layer_lrs(param_names, lrs, *, layer_of: dict | None = None) -> dict[str, float]:
     """Map one learning rate per layer to every parameter of that layer, Eq. (8.3).
 
     Parameters
     ----------
     param_names : iterable of str
-        Parameter names in model order (``conv1.weight``, ``conv1.bias``, …); a layer is the
-        name without its last ``.``-component, and layers are taken in order of first
-        appearance.
+        Parameter names in model order (``conv1.weight``, ``conv1.bias``, …).
     lrs : sequence of float
         r_1 … r_J, one per layer (e.g. Laborieux et al.'s 0.25, 0.15, 0.1, 0.08, 0.05 for
-        conv1 … conv4 and the readout fc1).
+        conv1 … conv4 and the readout fc1), or a single rate for every parameter.
+    layer_of : dict name -> layer name, optional
+        The layer whose rate each parameter takes; by default the name without its last
+        ``.``-component. The CRNN's :meth:`~pyeqprop.model.crnn.CRNN.param_owners` maps a
+        local head or distillation map to the layer it reads. Layers are counted in order of
+        first appearance.
 
     Returns
     -------
     dict name -> rate, in the order of ``param_names``.
 
-    Raises ``ValueError`` listing the layers when the number of rates differs from the
+    Raises ``ValueError`` listing the layers when the number of rates is neither 1 nor the
     number of layers.
     """
     names = list(param_names)
-    layers = _layer_prefixes(names)
+    owner = {k: (layer_of[k] if layer_of is not None else _prefix(k)) for k in names}
+    layers = list(dict.fromkeys(owner[k] for k in names))
     rates = [float(r) for r in lrs]
-    if len(rates) != len(layers):
-        raise ValueError(f"got {len(rates)} per-layer learning rates for {len(layers)} layers "
-                         f"({', '.join(layers)}); give exactly one rate per layer, in this order")
     if any(r < 0 for r in rates):
         raise ValueError(f"learning rates must be >= 0, got {rates}")
+    if len(rates) == 1:
+        return {name: rates[0] for name in names}
+    if len(rates) != len(layers):
+        raise ValueError(f"got {len(rates)} per-layer learning rates for {len(layers)} layers "
+                         f"({', '.join(layers)}); give one rate, or exactly one rate per layer, in this order")
     by_layer = dict(zip(layers, rates))
-    return {name: by_layer[name.rsplit(".", 1)[0] if "." in name else name] for name in names}
+    return {name: by_layer[owner[name]] for name in names}
 
 
 class SGD:

@@ -1,8 +1,9 @@
-"""Cost terms C of the nudged phase: readouts here, intermediate signals in ``signals.py`` (SPEC.md §3.3).
+"""The readouts: the cost terms of the output, Eqs. (3.3)-(3.4) (SPEC.md §3.3).
 
-A cost term is a small object with this protocol (all per sample, batch first):
+Every cost term — these readouts and the intermediate signals of :mod:`pyeqprop.learning.signals`
+— is a small object with this protocol (all per sample, batch first; SPEC.md §3.3):
 
-``param_specs(dtype)``                 names, shapes and fan-in of the parameters it owns
+``param_specs()``                       names, shapes and fan-in of the parameters it owns
 ``prepare(params, x, y)``              per-batch context (one-hot targets, teacher features), once per batch
 ``value(params, states, ctx)``         C_k(s) of shape (n,)
 ``state_grads(params, states, ctx)``   {l: ∂C_k/∂s_l}, each the shape of s_l
@@ -14,40 +15,12 @@ from the same estimator formula (Eq. 4.1-4.3 reduce to ∂C/∂θ at the nudged 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..backend import device_of, namespace_of
+from ..backend import namespace_of
 from ..ops.linear import linear, linear_transpose, linear_weight_grad
+from ..ops.softmax import log_softmax, onehot
+from .params import ParamSpec
 
-__all__ = ["onehot", "log_softmax", "MSEOutput", "SoftmaxReadout", "ParamSpec"]
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """A parameter a model or cost term owns: PyTorch name, shape, fan-in and initialisation (Eq. 3.10).
-
-    ``init``: "uniform" (±1/√fan_in, weights × weight_scale) or "zeros".
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    fan_in: int
-    init: str = "uniform"
-
-
-def onehot(y, num_classes: int, dtype):
-    """One-hot rows: y (n,) integer labels -> (n, K) of ``dtype``, Eq. (3.4)."""
-    xp = namespace_of(y)
-    classes = xp.arange(num_classes, dtype=y.dtype, device=device_of(y))
-    return xp.astype(xp.reshape(y, (-1, 1)) == xp.reshape(classes, (1, -1)), dtype)  # (n, 1) == (1, K) -> (n, K)
-
-
-def log_softmax(z):
-    """Row-wise log-softmax of z (n, K), stabilised by the row maximum."""
-    xp = namespace_of(z)
-    zmax = xp.max(z, axis=1, keepdims=True)
-    zs = z - zmax
-    return zs - xp.log(xp.sum(xp.exp(zs), axis=1, keepdims=True))
+__all__ = ["READOUTS", "MSEOutput", "SoftmaxReadout", "make_readout"]
 
 
 class MSEOutput:
@@ -132,3 +105,18 @@ class SoftmaxReadout:
         d = self._delta(params, states, ctx)
         return {f"{self.name}.weight": linear_weight_grad(self._flat(states), d),
                 f"{self.name}.bias": xp.sum(d, axis=0)}
+
+
+READOUTS = {"mse": MSEOutput, "softmax": SoftmaxReadout}
+"""The readout kinds by name: ``mse`` (Eq. 3.3) and ``softmax`` (Eq. 3.4)."""
+
+
+def make_readout(kind: str, arch, num_classes: int):
+    """The readout cost term of a resolved architecture: on s_L (mse) or through the readout layer (softmax)."""
+    last = len(arch.layers) - 1
+    if kind == "mse":
+        return MSEOutput(last, num_classes)
+    if kind == "softmax":
+        ro = arch.readout
+        return SoftmaxReadout(last, ro.name, ro.in_features, num_classes)
+    raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {kind!r}")

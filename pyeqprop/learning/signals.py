@@ -1,7 +1,7 @@
 """Intermediate error signals: local error heads and linear-mapped distillation (SPEC.md §6).
 
 pyeqprop's own design (the paper's exact equations are not available to us). Each signal is
-a cost term (protocol in :mod:`pyeqprop.model.costs`) added to the total cost
+a cost term (protocol in :mod:`pyeqprop.model.readout`, SPEC.md §3.3) added to the total cost
 
     C = C_out + Σ_{l∈A} λ_l C^loc_l + Σ_{l∈D} γ_l C^kd_l + κ C^kd_out              (Eq. 6.1)
 
@@ -32,8 +32,8 @@ from ..backend import namespace_of
 from ..ops.conv import conv2d, conv2d_bias_grad, conv2d_transpose, conv2d_weight_grad
 from ..ops.linear import linear, linear_transpose, linear_weight_grad
 from ..ops.pool import avg_pool2d, avg_unpool2d
-from .arch import ConvLayer
-from .costs import ParamSpec, log_softmax, onehot
+from ..model.params import ParamSpec
+from ..ops.softmax import log_softmax, onehot
 
 __all__ = ["SignalConfig", "LocalErrorHead", "DistillationMap", "OutputDistillation", "TeacherFeatures",
            "attach_signals", "parse_layers"]
@@ -350,7 +350,7 @@ def attach_signals(net, config: SignalConfig, teacher=None):
     Conv layer numbers count the CRNN's conv layers from 1. Distillation needs ``teacher``
     (a :class:`~pyeqprop.model.teacher.Teacher` with ``features(x)`` and ``forward(x)``).
     """
-    conv_idx = [i for i, layer in enumerate(net.layers) if isinstance(layer, ConvLayer)]
+    conv_idx = net.conv_layer_indices()
     shapes = net.arch.state_shapes
     terms = []
     local = parse_layers(config.local_layers, len(conv_idx), "local-error")

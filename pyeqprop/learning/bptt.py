@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .arch import ConvLayer
 from .settle import residual
 
 __all__ = ["BPTTResult", "bptt", "bptt_gradients"]
@@ -39,32 +38,6 @@ class BPTTResult:
     state_steps: list = field(default_factory=list)  # ∇BPTT_s(k) = μ_{T−1−k}, lists per layer
     final_state: list = field(default_factory=list)
     residual: float = float("nan")
-
-
-def _hessian_vector(net, mu, indices, shapes):
-    """H μ at frozen argmaxes (Eq. 5.3): bottom-up without bias or input, plus top-down."""
-    xp = net.xp
-    L = len(net.layers)
-    out = []
-    for l in range(L):
-        term = None
-        if l > 0:
-            layer = net.layers[l]
-            below = mu[l - 1]
-            W = net.params[f"{layer.name}.weight"]
-            if isinstance(layer, ConvLayer):
-                from ..ops.conv import conv2d
-
-                term = net._pool_linear(l, conv2d(below, W, padding=layer.padding), indices[l])
-            else:
-                term = xp.reshape(below, (below.shape[0], -1)) @ xp.matrix_transpose(W)  # (n, in) -> (n, out)
-        if l < L - 1:
-            td = net._top_down(l + 1, mu[l + 1], indices[l + 1], shapes[l])
-            term = td if term is None else term + td
-        if term is None:
-            term = xp.zeros(shapes[l], dtype=net.dtype, device=net.device)
-        out.append(term)
-    return out
 
 
 def bptt(net, x, y, *, T, per_step=False) -> BPTTResult:
@@ -81,24 +54,25 @@ def bptt(net, x, y, *, T, per_step=False) -> BPTTResult:
     """
     if int(T) != T or T < 1:
         raise ValueError(f"T must be a positive integer, got {T!r}")
-    net._check_x(x)
+    if y is None:
+        raise ValueError("bptt needs targets y")
     xp = net.xp
     n = x.shape[0]
-    ctx = net.prepare(x, y)
+    nudge = net.nudge(x, y)  # β = 0: the cost context for the loss, and B_1(x) for every step
+    ctx = nudge.ctx
     # forward, storing s_t, u_t and the argmaxes of every step
     s = net.init_state(n)
-    x_drive = net.input_drive(x)  # B_1(x) and its argmax are the same at every step
     tape = []
     last_res = float("nan")
     for t in range(int(T)):
-        d = net.drive(x, s, None, 0.0, x_drive)
+        d = net.drive(x, s, nudge)
         new = [net.act.fn(u) for u in d.u]
         if t == T - 1:
             last_res = residual(new, s)
         tape.append((s, d.u, d.indices))
         s = new
     sT = s
-    loss = float(xp.sum(net.cost(x, sT, y, ctx))) / n
+    loss = float(xp.sum(net.cost(x, sT, nudge))) / n
     shapes = [tuple(a.shape) for a in sT]
     # λ_T and the direct cost-parameter terms
     lam = [xp.zeros(shp, dtype=net.dtype, device=net.device) for shp in shapes]
@@ -114,18 +88,13 @@ def bptt(net, x, y, *, T, per_step=False) -> BPTTResult:
     for t in range(int(T) - 1, -1, -1):
         s_t, u_t, idx_t = tape[t]
         mu = [lam[l] * net.act.grad(u_t[l]) for l in range(len(shapes))]  # Eq. 5.2
-        step: dict = {}
-        for l in range(len(net.layers)):
-            lower = net._below(x, s_t, l)
-            net._layer_param_grads(l, lower, mu[l], idx_t[l], step, with_bias=True)  # s_{l−1} ⊗ P*(μ_l)
-            if l > 0:
-                net._layer_param_grads(l, mu[l - 1], s_t[l], idx_t[l], step, with_bias=False)  # μ_{l−1} ⊗ P*(s_l)
+        step = net.dphi_dtheta_tangent(x, s_t, mu, idx_t)  # D_s(∂Φ/∂θ)(s_t)·μ_t
         for k, g in step.items():
             grads[k] = grads[k] + g  # Eq. 5.4
         if per_step:
             theta_steps.append(step)
             state_steps.append(mu)
-        lam = _hessian_vector(net, mu, idx_t, shapes)  # Eq. 5.3
+        lam = net.hessian_vector(mu, idx_t)  # Eq. 5.3
     return BPTTResult(grads, loss, theta_steps, state_steps, sT, last_res)
 
 

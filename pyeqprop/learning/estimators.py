@@ -1,0 +1,174 @@
+"""Gradient estimators: EP (SPEC.md §4) and BPTT (§5), one registry, one result type.
+
+Each estimator returns an :class:`Estimate` of ∇_θ of the batch-mean cost (1/n) Σ_n C; the
+optimizer subtracts it. :data:`ESTIMATORS` maps a name to its function, all with the
+signature ``fn(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False)``; adding
+an estimator is one function and one line in the registry. s^0 is the free fixed point after T1 steps from zero (Eq. 3.8, β = 0); nudged
+phases start from s^0 and run T2 steps with Φ^{±β}.
+
+    one-sided    g = −1/(β n) [∂Φ^β/∂θ(s^β) − ∂Φ/∂θ(s^0)]                       (Eq. 4.1)
+    symmetric    g = −1/(2β n) [∂Φ^β/∂θ(s^β) − ∂Φ^{−β}/∂θ(s^{−β})]              (Eq. 4.2)
+    random-sign  one-sided with β replaced by ±β, the sign drawn once per batch    (Eq. 4.3)
+    bptt         the exact gradient through T1 free steps (Eq. 5.4), for reference runs
+
+The random sign is an argument (``sign`` = +1 or −1); :func:`draw_sign` draws it from a
+generator, as the training loop does once per batch.
+
+As β → 0 with converged phases, (4.1) and (4.3) approach the BPTT gradient of §5 with error
+O(β) and (4.2) with error O(β²) (the EP limit, Eq. 4.4).
+
+Parameters that appear only in the cost (softmax readout, local heads, distillation maps)
+enter Φ^β as −β ∂C/∂θ, so the same formulas give them ∂C/∂θ at the nudged state(s)
+(one-sided) or its average over s^{±β} (symmetric).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bptt import bptt
+from .settle import Settled, settle
+
+__all__ = ["ESTIMATORS", "EP_ESTIMATORS", "Estimate", "estimate", "ep_estimate", "ep_gradients", "draw_sign",
+           "symmetric", "one_sided", "random_sign", "bptt_estimate"]
+
+
+@dataclass
+class Estimate:
+    """A gradient estimate with the phases that produced it, for EP and BPTT alike.
+
+    grads : dict keyed like ``net.params``, the estimate of ∇_θ (1/n) Σ C.
+    free : the free phase (for BPTT: its T1-step forward pass, which the gradient is exact for).
+    nudged : the nudged phases, in the order (+β[, −β]); empty for BPTT.
+    betas : the signed β of each nudged phase.
+    """
+
+    grads: dict
+    free: Settled
+    nudged: list = field(default_factory=list)
+    betas: list = field(default_factory=list)
+
+    def phases(self) -> list:
+        """Every settled phase: the free one, then the nudged ones."""
+        return [self.free, *self.nudged]
+
+
+def _check(beta, T1, T2):
+    if not (isinstance(beta, (int, float)) and beta > 0 and np.isfinite(beta)):
+        raise ValueError(f"beta must be a positive finite number (its sign is set by the estimator), got {beta!r}")
+    for name, T in (("T1", T1), ("T2", T2)):
+        if int(T) != T or T < 1:
+            raise ValueError(f"{name} must be a positive integer, got {T!r}")
+
+
+def _free_phase(net, x, y, T1, free_state, record):
+    """The batch's nudge (β = 0, with targets) and its free phase: T1 steps from zero, or ``free_state``."""
+    if y is None:
+        raise ValueError("ep_gradients needs targets y")
+    nudge = net.nudge(x, y)  # the cost context and B_1(x), shared by every phase and gradient of this batch
+    if free_state is None:
+        return nudge, settle(net, x, T1, nudge=nudge, record=record)
+    net.check_state(free_state, x.shape[0])
+    return nudge, Settled(list(free_state), 0.0, [], 0)
+
+
+def symmetric(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False) -> Estimate:
+    """g = −1/(2βn) [∂Φ^β/∂θ(s^β) − ∂Φ^{−β}/∂θ(s^{−β})] (Eq. 4.2); error O(β²) (Eq. 4.4)."""
+    _check(beta, T1, T2)
+    nudge, free = _free_phase(net, x, y, T1, free_state, record)
+    n = x.shape[0]
+    plus = settle(net, x, T2, nudge=nudge.at(beta), state=free.state, record=record)
+    minus = settle(net, x, T2, nudge=nudge.at(-beta), state=free.state, record=record)
+    gp = net.dphi_dtheta(x, plus.state, nudge.at(beta))
+    gm = net.dphi_dtheta(x, minus.state, nudge.at(-beta))
+    scale = -1.0 / (2.0 * beta * n)
+    return Estimate({k: scale * (gp[k] - gm[k]) for k in gp}, free, [plus, minus], [beta, -beta])
+
+
+def _one_sided_at(net, x, y, b, T1, T2, free_state, record) -> Estimate:
+    nudge, free = _free_phase(net, x, y, T1, free_state, record)
+    n = x.shape[0]
+    nudged = settle(net, x, T2, nudge=nudge.at(b), state=free.state, record=record)
+    gb = net.dphi_dtheta(x, nudged.state, nudge.at(b))
+    g0 = net.dphi_dtheta(x, free.state, nudge)
+    scale = -1.0 / (b * n)
+    return Estimate({k: scale * (gb[k] - g0[k]) for k in gb}, free, [nudged], [b])
+
+
+def one_sided(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False) -> Estimate:
+    """g = −1/(βn) [∂Φ^β/∂θ(s^β) − ∂Φ/∂θ(s^0)] (Eq. 4.1); error O(β) (Eq. 4.4)."""
+    _check(beta, T1, T2)
+    return _one_sided_at(net, x, y, beta, T1, T2, free_state, record)
+
+
+def random_sign(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False) -> Estimate:
+    """Eq. 4.1 at β' = sign·β (Eq. 4.3); ``sign`` (+1 or −1) is drawn by the caller (:func:`draw_sign`)."""
+    _check(beta, T1, T2)
+    if sign not in (1, -1):
+        raise ValueError(f"the random-sign estimator needs sign +1 or -1 (draw it with draw_sign), got {sign!r}")
+    return _one_sided_at(net, x, y, beta if sign == 1 else -beta, T1, T2, free_state, record)
+
+
+def bptt_estimate(net, x, y, *, beta=None, T1, T2=None, sign=None, free_state=None, record=False) -> Estimate:
+    """The exact gradient after T1 free steps from zero (Eqs. 5.1-5.4); ``beta``, ``T2`` are not used."""
+    if free_state is not None:
+        raise ValueError("the bptt estimator runs its own T1-step forward pass; it takes no free_state")
+    r = bptt(net, x, y, T=T1)
+    return Estimate(r.grads, Settled(r.final_state, r.residual, [], int(T1)), [], [])
+
+
+ESTIMATORS = {
+    "symmetric": symmetric,
+    "one-sided": one_sided,
+    "random-sign": random_sign,
+    "bptt": bptt_estimate,
+}
+"""Every gradient estimator by name (Eqs. 4.1-4.3, 5.4)."""
+
+EP_ESTIMATORS = ("symmetric", "one-sided", "random-sign")
+"""The EP estimators of :data:`ESTIMATORS`: those that form a difference of nudged phases."""
+
+
+def draw_sign(rng: np.random.Generator) -> int:
+    """The random sign of Eq. 4.3 from one draw of ``rng``: +1 when ``rng.random() < 0.5``, else −1."""
+    return 1 if rng.random() < 0.5 else -1
+
+
+def estimate(name, net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False) -> Estimate:
+    """Run the estimator ``name`` of :data:`ESTIMATORS` on one batch."""
+    try:
+        fn = ESTIMATORS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got {name!r}") from None
+    return fn(net, x, y, beta=beta, T1=T1, T2=T2, sign=sign, free_state=free_state, record=record)
+
+
+def ep_estimate(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rng=None, free_state=None,
+                record=False) -> Estimate:
+    """Run the free and nudged phases and form the EP estimate (Eqs. 4.1-4.3).
+
+    Parameters
+    ----------
+    net : CRNN; x : (n, c, h, w); y : (n,) integer labels.
+    beta : float > 0, the nudge magnitude; T1, T2 : free and nudged steps.
+    estimator : one of :data:`EP_ESTIMATORS`.
+    sign : +1 or −1, the random sign (random-sign only); drawn from ``rng`` when None.
+    rng : numpy Generator for that draw (default: a fresh ``default_rng()``).
+    free_state : a settled free state to reuse instead of running T1 steps.
+    record : record per-step residuals.
+
+    Returns
+    -------
+    :class:`Estimate` with ``grads`` keyed like ``net.params`` (estimate of ∇_θ (1/n) Σ C).
+    """
+    if estimator not in EP_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {EP_ESTIMATORS}, got {estimator!r}")
+    if estimator == "random-sign" and sign is None:
+        sign = draw_sign(np.random.default_rng() if rng is None else rng)
+    return estimate(estimator, net, x, y, beta=beta, T1=T1, T2=T2, sign=sign, free_state=free_state, record=record)
+
+
+def ep_gradients(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rng=None):
+    """EP estimate of ∇_θ of the batch-mean cost, keyed like ``net.params`` (Eqs. 4.1-4.3)."""
+    return ep_estimate(net, x, y, beta=beta, T1=T1, T2=T2, estimator=estimator, sign=sign, rng=rng).grads

@@ -1,0 +1,138 @@
+"""One training step: a batch's update (the gradient estimate, checked finite) and the batch's metrics.
+
+The loop (:mod:`pyeqprop.train.loop`) owns epochs, checkpoints and resume; a batch is
+
+    upd = train_step(net, xb, yb, cfg, rng)      # pure: the parameters are not touched
+    opt.step(upd.grads)                          # the update (Eq. 8.1)
+    check_params_finite(net, where)
+    m = step_metrics(net, upd, xb, yb)           # one host transfer
+
+:func:`step_metrics` reads the readout at the free state *after* the update, as
+``metrics.jsonl``'s ``train_loss``/``train_acc`` always have; the per-layer |g| are taken
+from the estimate, before it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..backend import to_numpy
+from ..learning.estimators import Estimate, draw_sign, estimate
+from .errors import TrainingDiverged
+
+__all__ = ["Update", "StepMetrics", "train_step", "step_metrics", "batch_estimate", "check_params_finite"]
+
+
+@dataclass
+class Update:
+    """One batch's update: the estimate (``grads`` is what the optimizer applies) and, on the device,
+    the mean |g| of each neuron layer's weight estimate."""
+
+    estimate: Estimate
+    grad_mean_abs: dict
+
+    @property
+    def grads(self) -> dict:
+        return self.estimate.grads
+
+
+@dataclass
+class StepMetrics:
+    """What one batch reports, as host numbers.
+
+    loss_sum : Σ over the batch of the readout cost at the free state (after the update).
+    correct : number of samples whose readout argmax equals the label.
+    seen : batch size.
+    residual_free, residual_nudged : last-step residuals r_T (Eq. 3.11) of the free phase and
+        the largest over the nudged phases (NaN-free 0.0 when there is no nudged phase).
+    grad_mean_abs : mean |g| of each neuron layer's weight estimate, before the update.
+    """
+
+    loss_sum: float
+    correct: int
+    seen: int
+    residual_free: float
+    residual_nudged: float
+    grad_mean_abs: dict = field(default_factory=dict)
+
+
+def _all_finite(xp, arrays) -> bool:
+    """One host transfer for the whole list (the per-array answers stay on the device)."""
+    return bool(to_numpy(xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in arrays]))))
+
+
+def _check_finite(net, states, where, phase):
+    xp = net.xp
+    if _all_finite(xp, states):
+        return
+    epoch, batch = where
+    for l, s in enumerate(states):
+        if not bool(to_numpy(xp.all(xp.isfinite(s)))):
+            raise TrainingDiverged(f"training diverged at epoch {epoch}, batch {batch}: the {phase} state of layer "
+                                   f"{l + 1} ({net.layers[l].name}) holds NaN or inf")
+
+
+def check_phases_finite(net, est: Estimate, where):
+    """The free and nudged states of one estimate, with one host transfer when all are finite."""
+    if _all_finite(net.xp, [s for ph in est.phases() for s in ph.state]):
+        return
+    _check_finite(net, est.free.state, where, "free")
+    for ph in est.nudged:
+        _check_finite(net, ph.state, where, "nudged")
+
+
+def check_params_finite(net, where):
+    """Every parameter after the update, with one host transfer when all are finite."""
+    xp = net.xp
+    if _all_finite(xp, list(net.params.values())):
+        return
+    epoch, batch = where
+    for k, v in net.params.items():
+        if not bool(to_numpy(xp.all(xp.isfinite(v)))):
+            raise TrainingDiverged(f"training diverged at epoch {epoch}, batch {batch}: parameter {k} holds NaN or inf "
+                                   "after the update (lower the learning rate or beta)")
+
+
+def batch_estimate(net, xb, yb, cfg, rng) -> Estimate:
+    """The gradient estimate of one batch by ``cfg.estimator`` (Eqs. 4.1-4.3, 5.4).
+
+    The random sign of Eq. 4.3 is drawn from ``rng`` (the batch's generator, after augmentation).
+    """
+    sign = draw_sign(rng) if cfg.estimator == "random-sign" else None
+    return estimate(cfg.estimator, net, xb, yb, beta=cfg.beta, T1=cfg.T1, T2=cfg.T2, sign=sign)
+
+
+def train_step(net, xb, yb, cfg, rng, *, where=(0, 0)) -> Update:
+    """The update of one batch: its gradient estimate, checked finite, and its per-layer |g|; pure.
+
+    Parameters
+    ----------
+    net : CRNN.
+    xb : (n, c, h, w) the batch, normalised (and augmented) on the net's backend; yb : (n,) labels.
+    cfg : :class:`~pyeqprop.train.config.TrainConfig` (estimator, beta, T1, T2).
+    rng : the batch's generator (the random sign).
+    where : (epoch, batch), 1-based, named by a divergence error.
+
+    Returns
+    -------
+    :class:`Update`. Raises :class:`~pyeqprop.train.errors.TrainingDiverged` naming the layer
+    when a phase state is not finite. ``net.params`` is left as it was.
+    """
+    xp = net.xp
+    est = batch_estimate(net, xb, yb, cfg, rng)
+    check_phases_finite(net, est, where)
+    mags = {layer.weight: xp.mean(xp.abs(est.grads[layer.weight])) for layer in net.layers}  # on device
+    return Update(est, mags)
+
+
+def step_metrics(net, upd: Update, xb, yb) -> StepMetrics:
+    """The batch's loss, correct count and |g| at the current parameters, in one host transfer."""
+    xp = net.xp
+    est = upd.estimate
+    term = net.readout_term
+    st = est.free.state
+    loss = xp.sum(term.value(net.params, st, term.prepare(net.params, xb, yb)))
+    correct = xp.sum(xp.astype(xp.argmax(net.logits(st), axis=1) == yb, loss.dtype))
+    keys = list(upd.grad_mean_abs)
+    host = to_numpy(xp.stack([loss, correct, *upd.grad_mean_abs.values()])).tolist()
+    return StepMetrics(host[0], int(host[1]), int(xb.shape[0]), est.free.residual,
+                       max([0.0] + [ph.residual for ph in est.nudged]), dict(zip(keys, host[2:])))
