@@ -25,16 +25,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backend import backend_name, device_of, namespace_of, resolve
+from ..backend import DTYPES, backend_name, device_of, namespace_of, resolve
 from ..ops.activations import get_activation
 from ..ops.conv import conv2d_bias_grad, conv2d_transpose, conv2d_weight_grad
 from ..ops.linear import linear_transpose, linear_weight_grad
 from ..ops.pool import avg_pool2d, max_pool2d_select
 from . import layers as layers_mod
-from .arch import ConvLayer, parse_arch
+from .arch import ArchError, ConvLayer, parse_arch
 from .costs import MSEOutput, SoftmaxReadout
 
-__all__ = ["CRNN", "Drive"]
+__all__ = ["CRNN", "Drive", "READOUTS"]
+
+READOUTS = ("mse", "softmax")  # a dynamical output layer (Eq. 3.3), or a softmax readout (Eq. 3.4)
 
 
 @dataclass
@@ -82,8 +84,10 @@ class CRNN:
     def __init__(self, arch, input_shape, *, num_classes=10, readout="mse", activation="hard_sigmoid",
                  dtype="float32", xp=None, seed=0, weight_scale=1.0):
         self.xp = resolve(xp)
-        if dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be {' or '.join(map(repr, DTYPES))}, got {dtype!r}")
+        if readout not in READOUTS:
+            raise ArchError(f"readout must be {' or '.join(map(repr, READOUTS))}, got {readout!r}")
         self.dtype_name = dtype
         self.dtype = getattr(self.xp, dtype)
         self.arch = parse_arch(arch, input_shape, num_classes, readout)

@@ -23,9 +23,10 @@ import numpy as np
 
 from .settle import Settled, settle_ctx
 
-__all__ = ["ESTIMATORS", "EPResult", "ep_estimate", "ep_gradients"]
+__all__ = ["ESTIMATORS", "TRAIN_ESTIMATORS", "EPResult", "ep_estimate", "ep_gradients"]
 
 ESTIMATORS = ("symmetric", "one-sided", "random-sign")
+TRAIN_ESTIMATORS = ESTIMATORS + ("bptt",)  # what `pyeqprop train --estimator` accepts: EP (Eqs. 4.1-4.3) or BPTT (§5)
 
 
 @dataclass

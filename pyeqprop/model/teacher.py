@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import asarray, backend_name, device_of, namespace_of, resolve, to_numpy
+from ..backend import DTYPES, asarray, backend_name, device_of, namespace_of, resolve, to_numpy
 from ..ops.activations import get_activation
 from ..ops.conv import conv2d_bias_grad, conv2d_transpose, conv2d_weight_grad
 from ..ops.linear import linear, linear_transpose, linear_weight_grad
@@ -107,8 +107,8 @@ class Teacher:
                  xp=None, seed=0, weight_scale=1.0):
         self.xp = resolve(xp)
         self.weight_scale = float(weight_scale)
-        if dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be {' or '.join(map(repr, DTYPES))}, got {dtype!r}")
         self.dtype_name = dtype
         self.dtype = getattr(self.xp, dtype)
         self.arch = parse_arch(arch, input_shape, num_classes, "softmax")
