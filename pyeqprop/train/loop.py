@@ -413,7 +413,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
             opt.momentum, opt.weight_decay = cfg.momentum, cfg.weight_decay
         log(f"resumed from {run / 'latest.npz'} at epoch {start_epoch + 1}, batch {start_batch}")
     # the run folder is written only once the job is known to start: a failed resume leaves it as it was
-    (run / "config.toml").write_text(dump_toml(cfg))
+    (run / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")  # its comments use SPEC.md symbols
     _write_metrics(run, history)
     n_train = data.x_train.shape[0]
     n_batches = (n_train + cfg.batch_size - 1) // cfg.batch_size
