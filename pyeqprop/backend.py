@@ -24,6 +24,7 @@ import numpy as np
 
 __all__ = [
     "BACKENDS",
+    "DTYPES",
     "BackendError",
     "get_namespace",
     "get_backend",
@@ -35,7 +36,8 @@ __all__ = [
     "cupy_available",
 ]
 
-BACKENDS = ("numpy", "cupy", "array_api_strict")
+BACKENDS = ("numpy", "cupy", "array_api_strict")  # the names get_namespace / set_backend accept
+DTYPES = ("float32", "float64")  # floating dtypes, by name, that networks (states, parameters) run in
 
 _default_name: str | None = None
 

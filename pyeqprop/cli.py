@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
 
 __all__ = ["main"]
 
@@ -41,25 +40,39 @@ def _known_errors():
     return tuple(errs)
 
 
-def _add_train_flags(p):
-    from .train.config import TrainConfig
+class _OptionHelpFormatter(argparse.HelpFormatter):
+    """Adds a configuration flag's default and allowed values to its help text.
 
+    The addition is made when help is printed, not when the parser is built, so allowed values
+    defined in modules the CLI does not import at start-up (:class:`pyeqprop.train.config.Imported`)
+    are imported for ``--help`` only. Overriding ``_get_help_string`` is how argparse's own
+    ArgumentDefaultsHelpFormatter does it.
+    """
+
+    def _get_help_string(self, action):
+        opt = getattr(action, "option", None)
+        if opt is None:
+            return super()._get_help_string(action)
+        return opt.describe().replace("%", "%%")
+
+
+def _add_train_flags(p):
+    from .train.config import OPTIONS
+
+    p.formatter_class = _OptionHelpFormatter
     p.add_argument("--config", metavar="FILE", help="TOML file with any of the keys below")
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its latest checkpoint")
     group = p.add_argument_group("configuration keys (flags override the config file)")
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, list):
-            default = ",".join(str(v) for v in default)
-        group.add_argument(flag, dest=f.name, default=None, metavar="V", help=f"(default: {default!r})")
+    for opt in OPTIONS.values():
+        action = group.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.metavar,
+                                    help=opt.help.replace("%", "%%"))
+        action.option = opt  # read by _OptionHelpFormatter
 
 
 def _overrides(ns):
-    from .train.config import TrainConfig
+    from .train.config import OPTIONS
 
-    return {f.name: getattr(ns, f.name) for f in fields(TrainConfig) if getattr(ns, f.name, None) is not None}
+    return {name: getattr(ns, name) for name in OPTIONS if getattr(ns, name, None) is not None}
 
 
 def _config_for(ns):

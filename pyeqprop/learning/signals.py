@@ -36,7 +36,11 @@ from ..model.params import ParamSpec
 from ..ops.softmax import log_softmax, onehot
 
 __all__ = ["SignalConfig", "LocalErrorHead", "DistillationMap", "OutputDistillation", "TeacherFeatures",
-           "attach_signals", "parse_layers"]
+           "attach_signals", "parse_layers", "LOCAL_LOSSES", "KD_NORMALISATIONS", "SIGNAL_INITS"]
+
+LOCAL_LOSSES = ("ce", "mse")  # C^loc_l of Eq. 6.3: cross-entropy of the head, or its squared error
+KD_NORMALISATIONS = ("mean", "sum")  # Eq. 6.5: divide by |t_l| (a mean squared error), or not
+SIGNAL_INITS = ("zeros", "uniform")  # heads and maps start at zero (Eq. 6.7) or uniform by Eq. 3.10
 
 
 def _largest_divisor_at_most(n: int, g: int) -> int:
@@ -66,8 +70,8 @@ class TeacherFeatures:
 
 def _check_init(init):
     """Heads and maps start at zero (Eq. 6.7) or uniform by Eq. 3.10."""
-    if init not in ("zeros", "uniform"):
-        raise ValueError(f"signal init must be 'zeros' or 'uniform', got {init!r}")
+    if init not in SIGNAL_INITS:
+        raise ValueError(f"signal init must be {' or '.join(map(repr, SIGNAL_INITS))}, got {init!r}")
 
 
 class LocalErrorHead:
@@ -78,8 +82,8 @@ class LocalErrorHead:
     def __init__(self, layer: int, state_shape, num_classes: int, *, grid: int = 2, loss: str = "ce", name=None,
                  init: str = "zeros"):
         _check_init(init)
-        if loss not in ("ce", "mse"):
-            raise ValueError(f"local error loss must be 'ce' or 'mse', got {loss!r}")
+        if loss not in LOCAL_LOSSES:
+            raise ValueError(f"local error loss must be {' or '.join(map(repr, LOCAL_LOSSES))}, got {loss!r}")
         if grid < 1:
             raise ValueError(f"local head grid must be >= 1, got {grid}")
         self.layer = layer
@@ -155,8 +159,9 @@ class DistillationMap:
     def __init__(self, layer: int, state_shape, teacher_shape, provider: TeacherFeatures, *,
                  teacher_layer=None, normalisation: str = "mean", name=None, init: str = "zeros"):
         _check_init(init)
-        if normalisation not in ("mean", "sum"):
-            raise ValueError(f"distillation normalisation must be 'mean' or 'sum', got {normalisation!r}")
+        if normalisation not in KD_NORMALISATIONS:
+            raise ValueError(f"distillation normalisation must be {' or '.join(map(repr, KD_NORMALISATIONS))}, "
+                             f"got {normalisation!r}")
         self.layer = layer
         self.teacher_layer = layer if teacher_layer is None else teacher_layer
         self.name = name or f"kd{layer + 1}"

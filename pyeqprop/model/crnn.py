@@ -30,16 +30,14 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..backend import backend_name, device_of, namespace_of, resolve
+from ..backend import DTYPES, backend_name, device_of, namespace_of, resolve
 from ..ops.activations import get_activation
 from .arch import parse_arch
 from .layers import make_layers, param_specs
 from .params import init_params
 from .readout import make_readout
 
-__all__ = ["CRNN", "Drive", "Nudge", "DTYPES"]
-
-DTYPES = ("float32", "float64")
+__all__ = ["CRNN", "Drive", "Nudge"]
 
 
 @dataclass
@@ -114,7 +112,7 @@ class CRNN:
                  dtype="float32", xp=None, seed=0, weight_scale=1.0):
         self.xp = resolve(xp)
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+            raise ValueError(f"dtype must be {' or '.join(map(repr, DTYPES))}, got {dtype!r}")
         self.dtype_name = dtype
         self.dtype = getattr(self.xp, dtype)
         self.arch = parse_arch(arch, input_shape, num_classes, readout)

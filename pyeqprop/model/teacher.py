@@ -40,11 +40,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import asarray, backend_name, device_of, namespace_of, resolve, to_numpy
+from ..backend import DTYPES, asarray, backend_name, device_of, namespace_of, resolve, to_numpy
 from ..ops.activations import get_activation
 from ..ops.softmax import log_softmax, onehot
 from .arch import parse_arch
-from .crnn import DTYPES
 from .layers import make_layer, make_layers, param_specs
 from .params import init_params
 
@@ -108,7 +107,7 @@ class Teacher:
         self.xp = resolve(xp)
         self.weight_scale = float(weight_scale)
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+            raise ValueError(f"dtype must be {' or '.join(map(repr, DTYPES))}, got {dtype!r}")
         self.dtype_name = dtype
         self.dtype = getattr(self.xp, dtype)
         self.arch = parse_arch(arch, input_shape, num_classes, "softmax")

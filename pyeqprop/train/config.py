@@ -1,4 +1,15 @@
-"""Training configuration: one flat dataclass, filled from defaults, a TOML file and flags.
+"""Training configuration: every option declared once, everything else derived from it.
+
+Each field of :class:`TrainConfig` is one option. Its name, type and default are the
+dataclass field's; :func:`option` adds a one-line help text and what values it allows: a
+tuple (or mapping) of names imported from the module that defines them, or a range. From
+that one declaration (collected in :data:`OPTIONS`, one :class:`Option` per field) come
+
+- :meth:`TrainConfig.validate`: allowed values and ranges;
+- :func:`config_from_mapping`: coercion of TOML values and command-line strings by type;
+- :func:`dump_toml`: the run folder's ``config.toml``, each key under a ``# help`` comment;
+- the flags of ``pyeqprop train`` / ``pyeqprop teacher`` and their ``--help``
+  (:mod:`pyeqprop.cli`).
 
 A TOML config holds the same keys as :class:`TrainConfig`, either at top level or inside
 tables (``[ep]``, ``[optim]``, …: table names are only for grouping and are ignored). An
@@ -7,110 +18,160 @@ unknown key or a value of the wrong type is a :class:`ConfigError` naming the ke
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field, fields
+import importlib
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from types import MappingProxyType
 
-__all__ = ["TrainConfig", "ConfigError", "load_toml", "config_from_mapping", "dump_toml"]
+from ..backend import BACKENDS, DTYPES
+from ..model.readout import READOUTS
+from ..learning.estimators import ESTIMATORS
+from ..learning.signals import KD_NORMALISATIONS, LOCAL_LOSSES, SIGNAL_INITS
+from ..ops.activations import ACTIVATIONS
+from .progress import PROGRESS_MODES
+
+__all__ = ["TrainConfig", "Option", "OPTIONS", "Imported", "option", "declarations", "ConfigError", "load_toml",
+           "config_from_mapping", "dump_toml"]
 
 
 class ConfigError(ValueError):
     """A malformed configuration: names the key, the value, and what was expected."""
 
 
+@dataclass(frozen=True)
+class Imported:
+    """A constant named by its module and attribute, imported when first needed.
+
+    For allowed values defined in a module that the command line must not import at
+    start-up (``pyeqprop --help`` stays fast): ``Imported("pyeqprop.data.augment", "PADDING_MODES")``.
+    """
+
+    module: str
+    name: str
+
+    def get(self):
+        """The constant itself (the very object its module defines)."""
+        return getattr(importlib.import_module(self.module), self.name)
+
+
+def option(default, help: str, *, choices=None, gt=None, ge=None, lt=None, le=None):
+    """Declare one :class:`TrainConfig` field: its default, help text and allowed values.
+
+    Parameters
+    ----------
+    default : bool, int, float, str or list of float
+        The default value (a list is copied for every new config).
+    help : str
+        One line: what the option does, its unit or meaning, and its symbol and equation in
+        SPEC.md where it has one ("β of Eq. 3.6").
+    choices : tuple, Mapping or Imported, optional
+        The allowed values (a mapping: its keys), imported from the module that defines them.
+    gt, ge, lt, le : float, optional
+        Bounds of a number (of each number of a list): > gt, >= ge, < lt, <= le.
+
+    Returns
+    -------
+    dataclasses.Field
+        The field, with the declaration in its ``metadata``.
+    """
+    metadata = {"help": help, "choices": choices, "gt": gt, "ge": ge, "lt": lt, "le": le}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
+    """Everything one ``pyeqprop train`` job needs; see :data:`OPTIONS` (or ``pyeqprop train --help``).
+
+    Equation numbers refer to SPEC.md. Build one with keywords (unset keys take their
+    defaults), from a mapping with :func:`config_from_mapping`, and check it with :meth:`validate`.
+    """
+
     # data
-    dataset: str = "digits"
-    data_root: str = ""
-    download: bool = False
-    augment: bool = False  # random crop (augment_padding) and horizontal flip (augment_flip)
-    augment_padding: int = 4
-    augment_flip: bool = True
-    augment_padding_mode: str = "edge"  # edge | zeros
-    test_fraction: float = 0.2
+    dataset: str = option("digits", "data set: one of pyeqprop.data.DATASETS (case, '-' and '_' are ignored)")
+    data_root: str = option("", "CIFAR folder or archive location; empty: $PYEQPROP_DATA, then the default search")
+    download: bool = option(False, "CIFAR: download the archive into the data folder when it is not found")
+    augment: bool = option(False, "augment training batches: random crop (augment_padding), "
+                                  "then random horizontal flip (augment_flip)")
+    augment_padding: int = option(4, "padding p of the random crop, in pixels (0: no crop)", ge=0)
+    augment_flip: bool = option(True, "with augment: flip each training image horizontally with probability 1/2")
+    augment_padding_mode: str = option("edge", "what the random crop sees outside the image: "
+                                               "the nearest edge pixel, or zeros",
+                                       choices=Imported("pyeqprop.data.augment", "PADDING_MODES"))
+    test_fraction: float = option(0.2, "held-out fraction of the stratified train/test split "
+                                       "(CIFAR has an official test set and ignores it)", gt=0, lt=1)
     # model
-    arch: str = "digits"
-    readout: str = "softmax"
-    activation: str = "half_hard_sigmoid"
-    dtype: str = "float32"
-    weight_scale: float = 1.0
+    arch: str = option("digits", "architecture: a spec string such as c16m-c32m (conv tokens "
+                                 "c<ch>[k<k>][p<p>][m|a], fc tokens f<units>; SPEC §3) or a preset name")
+    readout: str = option("softmax", "output: a dynamical output layer with cost ½‖s_L − onehot(y)‖² (mse, "
+                                     "Eq. 3.3) or a softmax readout (Eq. 3.4)", choices=READOUTS)
+    activation: str = option("half_hard_sigmoid", "activation ρ: clip(u, 0, 1) (Eq. 2.9) "
+                                                  "or clip(u/2, 0, 1) (Eq. 2.10)", choices=ACTIVATIONS)
+    dtype: str = option("float32", "floating dtype of states, parameters and data", choices=DTYPES)
+    weight_scale: float = option(1.0, "factor on the student's initial weight range ±1/√fan_in (Eq. 3.10)", gt=0)
     # EP
-    estimator: str = "symmetric"
-    beta: float = 0.5
-    T1: int = 30
-    T2: int = 10
-    T_eval: int = 0  # 0: use T1
+    estimator: str = option("symmetric", "gradient estimator: one-sided (Eq. 4.1), symmetric (Eq. 4.2) or "
+                                         "random-sign EP (Eq. 4.3), or bptt (Eq. 5.4, T = T1)",
+                            choices=ESTIMATORS)
+    beta: float = option(0.5, "nudging strength β of Eq. 3.6 (its sign is set by the estimator)", gt=0)
+    T1: int = option(30, "free-phase steps T1 of the dynamics (Eq. 3.8), from s = 0", ge=1)
+    T2: int = option(10, "nudged-phase steps T2 (§4), from the free state", ge=1)
+    T_eval: int = option(0, "free steps when testing; 0: T1", ge=0)
     # optimizer (Eqs. 8.1-8.3)
-    epochs: int = 30
-    batch_size: int = 32
-    lr: list = field(default_factory=lambda: [0.05])
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_min: float = 1e-5
-    cosine_epochs: int = 0  # 0: anneal over all epochs; -1: constant learning rate
+    epochs: int = option(30, "training epochs of the student", ge=1)
+    batch_size: int = option(32, "samples n per mini-batch of the student", ge=1)
+    lr: list[float] = option([0.05], "learning rate η_0 of Eq. 8.2: one for all parameters, or a comma list "
+                                     "with one per layer (neuron layers, then the readout; Eq. 8.3)", gt=0)
+    momentum: float = option(0.9, "momentum μ of SGD (Eq. 8.1); the teacher's SGD uses it too", ge=0, lt=1)
+    weight_decay: float = option(5e-4, "weight decay wd of Eq. 8.1, added to the gradient", ge=0)
+    lr_min: float = option(1e-5, "final learning rate η_min of the cosine schedule (Eq. 8.2)")
+    cosine_epochs: int = option(0, "epochs E of the cosine schedule (Eq. 8.2); 0: all epochs; "
+                                   "-1: constant learning rate")
     # intermediate signals (Eq. 6.1)
-    local_layers: str = "all"
-    local_weight: float = 0.1
-    local_grid: int = 2
-    local_loss: str = "ce"
-    kd_layers: str = "all"
-    kd_weight: float = 1.0
-    kd_normalisation: str = "mean"
-    output_kd_weight: float = 0.0
-    temperature: float = 4.0
-    signal_init: str = "zeros"  # zeros | uniform: how heads and maps start (Eq. 6.7)
+    local_layers: str = option("all", "layers A with a local error head (Eq. 6.1): all (every conv layer), "
+                                      "none, or 1-based conv layer numbers such as 1,3")
+    local_weight: float = option(0.1, "weight λ_l of every local error cost (Eq. 6.1)", ge=0)
+    local_grid: int = option(2, "pooling grid g of a local error head (Eq. 6.2)")
+    local_loss: str = option("ce", "local error cost C^loc_l (Eq. 6.3): cross-entropy (ce) or squared error (mse)",
+                             choices=LOCAL_LOSSES)
+    kd_layers: str = option("all", "layers D distilled from the teacher (Eq. 6.1): all (every conv layer), "
+                                   "none, or 1-based conv layer numbers such as 1,3")
+    kd_weight: float = option(1.0, "weight γ_l of every distillation cost (Eq. 6.1)", ge=0)
+    kd_normalisation: str = option("mean", "distillation cost C^kd_l (Eq. 6.5): divided by the teacher's "
+                                           "feature count |t_l| (mean) or not (sum)", choices=KD_NORMALISATIONS)
+    output_kd_weight: float = option(0.0, "weight κ of output distillation (Eqs. 6.1, 6.6); 0: off", ge=0)
+    temperature: float = option(4.0, "temperature τ of output distillation (Eq. 6.6)", gt=0)
+    signal_init: str = option("zeros", "how local error heads and distillation maps start: "
+                                       "at zero (Eq. 6.7) or uniform by Eq. 3.10", choices=SIGNAL_INITS)
     # teacher (backprop, Eqs. 7.1-7.3)
-    teacher_epochs: int = 20
-    teacher_lr: float = 0.05
-    teacher_batch_size: int = 32
-    teacher_weight_scale: float = 2.0  # deep teachers with clipped activations need > 1 to train
-    teacher: str = ""  # path to a saved teacher; empty: train one and cache it in the run folder
+    teacher_epochs: int = option(20, "epochs of backprop training of the teacher (Eq. 7.3)", ge=0)
+    teacher_lr: float = option(0.05, "learning rate of the teacher's SGD (Eq. 8.1)", gt=0)
+    teacher_batch_size: int = option(32, "samples per mini-batch of the teacher", ge=1)
+    teacher_weight_scale: float = option(2.0, "factor on the teacher's initial weight range (§7.1): "
+                                              "deep teachers with clipped activations need > 1 to train", gt=0)
+    teacher: str = option("", "path of a saved teacher (.npz); empty: train one and cache it in the run folder")
     # run
-    backend: str = "numpy"
-    seed: int = 0
-    out: str = ""
-    progress: str = "auto"  # auto | bar | none
-    checkpoint_every: int = 1
+    backend: str = option("numpy", "array backend the job runs on", choices=BACKENDS)
+    seed: int = option(0, "seed of the initial parameters (Eq. 3.10), the split, the batch order "
+                          "and the augmentation")
+    out: str = option("", "run folder; empty: runs/<dataset>-<date>-<time>")
+    progress: str = option("auto", "progress bar on stderr: auto (when it is a terminal), bar (always) "
+                                   "or none", choices=PROGRESS_MODES)
+    checkpoint_every: int = option(1, "save latest.npz every this many epochs (and after the last)", ge=1)
 
     def validate(self) -> "TrainConfig":
-        def bad(key, expected):
-            raise ConfigError(f"config key {key!r} has value {getattr(self, key)!r}; expected {expected}")
+        """Check every value against its declaration; returns ``self``.
 
-        choices = {
-            "readout": ("mse", "softmax"),
-            "activation": ("hard_sigmoid", "half_hard_sigmoid"),
-            "dtype": ("float32", "float64"),
-            "estimator": ("symmetric", "one-sided", "random-sign", "bptt"),
-            "local_loss": ("ce", "mse"),
-            "kd_normalisation": ("mean", "sum"),
-            "backend": ("numpy", "cupy", "array_api_strict"),
-            "progress": ("auto", "bar", "none"),
-            "augment_padding_mode": ("edge", "zeros"),
-            "signal_init": ("zeros", "uniform"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                bad(key, "one of " + ", ".join(allowed))
-        for key in ("beta", "weight_scale", "temperature", "teacher_lr", "teacher_weight_scale"):
-            if not getattr(self, key) > 0:
-                bad(key, "a number > 0")
-        for key in ("T1", "T2", "epochs", "batch_size", "teacher_batch_size", "checkpoint_every"):
-            if getattr(self, key) < 1:
-                bad(key, "an integer >= 1")
-        for key in ("T_eval", "teacher_epochs", "augment_padding"):
-            if getattr(self, key) < 0:
-                bad(key, "an integer >= 0")
-        if not 0.0 < self.test_fraction < 1.0:
-            bad("test_fraction", "a number in (0, 1)")
-        if not 0.0 <= self.momentum < 1.0:
-            bad("momentum", "a number in [0, 1)")
-        if self.weight_decay < 0:
-            bad("weight_decay", "a number >= 0")
-        if not self.lr or any(not v > 0 for v in self.lr):
-            bad("lr", "a positive number or a list of positive numbers (one per layer)")
-        for key in ("local_weight", "kd_weight", "output_kd_weight"):
-            if getattr(self, key) < 0:
-                bad(key, "a number >= 0")
+        Raises
+        ------
+        ConfigError
+            For the first value outside its allowed values or range, naming the key, the
+            value and what was expected.
+        """
+        for opt in OPTIONS.values():
+            opt.check(getattr(self, opt.name))
         return self
 
     @property
@@ -126,46 +187,181 @@ class TrainConfig:
         return self.T_eval or self.T1
 
 
-_TYPES = {f.name: f for f in fields(TrainConfig)}
+_NOUNS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          list: "a number or a list of numbers"}
+_METAVARS = {bool: "BOOL", int: "INT", float: "NUM", str: "STR", list: "NUM[,NUM...]"}
 
 
-def _coerce(key, value):
-    default = getattr(TrainConfig(), key)
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"config key {key!r} has value {value!r}; expected true or false")
-    if isinstance(default, list):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return [float(value)]
-        if isinstance(value, str):
+@dataclass(frozen=True)
+class Option:
+    """One configuration key, as declared on :class:`TrainConfig` (see :func:`option`).
+
+    Attributes
+    ----------
+    name : str
+        The key; on the command line ``--`` followed by the name with ``_`` as ``-``.
+    type : type
+        ``bool``, ``int``, ``float``, ``str`` or ``list`` (a list of floats).
+    default : object
+        The default value.
+    help : str
+        The one-line help text.
+    choices : tuple, Mapping, Imported or None
+        The allowed values as declared; :attr:`allowed` resolves an :class:`Imported`.
+    gt, ge, lt, le : float or None
+        Bounds of a number (of each element of a list).
+    """
+
+    name: str
+    type: type
+    default: object
+    help: str
+    choices: object = None
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def metavar(self) -> str:
+        return _METAVARS[self.type]
+
+    @property
+    def allowed(self):
+        """The allowed values (the object their home module defines), or None for any value of the type."""
+        return self.choices.get() if isinstance(self.choices, Imported) else self.choices
+
+    @property
+    def restriction(self) -> str | None:
+        """What the value must be beyond its type ("one of a, b", "a number > 0", …), or None."""
+        if self.choices is not None:
+            return "one of " + ", ".join(str(v) for v in self.allowed)
+        # each bound: (interval bracket, comparison, value)
+        lower = ("(", ">", self.gt) if self.gt is not None else ("[", ">=", self.ge) if self.ge is not None else None
+        upper = (")", "<", self.lt) if self.lt is not None else ("]", "<=", self.le) if self.le is not None else None
+        if lower is None and upper is None:
+            return None
+        noun = "an integer" if self.type is int else "a number"
+        if lower and upper:
+            text = f"{noun} in {lower[0]}{lower[2]:g}, {upper[2]:g}{upper[0]}"
+        else:
+            _, op, v = lower or upper
+            text = f"{noun} {op} {v:g}"
+        return text + " or a list of such numbers" if self.type is list else text
+
+    @property
+    def expected(self) -> str:
+        """What a valid value is, as the error messages say it."""
+        return self.restriction or _NOUNS[self.type]
+
+    def describe(self) -> str:
+        """The help text with the default and any allowed values or range (for ``--help`` and config.toml)."""
+        shown = repr(self.default) if self.type is str else self.as_flag(self.default)
+        rule = self.restriction
+        return f"{self.help} (default {shown}" + (f"; {rule})" if rule else ")")
+
+    def _in_range(self, v) -> bool:
+        return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
+                and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
+
+    def check(self, value) -> None:
+        """Raise :class:`ConfigError` unless ``value`` is allowed (the type is :meth:`coerce`'s concern)."""
+        if self.choices is not None:
             try:
-                return [float(v) for v in value.split(",") if v.strip()]
-            except ValueError:
-                raise ConfigError(f"config key {key!r} has value {value!r}; expected a number or a comma list") from None
-        if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            return [float(v) for v in value]
-        raise ConfigError(f"config key {key!r} has value {value!r}; expected a number or a list of numbers")
-    if isinstance(default, int):
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())):
-            raise ConfigError(f"config key {key!r} has value {value!r}; expected an integer")
-        return int(value)
-    if isinstance(default, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"config key {key!r} has value {value!r}; expected a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key {key!r} has value {value!r}; expected a number") from None
-    if isinstance(default, str):
-        if isinstance(value, list):
+                ok = value in self.allowed
+            except TypeError:  # an unhashable value tested against a mapping's keys
+                ok = False
+        elif self.type is list:
+            ok = bool(value) and all(self._in_range(v) for v in value)
+        elif self.type in (int, float):
+            ok = self._in_range(value)
+        else:
+            ok = True
+        if not ok:
+            raise ConfigError(f"config key {self.name!r} has value {value!r}; expected {self.expected}")
+
+    def coerce(self, value):
+        """``value`` (from TOML or a command-line string) as this option's type, or a :class:`ConfigError`."""
+        def bad(expected):
+            return ConfigError(f"config key {self.name!r} has value {value!r}; expected {expected}")
+
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if self.type is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise bad("true or false")
+        if self.type is list:
+            if is_number:
+                return [float(value)]
+            if isinstance(value, str):
+                try:
+                    return [float(v) for v in value.split(",") if v.strip()]
+                except ValueError:
+                    raise bad("a number or a comma list") from None
+            if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                return [float(v) for v in value]
+            raise bad("a number or a list of numbers")
+        if self.type is int:
+            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str)
+                                                                          and value.lstrip("-").isdigit())):
+                raise bad("an integer")
+            return int(value)
+        if self.type is float:
+            if isinstance(value, bool):
+                raise bad("a number")
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise bad("a number") from None
+        if isinstance(value, list):  # str: a TOML list such as kd_layers = [1, 3]
             value = ",".join(str(v) for v in value)
         if not isinstance(value, (str, int)) or isinstance(value, bool):
-            raise ConfigError(f"config key {key!r} has value {value!r}; expected a string")
+            raise bad("a string")
         return str(value)
-    return value
+
+    def as_flag(self, value) -> str:
+        """``value`` as it is typed after the flag (a list as a comma list)."""
+        if self.type is bool:
+            return "true" if value else "false"
+        if self.type is list:
+            return ",".join(str(v) for v in value)
+        return str(value)
+
+    def as_toml(self, value) -> str:
+        """``value`` as a TOML literal that :meth:`coerce` reads back to an equal value."""
+        if self.type is bool:
+            return "true" if value else "false"
+        if self.type is list:
+            return "[" + ", ".join(repr(float(v)) for v in value) + "]"
+        if self.type is float:
+            return repr(float(value))
+        if self.type is int:
+            return repr(int(value))
+        return _toml_string(str(value))
+
+
+def declarations(cls) -> Mapping[str, Option]:
+    """The :class:`Option` of every field of the dataclass ``cls``, in field order (``TypeError`` for an
+    undeclared field)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        if "help" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name} must be declared with option(...)")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kind = typing.get_origin(hints[f.name]) or hints[f.name]
+        out[f.name] = Option(name=f.name, type=kind, default=default, **f.metadata)
+    return MappingProxyType(out)
+
+
+OPTIONS: Mapping[str, Option] = declarations(TrainConfig)
+"""Every option of :class:`TrainConfig` by name, in declaration order."""
 
 
 def _flatten(mapping, prefix=""):
@@ -177,13 +373,17 @@ def _flatten(mapping, prefix=""):
 
 
 def config_from_mapping(mapping: dict, base: TrainConfig | None = None) -> TrainConfig:
-    """Overlay ``mapping`` (possibly nested in tables) on ``base`` (defaults), validating each key."""
+    """Overlay ``mapping`` (possibly nested in tables) on ``base`` (defaults), validating each key.
+
+    Keys may use ``-`` for ``_``. Values are coerced by :meth:`Option.coerce`: strings are
+    accepted for every type (as command-line flags give them).
+    """
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
     for key, full, value in _flatten(mapping):
         key = key.replace("-", "_")
-        if key not in _TYPES:
-            raise ConfigError(f"unknown config key {full!r}; known keys: {', '.join(sorted(_TYPES))}")
-        setattr(cfg, key, _coerce(key, value))
+        if key not in OPTIONS:
+            raise ConfigError(f"unknown config key {full!r}; known keys: {', '.join(sorted(OPTIONS))}")
+        setattr(cfg, key, OPTIONS[key].coerce(value))
     return cfg.validate()
 
 
@@ -202,16 +402,32 @@ def load_toml(path) -> dict:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
 
 
-def _toml_value(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(s: str) -> str:
+    """A TOML basic string holding ``s``, in ASCII (other characters as \\uXXXX or \\UXXXXXXXX)."""
+    out = []
+    for ch in s:
+        code = ord(ch)
+        if ch in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[ch])
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
 
 
 def dump_toml(cfg: TrainConfig) -> str:
-    """The effective configuration as flat TOML (what the run folder's config.toml holds)."""
-    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.to_dict().items())
+    """The effective configuration as flat TOML (what the run folder's config.toml holds).
+
+    One ``key = value`` line per option, in declaration order, under a comment with its
+    help text, default and allowed values. Written as UTF-8 (the comments use SPEC.md's symbols).
+    """
+    lines = ["# pyeqprop train configuration; read back by --config FILE or --resume RUN"]
+    for opt in OPTIONS.values():
+        lines += ["", f"# {opt.describe()}", f"{opt.name} = {opt.as_toml(getattr(cfg, opt.name))}"]
+    return "\n".join(lines) + "\n"

@@ -319,7 +319,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
     if ckpt is not None:
         log(f"resumed from {run / 'latest.npz'} at epoch {prog.epoch + 1}, batch {prog.batch}")
     # the run folder is written only once the job is known to start: a failed resume leaves it as it was
-    (run / "config.toml").write_text(dump_toml(cfg))
+    (run / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")  # its comments use SPEC.md symbols
     _write_metrics(run, prog.history)
     return _run_epochs(cfg, job, prog, log, max_batches)
 

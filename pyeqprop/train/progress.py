@@ -4,7 +4,9 @@ from __future__ import annotations
 import sys
 import time
 
-__all__ = ["ProgressBar"]
+__all__ = ["ProgressBar", "PROGRESS_MODES"]
+
+PROGRESS_MODES = ("auto", "bar", "none")  # see ProgressBar
 
 
 class ProgressBar:
@@ -14,6 +16,8 @@ class ProgressBar:
     """
 
     def __init__(self, total: int, *, desc: str = "", mode: str = "auto", stream=None, width: int = 24):
+        if mode not in PROGRESS_MODES:
+            raise ValueError(f"progress mode must be one of {', '.join(PROGRESS_MODES)}, got {mode!r}")
         self.stream = stream or sys.stderr
         self.total = max(int(total), 1)
         self.desc = desc
