@@ -10,7 +10,7 @@ Networks are drawn by ``pyeqprop.testing.model_strategies.crnn_configs`` (1-3 co
 with max/avg/no pooling, an optional fc layer, input sizes derived so every pool is valid,
 batch 1-3, both readouts, both activations); arrays come from the config's seed.
 
-Tolerances come from a rounding-error model (``pyeqprop.testing.checks``): a computed sum
+Tolerances come from a rounding-error model (``pyeqprop.testing.rounding``): a computed sum
 differs from the exact one by at most γ_d · Σ|terms|, γ_d the relative factor for rounding
 depth d (:func:`_depth`, an upper bound on the length of any reduction chain plus the
 elementwise operations on its path). Σ|terms| is computed by running the same layer maps on
@@ -50,7 +50,7 @@ from pyeqprop.diagnostics import (
     tridiagonal_norm,
 )
 from pyeqprop.model.arch import ConvLayer
-from pyeqprop.testing.checks import gamma, unit_roundoff
+from pyeqprop.testing.rounding import gamma, unit_roundoff
 from pyeqprop.testing.model_strategies import crnn_configs
 
 F64 = np.float64

@@ -20,7 +20,7 @@ with γ = 128·eps = 256u (u = eps/2 the unit roundoff of float64). S is the lar
 argmaxes and activation slopes frozen at those of the reference). Both pyeqprop and the
 port compute the same exact sum; each differs from it by at most γ_d·S, with γ_d =
 min(d·u/(1 − d·u), exp(λ√d·u + …) − 1) for rounding depth d (Higham 2002, Lemma 3.1;
-Higham & Mary 2019, λ = 8, as in :mod:`pyeqprop.testing.checks`): γ_d = d·u for d ≤ 64 and
+Higham & Mary 2019, λ = 8, as in :mod:`pyeqprop.testing.rounding`): γ_d = d·u for d ≤ 64 and
 ≈ 8√d·u beyond, so γ_d ≤ 128u for every d ≤ 256 and 2γ_d ≤ γ. The generator estimates each
 case's depth (longest reduction plus the elementwise operations on its path) and asserts it is
 at most 256.
@@ -59,18 +59,13 @@ import numpy as np
 from .. import ops
 from ..model.arch import ConvLayer
 from ..model.costs import MSEOutput, log_softmax, onehot
-from ..testing.checks import gamma as _gamma_d
+from ..testing.rounding import EPS, GAMMA, MAX_DEPTH, check_depth, kink_margin, window_gaps
 
 __all__ = ["Case", "GAMMA", "MAX_DEPTH", "FORMAT", "build_cases", "write_vectors", "load_manifest", "load_case",
            "default_vectors_dir", "spec_dict"]
 
 FORMAT = "pyeqprop-conformance/1"
-EPS = float(np.finfo(np.float64).eps)
-GAMMA = 128.0 * EPS
-"""γ = 128·eps = 256u ≥ 2γ_d for every rounding depth d ≤ MAX_DEPTH: two computations of one sum."""
-MAX_DEPTH = 256
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamp: identical bytes on every regeneration
-TIE_SAFETY = 2.0  # an argmax gap must exceed TIE_SAFETY × (error bound of the candidates)
 
 
 def default_vectors_dir() -> Path:
@@ -130,9 +125,7 @@ def _tol(scale, depth, amplification=1.0, extra=0.0) -> dict:
 
     ``extra`` is a propagated error (Lipschitz constant × error of a factor); the stored
     ``amplification`` is atol / (γ·scale), so it includes it."""
-    if depth > MAX_DEPTH:
-        raise AssertionError(f"rounding depth {depth} exceeds {MAX_DEPTH}: γ = 128·eps would not bound it")
-    assert 2.0 * _gamma_d(np.float64, depth) <= GAMMA * (1 + 1e-12)
+    check_depth(depth)
     scale = float(scale)
     atol = 0.0 if depth == 0 else GAMMA * scale * float(amplification) + float(extra)
     amp = atol / (GAMMA * scale) if depth and scale else 1.0  # the propagated part included
@@ -141,8 +134,7 @@ def _tol(scale, depth, amplification=1.0, extra=0.0) -> dict:
 
 def _tol_bound(atol, scale, depth) -> dict:
     """Tolerance entry for a propagated bound ``atol`` (already a multiple of γ), with the scale it came from."""
-    if depth > MAX_DEPTH:
-        raise AssertionError(f"rounding depth {depth} exceeds {MAX_DEPTH}: γ = 128·eps would not bound it")
+    check_depth(depth)
     return {"atol": float(atol), "rtol": 0.0, "scale": float(scale), "depth": int(depth),
             "amplification": float(atol) / (GAMMA * float(scale)) if scale else 1.0}
 
@@ -525,18 +517,14 @@ class _Bounds:
         patch = ops.conv2d(np.abs(below), self.P[f"{ly.name}.weight"], None, padding=ly.padding)
         row = float(self.P[f"{ly.name}.weight"].sum(axis=(1, 2, 3)).max())
         err = GAMMA * (patch + self.P[f"{ly.name}.bias"][None, :, None, None]) + row * e_below
-        ratio, ties = _window_gaps(z, err, patch)
+        ratio, ties = window_gaps(z, err, patch)
         self.min_gap = min(self.min_gap, ratio)
         self.zero_ties += ties
 
     def check_kinks(self, u, err):
         """Every pre-activation is farther from a kink than its error bound (needed where ρ' is used)."""
         for a, e in zip(u, err):
-            d = np.min(np.abs(np.asarray(a)[..., None] - np.asarray(self.kinks)), axis=-1)
-            ratio = float(np.min(d / np.maximum(e, 1e-300)))
-            self.min_kink = min(self.min_kink, ratio)
-            if ratio <= TIE_SAFETY:
-                raise AssertionError(f"a pre-activation lies within {TIE_SAFETY}× its rounding bound of a kink")
+            self.min_kink = min(self.min_kink, kink_margin(a, e, self.kinks))
 
     def conditioning(self) -> dict:
         return {"min_argmax_gap_over_bound": None if math.isinf(self.min_gap) else self.min_gap,
@@ -1107,7 +1095,7 @@ def _teacher_forward_bounds(t, x):
                 z = ops.conv2d(a, t.params[f"{ly.name}.weight"], t.params[f"{ly.name}.bias"], padding=ly.padding)
                 err = GAMMA * z_abs + row * e_a[-1]
                 patch = ops.conv2d(np.abs(a), W, None, padding=ly.padding)
-                g, ties = _window_gaps(z, err, patch)
+                g, ties = window_gaps(z, err, patch)
                 min_gap, zero_ties = min(min_gap, g), zero_ties + ties
                 p_abs = ops.max_pool2d_select(z_abs, cache.indices[l])
             elif ly.pool == "avg":
@@ -1120,11 +1108,7 @@ def _teacher_forward_bounds(t, x):
             row = float(W.sum(axis=1).max())
             depth = max(depth, ly.in_features + 8)
         e_p = GAMMA * p_abs + row * e_a[-1]
-        d = np.min(np.abs(cache.pre[l][..., None] - np.asarray(kinks)), axis=-1)
-        ratio = float(np.min(d / e_p))
-        min_kink = min(min_kink, ratio)
-        if ratio <= TIE_SAFETY:
-            raise AssertionError(f"teacher layer {ly.name}: a pre-activation within {TIE_SAFETY}× its bound of a kink")
+        min_kink = min(min_kink, kink_margin(cache.pre[l], e_p, kinks, f"teacher layer {ly.name}"))
         e_a.append(rho * _amax(e_p))
     ro = t.readout
     Wo, bo = P[f"{ro.name}.weight"], P[f"{ro.name}.bias"]
@@ -1190,32 +1174,6 @@ def _teacher_tolerance(t, x, y):
         err = np.broadcast_to(grads_err[k], t.params[k].shape)
         tol[f"grads/{k}"] = _tol_bound(_amax(err), _amax(err) / GAMMA, depth)
     return tol, notes
-
-
-def _window_gaps(z, err, patch):
-    """(min over 2×2/2 windows without ties of gap / (2·bound), number of exact zero-patch ties).
-
-    The gap is the best value minus the runner-up; two computations, each within ``bound`` of the
-    exact values, pick the same argmax when gap > 2·bound. Raises when the ratio is ≤ TIE_SAFETY,
-    or on an exact tie between candidates that do not all read an all-zero patch."""
-    n, c, h, w = z.shape
-
-    def win(a):
-        return a.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
-
-    zw, ew, pw = win(z), win(err), win(patch)
-    top = zw.max(axis=-1, keepdims=True)
-    tied = zw == top
-    ties = tied.sum(axis=-1) > 1
-    if np.any(ties[..., None] & tied & (pw != 0.0)):
-        raise AssertionError("an exact argmax tie between non-zero patches")
-    rest = np.where(tied, -np.inf, zw).max(axis=-1)
-    gap = top[..., 0] - rest
-    ok = ~ties & np.isfinite(gap)
-    ratio = float(np.min(gap[ok] / (2.0 * np.maximum(ew.max(axis=-1)[ok], 1e-300)))) if np.any(ok) else math.inf
-    if ratio <= TIE_SAFETY:
-        raise AssertionError(f"an argmax gap within {TIE_SAFETY}× its rounding bound")
-    return ratio, int(ties.sum())
 
 
 # =========================================================================== all cases, and storage
