@@ -59,7 +59,8 @@ import numpy as np
 from .. import ops
 from ..model.arch import ConvLayer
 from ..model.costs import MSEOutput, log_softmax, onehot
-from ..testing.rounding import EPS, GAMMA, MAX_DEPTH, check_depth, kink_margin, window_gaps
+from ..testing.propagation import CRNNBounds, amax, softmax_rel_error, teacher_forward_bounds
+from ..testing.rounding import EPS, GAMMA, MAX_DEPTH, check_depth
 
 __all__ = ["Case", "GAMMA", "MAX_DEPTH", "FORMAT", "build_cases", "write_vectors", "load_manifest", "load_case",
            "default_vectors_dir", "spec_dict"]
@@ -143,11 +144,6 @@ def _exact() -> dict:
     return {"atol": 0.0, "rtol": 0.0, "scale": 0.0, "depth": 0, "amplification": 1.0}
 
 
-def _amax(a) -> float:
-    a = np.asarray(a)
-    return float(np.max(np.abs(a))) if a.size else 0.0
-
-
 # =========================================================================== primitives (§2)
 def _pair(v):
     return [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]
@@ -184,7 +180,7 @@ def _conv_cases():
             f"cross-correlation, {desc_geo}" + ("" if b is not None else ", no bias"),
             ["inputs/x", "inputs/w", "inputs/b" if b is not None else "args/b", "args/stride", "args/padding"],
             {"stride": s, "padding": p, **({} if b is not None else {"b": None})}, inputs, {}, {"y": y},
-            {"y": _tol(_amax(S), c * kh * kw + 1)}, seed))
+            {"y": _tol(amax(S), c * kh * kw + 1)}, seed))
         # transposed convolution: g of the forward output's shape; output_size the largest or smallest admissible h
         ho, wo = y.shape[2], y.shape[3]
         lo_h, lo_w = (ho - 1) * s[0] + kh - 2 * p[0], (wo - 1) * s[1] + kw - 2 * p[1]
@@ -198,7 +194,7 @@ def _conv_cases():
             f"adjoint of conv2d in x, {desc_geo}, output_size {tuple(out_hw)} (PyTorch output_padding {tuple(op)})",
             ["inputs/g", "inputs/w", "args/stride", "args/padding", "args/output_size"],
             {"stride": s, "padding": p, "output_size": out_hw}, {"g": g, "w": W}, {}, {"z": z},
-            {"z": _tol(_amax(Sz), o * kh * kw + 1)}, seed))
+            {"z": _tol(amax(Sz), o * kh * kw + 1)}, seed))
         # weight gradient: the forward geometry with x and g
         dw = ops.conv2d_weight_grad(x, g, kernel_size=(kh, kw), stride=s, padding=p)
         Sw = ops.conv2d_weight_grad(np.abs(x), np.abs(g), kernel_size=(kh, kw), stride=s, padding=p)
@@ -206,7 +202,7 @@ def _conv_cases():
             f"conv2d_weight_grad_{tag}", "conv2d_weight_grad", ["2.4"], f"adjoint of conv2d in w, {desc_geo}",
             ["inputs/x", "inputs/g", "args/kernel_size", "args/stride", "args/padding"],
             {"kernel_size": [kh, kw], "stride": s, "padding": p}, {"x": x, "g": g}, {}, {"dw": dw},
-            {"dw": _tol(_amax(Sw), n * ho * wo + 1)}, seed))
+            {"dw": _tol(amax(Sw), n * ho * wo + 1)}, seed))
     return cases
 
 
@@ -266,7 +262,7 @@ def _pool_cases():
             f"{dup} indices are shared by several windows" + (" (their values must add up)" if dup else ""),
             ["inputs/y", "inputs/indices", "args/kernel_size", "args/stride", "args/output_size"],
             {**kargs, "output_size": [h, w]}, {"y": g, "indices": idx}, {}, {"z": z},
-            {"z": _tol(_amax(Sz), depth) if dup else _exact()}, seed, {"shared_indices": dup}))
+            {"z": _tol(amax(Sz), depth) if dup else _exact()}, seed, {"shared_indices": dup}))
         if tag in ("3x3s2_overlap_ties", "2x2s2"):
             xs = rng.uniform(-1.0, 1.0, shape)
             ysel = ops.max_pool2d_select(xs, idx, kernel_size=k, stride=s)
@@ -281,7 +277,7 @@ def _pool_cases():
             cases.append(Case(
                 f"avg_pool2d_{tag}", "avg_pool2d", ["2.5", "2.8"], f"average pooling, {geo}",
                 ["inputs/x", "args/kernel_size", "args/stride"], kargs, {"x": x}, {}, {"y": ya},
-                {"y": _tol(_amax(Sa), k[0] * k[1] + 1)}, seed))
+                {"y": _tol(amax(Sa), k[0] * k[1] + 1)}, seed))
             za = ops.avg_unpool2d(g, kernel_size=k, stride=s, output_size=(h, w))
             Sza = ops.avg_unpool2d(np.abs(g), kernel_size=k, stride=s, output_size=(h, w))
             cases.append(Case(
@@ -289,7 +285,7 @@ def _pool_cases():
                 f"adjoint of average pooling, {geo}, output_size ({h}, {w})",
                 ["inputs/y", "args/kernel_size", "args/stride", "args/output_size"], {**kargs, "output_size": [h, w]},
                 {"y": g}, {}, {"z": za},
-                {"z": _tol(_amax(Sza), _window_cover(h, k[0], s[0]) * _window_cover(w, k[1], s[1]) + 1)}, seed))
+                {"z": _tol(amax(Sza), _window_cover(h, k[0], s[0]) * _window_cover(w, k[1], s[1]) + 1)}, seed))
     return cases
 
 
@@ -309,16 +305,16 @@ def _linear_cases():
             f"linear_{tag}", "linear", ["2.11"],
             f"y = x wᵀ + b, x ({n}, {fin}), w ({fout}, {fin})" + ("" if b is not None else ", no bias"),
             ["inputs/x", "inputs/w", "inputs/b" if b is not None else "args/b"], {} if b is not None else {"b": None},
-            inputs, {}, {"y": y}, {"y": _tol(_amax(S), fin + 1)}, seed))
+            inputs, {}, {"y": y}, {"y": _tol(amax(S), fin + 1)}, seed))
         cases.append(Case(
             f"linear_transpose_{tag}", "linear_transpose", ["2.11"], f"z = g w, g ({n}, {fout}), w ({fout}, {fin})",
             ["inputs/g", "inputs/w"], {}, {"g": g, "w": W}, {}, {"z": ops.linear_transpose(g, W)},
-            {"z": _tol(_amax(np.abs(g) @ np.abs(W)), fout)}, seed))
+            {"z": _tol(amax(np.abs(g) @ np.abs(W)), fout)}, seed))
         cases.append(Case(
             f"linear_weight_grad_{tag}", "linear_weight_grad", ["2.11"],
             f"Δw = gᵀ x, x ({n}, {fin}), g ({n}, {fout})",
             ["inputs/x", "inputs/g"], {}, {"x": x, "g": g}, {}, {"dw": ops.linear_weight_grad(x, g)},
-            {"dw": _tol(_amax(np.abs(g).T @ np.abs(x)), n)}, seed))
+            {"dw": _tol(amax(np.abs(g).T @ np.abs(x)), n)}, seed))
     return cases
 
 
@@ -369,240 +365,6 @@ def spec_dict(net) -> dict:
         "readout_layer": None if net.arch.readout is None else layer_dict(net.arch.readout, "readout"),
         "state_shapes": [list(s) for s in net.arch.state_shapes],
     }
-
-
-class _Bounds:
-    """Max-norm rounding-error propagation for one CRNN (module docstring), at frozen argmaxes."""
-
-    def __init__(self, net, x, y):
-        self.net = net
-        self.x = x
-        self.y = y
-        self.n = x.shape[0]
-        self.P = {k: np.abs(v) for k, v in net.params.items()}
-        self.rho = 0.5 if net.activation == "half_hard_sigmoid" else 1.0
-        self.kinks = net.act.kinks
-        self.onehot = None if y is None else onehot(y, net.num_classes, np.float64)
-        self.shapes = net.state_shapes(self.n)
-        self.min_gap = math.inf  # smallest argmax gap relative to its error bound
-        self.zero_ties = 0
-        self.min_kink = math.inf  # smallest kink distance relative to its error bound
-        L = len(net.layers)
-        self.L = L
-        # depth of one drive evaluation: bottom-up + top-down reductions and a few elementwise ops
-        red = []
-        for l, ly in enumerate(net.layers):
-            r = ly.in_channels * ly.kernel ** 2 if isinstance(ly, ConvLayer) else ly.in_features
-            if l + 1 < L:
-                up = net.layers[l + 1]
-                r += up.out_channels * up.kernel ** 2 if isinstance(up, ConvLayer) else up.out_features
-            red.append(r)
-        self.drive_depth = max(red) + 8
-        # Σ_batch of a weight gradient: n·h_conv·w_conv terms (conv), n (fc)
-        self.grad_depth = max((self.n * ly.conv_hw[0] * ly.conv_hw[1] if isinstance(ly, ConvLayer) else self.n)
-                              for ly in net.layers) + 4
-        # Φ per sample: one drive term per unit, summed over all units
-        self.phi_depth = self.drive_depth + sum(int(np.prod(sh[1:])) for sh in self.shapes) + L
-
-    # ---------------------------------------------------------------- abs layer maps (frozen argmax)
-    def _select(self, ly, z, idx):
-        if ly.pool == "max":
-            return ops.max_pool2d_select(z, idx)
-        if ly.pool == "avg":
-            return ops.avg_pool2d(z)
-        return z
-
-    def _unpool(self, ly, g, idx):
-        if ly.pool == "max":
-            return ops.max_unpool2d(g, idx, output_size=ly.conv_hw)
-        if ly.pool == "avg":
-            return ops.avg_unpool2d(g, output_size=ly.conv_hw)
-        return g
-
-    def bottom_up_abs(self, l, a, idx, bias=True):
-        ly = self.net.layers[l]
-        W = self.P[f"{ly.name}.weight"]
-        b = self.P[f"{ly.name}.bias"] if bias else None
-        a = np.abs(a)
-        if isinstance(ly, ConvLayer):
-            return self._select(ly, ops.conv2d(a, W, b, padding=ly.padding), idx)
-        return ops.linear(a.reshape(a.shape[0], -1), W, b)
-
-    def top_down_abs(self, l, s_above, idx, below_shape):
-        """|T_{l−1}|-scale: feedback of layer l (≥ 1) into layer l − 1."""
-        ly = self.net.layers[l]
-        W = self.P[f"{ly.name}.weight"]
-        s_above = np.abs(s_above)
-        if isinstance(ly, ConvLayer):
-            return ops.conv2d_transpose(self._unpool(ly, s_above, idx), W, padding=ly.padding,
-                                        output_size=below_shape[2:])
-        return (s_above @ W).reshape(below_shape)
-
-    def cost_state_abs(self, s):
-        """Σ|terms| of ∂C/∂s_L (other layers: none): |s_L| + onehot (mse), (p + onehot)|W_out| (softmax)."""
-        net = self.net
-        if net.readout == "mse":
-            return np.abs(s[-1]) + self.onehot
-        ro = net.arch.readout
-        p = np.exp(log_softmax(net.logits(s)))
-        return ((p + self.onehot) @ self.P[f"{ro.name}.weight"]).reshape(s[-1].shape)
-
-    def kappa(self):
-        """κ_∞ ≥ ‖∂²C/∂s_L²‖_∞: 1 (mse); ½ ‖W_outᵀ‖_∞ ‖W_out‖_∞ (softmax, as ‖diag p − p pᵀ‖_∞ ≤ ½)."""
-        if self.net.readout == "mse":
-            return 1.0
-        W = self.P[f"{self.net.arch.readout.name}.weight"]
-        return 0.5 * float(W.sum(axis=0).max()) * float(W.sum(axis=1).max())
-
-    def drive_abs(self, s, idx, beta):
-        """Σ|terms| of u_l = ∂Φ^β/∂s_l (Eq. 3.7) for every layer."""
-        out = []
-        for l in range(self.L):
-            below = self.x if l == 0 else s[l - 1]
-            t = self.bottom_up_abs(l, below, idx[l])
-            if l + 1 < self.L:
-                t = t + self.top_down_abs(l + 1, s[l + 1], idx[l + 1], self.shapes[l])
-            out.append(t)
-        if beta != 0.0:
-            out[-1] = out[-1] + abs(beta) * self.cost_state_abs(s)
-        return out
-
-    def hessian_abs(self, m, idx):
-        """|H| m (Eq. 5.3) at frozen argmaxes: bias-free, input-free drive of |m|."""
-        out = []
-        for l in range(self.L):
-            t = np.zeros(self.shapes[l])
-            if l > 0:
-                t = t + self.bottom_up_abs(l, m[l - 1], idx[l], bias=False)
-            if l + 1 < self.L:
-                t = t + self.top_down_abs(l + 1, m[l + 1], idx[l + 1], self.shapes[l])
-            out.append(t)
-        return out
-
-    def row_sum(self, idx):
-        """‖H‖_∞ at these argmaxes: the largest entry of |H|·1."""
-        return max(_amax(t) for t in self.hessian_abs([np.ones(s) for s in self.shapes], idx))
-
-    def bilinear_abs(self, lowers, uppers, idx, bias=True):
-        """Σ_batch |∂⟨B_l(lower_l), upper_l⟩/∂θ_l| term sums (Eq. 3.9) per parameter.
-
-        A layer whose lower or upper factor is None is skipped."""
-        out = {}
-        for l, ly in enumerate(self.net.layers):
-            lo, up = lowers[l], uppers[l]
-            if lo is None or up is None:
-                continue
-            lo, up = np.abs(lo), np.abs(up)
-            kw, kb = f"{ly.name}.weight", f"{ly.name}.bias"
-            if isinstance(ly, ConvLayer):
-                g = self._unpool(ly, up, idx[l])
-                dW = ops.conv2d_weight_grad(lo, g, kernel_size=ly.kernel, padding=ly.padding)
-                db = g.sum(axis=(0, 2, 3))
-            else:
-                dW = up.T @ lo.reshape(lo.shape[0], -1)
-                db = up.sum(axis=0)
-            out[kw] = out.get(kw, 0.0) + dW
-            if bias:
-                out[kb] = out.get(kb, 0.0) + db
-        return out
-
-    # ---------------------------------------------------------------- pieces
-    def check_argmax(self, l, below, e_below):
-        """Argmax margin of layer l's max pool for the conv output computed from ``below`` (error e_below)."""
-        ly = self.net.layers[l]
-        if not (isinstance(ly, ConvLayer) and ly.pool == "max"):
-            return
-        W, b = self.net.params[f"{ly.name}.weight"], self.net.params[f"{ly.name}.bias"]
-        z = ops.conv2d(below, W, b, padding=ly.padding)
-        patch = ops.conv2d(np.abs(below), self.P[f"{ly.name}.weight"], None, padding=ly.padding)
-        row = float(self.P[f"{ly.name}.weight"].sum(axis=(1, 2, 3)).max())
-        err = GAMMA * (patch + self.P[f"{ly.name}.bias"][None, :, None, None]) + row * e_below
-        ratio, ties = window_gaps(z, err, patch)
-        self.min_gap = min(self.min_gap, ratio)
-        self.zero_ties += ties
-
-    def check_kinks(self, u, err):
-        """Every pre-activation is farther from a kink than its error bound (needed where ρ' is used)."""
-        for a, e in zip(u, err):
-            self.min_kink = min(self.min_kink, kink_margin(a, e, self.kinks))
-
-    def conditioning(self) -> dict:
-        return {"min_argmax_gap_over_bound": None if math.isinf(self.min_gap) else self.min_gap,
-                "exact_zero_patch_ties": self.zero_ties,
-                "min_kink_distance_over_bound": None if math.isinf(self.min_kink) else self.min_kink}
-
-    # ---------------------------------------------------------------- trajectories
-    def run(self, T, beta, ctx, s0=None, e0=0.0, kinks=False):
-        """T steps of Eq. 3.8 from s0 (zeros), with the max-norm error bound e_t of the state.
-
-        Returns (states s_0 … s_T, drives [(u_t, idx_t)], errors e_0 … e_T, u-errors ε_u,t)."""
-        net = self.net
-        s = net.init_state(self.n) if s0 is None else list(s0)
-        kap = self.kappa() if beta != 0.0 else 0.0
-        states, drives, errs, uerrs = [s], [], [e0], []
-        e = e0
-        self.drive_scale = 0.0
-        for _ in range(int(T)):
-            d = net.drive(self.x, s, ctx, beta)
-            for l in range(self.L):
-                self.check_argmax(l, self.x if l == 0 else s[l - 1], 0.0 if l == 0 else e)
-            uabs = self.drive_abs(s, d.indices, beta)
-            self.drive_scale = max(self.drive_scale, max(_amax(a) for a in uabs))
-            lip = self.row_sum(d.indices) + abs(beta) * kap
-            ue = [GAMMA * a + lip * e for a in uabs]
-            if kinks:
-                self.check_kinks(d.u, ue)
-            s = [net.act.fn(u) for u in d.u]
-            e = self.rho * max(_amax(a) for a in ue)
-            states.append(s)
-            drives.append((d.u, d.indices))
-            errs.append(e)
-            uerrs.append(ue)
-        return states, drives, errs, uerrs
-
-    def indices(self, s):
-        return [self.net._bottom_up(l, self.x if l == 0 else s[l - 1])[1] for l in range(self.L)]
-
-    def _lowers(self, s):
-        return [self.x] + list(s[:-1])
-
-    def dphi_abs(self, s, idx):
-        """Σ|terms| of Σ_batch ∂Φ/∂θ at s (network parameters)."""
-        return self.bilinear_abs(self._lowers(s), s, idx)
-
-    def dphi_lip(self, s, idx):
-        """Lipschitz constant (per parameter entry, max-norm state perturbation) of Σ_batch ∂Φ/∂θ at s."""
-        ones = [np.ones(sh) for sh in self.shapes]
-        a = self.bilinear_abs([None] + ones[:-1], s, idx)  # perturbation of the lower state (never of x)
-        b = self.bilinear_abs(self._lowers(s), ones, idx)  # perturbation of the upper state
-        return {k: a.get(k, 0.0) + b[k] for k in b}
-
-    def cost_param_bound(self, s, e):
-        """(Σ|terms|, error bound) of Σ_batch ∂C/∂θ for the softmax readout at s with state error e.
-
-        G = Σ_n (p_n − y_n) vec(s_n)ᵀ: |δG_kj| ≤ Σ_n (‖δp_n‖₁ |s_nj| + |p − y|_nk e), with
-        ‖δp_n‖₁ ≤ 2‖δz_n‖_∞ ≤ 2(R e + γ S_z,n), R = ‖W_out‖_∞ (the softmax Jacobian has ∞→1 norm ≤ 2)."""
-        net = self.net
-        if net.readout != "softmax":
-            return {}, {}
-        ro = net.arch.readout
-        W = self.P[f"{ro.name}.weight"]
-        flat = np.abs(s[-1]).reshape(self.n, -1)  # (n, D)
-        z_abs = flat @ W.T + self.P[f"{ro.name}.bias"]  # (n, K)
-        p = np.exp(log_softmax(net.logits(s)))
-        d = np.abs(p - self.onehot)  # (n, K)
-        dp = 2.0 * (float(W.sum(axis=1).max()) * e + GAMMA * z_abs.max(axis=1))  # (n,)
-        absW = (p + self.onehot).T @ flat  # (K, D)
-        absb = (p + self.onehot).sum(axis=0)
-        errW = (dp @ flat)[None, :] + e * d.sum(axis=0)[:, None]  # (K, D)
-        errb = np.full(absb.shape, float(dp.sum()))
-        return ({f"{ro.name}.weight": absW, f"{ro.name}.bias": absb},
-                {f"{ro.name}.weight": errW, f"{ro.name}.bias": errb})
-
-    def check_state(self, s, e=0.0):
-        """Argmax margins of the drive at a given state (error e)."""
-        for l in range(self.L):
-            self.check_argmax(l, self.x if l == 0 else s[l - 1], 0.0 if l == 0 else e)
 
 
 # =========================================================================== model cases (§3-5)
@@ -661,7 +423,7 @@ def _model_cases():
         first = len(cases)
         n = x.shape[0]
         params = _params(net)
-        bd = _Bounds(net, x, y)
+        bd = CRNNBounds(net, x, y)
         what = f"'{net.arch.spec}' on {tuple(net.input_shape)} inputs, {net.readout} readout, {net.activation}, n={n}"
         common = {"x": x, "y": y}
         ctx = net.prepare(x, y)
@@ -684,7 +446,7 @@ def _model_cases():
             f"Φ^β per sample at a random state in [0, 1), β = {BETA}; {what}",
             ["args/spec", "params", "inputs/x", "inputs/state", "inputs/y", "args/beta"], _model_args(net, beta=BETA),
             {**common, "state": state}, params, {"phi": phi},
-            {"phi": _tol(_amax(S_phi), bd.phi_depth)}, seed, bd.conditioning()))
+            {"phi": _tol(amax(S_phi), bd.phi_depth)}, seed, bd.conditioning()))
 
         # ---- one dynamics step, free and nudged (Eqs. 3.7-3.8)
         for beta in (0.0, BETA):
@@ -696,7 +458,7 @@ def _model_cases():
                 f"one synchronous step s ← ρ(∂Φ^β/∂s) from a random state, β = {beta}; {what}",
                 ["args/spec", "params", "inputs/x", "inputs/state", "inputs/y", "args/beta"],
                 _model_args(net, beta=beta), {**common, "state": state}, params, {"state": new},
-                {f"state/{l}": _tol(bd.rho * _amax(uabs[l]), bd.drive_depth) for l in range(bd.L)}, seed))
+                {f"state/{l}": _tol(bd.rho * amax(uabs[l]), bd.drive_depth) for l in range(bd.L)}, seed))
 
         # ---- ∂Φ^β/∂θ at the random state (Eq. 3.9)
         g = net.dphi_dtheta(x, state, y, BETA)
@@ -705,7 +467,7 @@ def _model_cases():
         tol = {}
         for k in g:
             S = gabs[k] if k in gabs else BETA * cabs[k]
-            tol[f"grads/{k}"] = _tol(_amax(S), bd.grad_depth)
+            tol[f"grads/{k}"] = _tol(amax(S), bd.grad_depth)
         cases.append(Case(
             f"crnn_dphi_dtheta_{cfg}", "crnn_dphi_dtheta", ["3.9"],
             f"Σ_batch ∂Φ^β/∂θ at a random state, β = {BETA} (cost-only parameters: −β ∂C/∂θ); {what}",
@@ -713,7 +475,7 @@ def _model_cases():
             {**common, "state": state}, params, {"grads": g}, tol, seed))
 
         # ---- free settling (Eqs. 3.8, 3.11)
-        bd_s = _Bounds(net, x, y)
+        bd_s = CRNNBounds(net, x, y)
         states, _, errs, uerrs = bd_s.run(T_SETTLE, 0.0, None)
         scale = bd_s.drive_scale  # the largest Σ|terms| of any u_t
         ref = settle(net, x, T_SETTLE).state
@@ -767,7 +529,7 @@ def _model_cases():
 def _ep_tolerance(net, x, y, ctx, est, sign, res):
     """Per-parameter atol of an EP estimate (module docstring): γ·abs terms + Lipschitz × state error, / (|β| n)."""
     n = x.shape[0]
-    bd = _Bounds(net, x, y)
+    bd = CRNNBounds(net, x, y)
     free, _, e_free, _ = bd.run(T1, 0.0, None)
     s0, e0 = free[-1], e_free[-1]
     for a, b in zip(s0, res.free.state):
@@ -802,8 +564,8 @@ def _ep_tolerance(net, x, y, ctx, est, sign, res):
             absum[k] = absum.get(k, 0.0) + A[k] * (denom / cost_denom)
             errsum[k] = errsum.get(k, 0.0) + E[k] * (denom / cost_denom)
     for k in net.params:
-        S = _amax(absum[k]) / denom
-        extra = _amax(errsum[k]) / denom
+        S = amax(absum[k]) / denom
+        extra = amax(errsum[k]) / denom
         tol[f"grads/{k}"] = _tol(S, bd.grad_depth + 4, 1.0, extra)
     cond = bd.conditioning()
     cond.update({"free_state_error_bound": e0, "nudged_state_error_bound": max(t[2] for t in ends),
@@ -814,7 +576,7 @@ def _ep_tolerance(net, x, y, ctx, est, sign, res):
 def _bptt_tolerance(net, x, y, ctx, br):
     """Per-parameter atol of BPTT (module docstring): forward state errors, reverse adjoint errors, bilinear terms."""
     n = x.shape[0]
-    bd = _Bounds(net, x, y)
+    bd = CRNNBounds(net, x, y)
     T = T_BPTT
     states, drives, errs, uerrs = bd.run(T, 0.0, None, kinks=True)
     for a, b in zip(states[-1], br.final_state):
@@ -822,13 +584,13 @@ def _bptt_tolerance(net, x, y, ctx, br):
     sT, eT = states[-1], errs[-1]
     # λ_T error
     if net.readout == "mse":
-        eps_lam = (eT + GAMMA * _amax(np.abs(sT[-1]) + bd.onehot)) / n
+        eps_lam = (eT + GAMMA * amax(np.abs(sT[-1]) + bd.onehot)) / n
     else:
         ro = net.arch.readout
         W = bd.P[f"{ro.name}.weight"]
         z_abs = np.abs(sT[-1]).reshape(n, -1) @ W.T + bd.P[f"{ro.name}.bias"]
         dp = 2.0 * (float(W.sum(axis=1).max()) * eT + GAMMA * float(z_abs.max()))
-        eps_lam = (float(W.max()) * dp + GAMMA * _amax(bd.cost_state_abs(sT))) / n
+        eps_lam = (float(W.max()) * dp + GAMMA * amax(bd.cost_state_abs(sT))) / n
     ones = [np.ones(sh) for sh in bd.shapes]
     absum = {k: 0.0 for k in net.params}
     errsum = {k: 0.0 for k in net.params}
@@ -853,12 +615,12 @@ def _bptt_tolerance(net, x, y, ctx, br):
                 + eps_mu * (Lm1.get(name, 0.0) + Lm2.get(name, 0.0))
         # λ_t = H μ_t (Eq. 5.3)
         Hm = bd.hessian_abs(mu, idx)
-        eps_lam = bd.row_sum(idx) * eps_mu + GAMMA * max(_amax(h) for h in Hm)
+        eps_lam = bd.row_sum(idx) * eps_mu + GAMMA * max(amax(h) for h in Hm)
     A, E = bd.cost_param_bound(sT, eT)
     for name in A:
         absum[name] = absum[name] + A[name] / n
         errsum[name] = errsum[name] + E[name] / n
-    tol = {f"grads/{k}": _tol(_amax(absum[k]), bd.grad_depth + T + 4, 1.0, _amax(errsum[k])) for k in net.params}
+    tol = {f"grads/{k}": _tol(amax(absum[k]), bd.grad_depth + T + 4, 1.0, amax(errsum[k])) for k in net.params}
     cond = bd.conditioning()
     cond["state_error_bound"] = eT
     return tol, cond
@@ -868,12 +630,6 @@ def _bptt_tolerance(net, x, y, ctx, br):
 def _uniform_params(rng, specs):
     """Parameters uniform in ±1/√fan_in (the range of Eq. 3.10), drawn in order from ``rng``."""
     return {sp.name: rng.uniform(-1.0 / math.sqrt(sp.fan_in), 1.0 / math.sqrt(sp.fan_in), sp.shape) for sp in specs}
-
-
-def _softmax_rel_error(h_abs_max, K):
-    """Bound r on |Δp_k| / p_k for p = softmax(h) with |Δh| ≤ γ h_abs: log p_k = h_k − lse(h) moves by
-    at most 2 max|Δh| plus the roundings of exp, the K-term sum and log."""
-    return GAMMA * (2.0 * h_abs_max + math.log(K) + 3.0)
 
 
 def _local_cases():
@@ -907,7 +663,7 @@ def _local_cases():
         Y = onehot(y, K, np.float64)
         if loss == "ce":
             p = np.exp(log_softmax(h))
-            r = np.array([_softmax_rel_error(float(m), K) for m in h_abs.max(axis=1)])  # (n,)
+            r = np.array([softmax_rel_error(float(m), K) for m in h_abs.max(axis=1)])  # (n,)
             delta = p - Y
             d_err = p * r[:, None]  # |Δδ| ≤ p_k r
             val_tol = GAMMA * (2.0 * h_abs.max(axis=1) + math.log(K) + 3.0)
@@ -934,10 +690,10 @@ def _local_cases():
             ["inputs/s", "inputs/y", "params/head1.weight", "params/head1.bias", "args/grid", "args/loss"],
             {"grid": grid, "loss": loss}, {"s": s, "y": y}, params,
             {"value": value, "grad_s": gs, "grad_weight": gp["head1.weight"], "grad_bias": gp["head1.bias"]},
-            {"value": _tol_bound(_amax(val_tol), _amax(val_tol) / GAMMA, depth),
-             "grad_s": _tol_bound(_amax(gs_err), _amax(gs_err) / GAMMA, depth),
-             "grad_weight": _tol_bound(_amax(gw_err), _amax(gw_err) / GAMMA, depth),
-             "grad_bias": _tol_bound(_amax(gb_err), _amax(gb_err) / GAMMA, depth)}, seed,
+            {"value": _tol_bound(amax(val_tol), amax(val_tol) / GAMMA, depth),
+             "grad_s": _tol_bound(amax(gs_err), amax(gs_err) / GAMMA, depth),
+             "grad_weight": _tol_bound(amax(gw_err), amax(gw_err) / GAMMA, depth),
+             "grad_bias": _tol_bound(amax(gb_err), amax(gb_err) / GAMMA, depth)}, seed,
             {"pool": None if head.pool is None else list(head.pool), "features": F, "v_shape": list(v.shape)}))
     return cases
 
@@ -998,13 +754,13 @@ def _distillation_cases():
             ["inputs/s", "inputs/t", "params/kd1.weight", "params/kd1.bias", "args/normalisation"],
             {"normalisation": norm}, {"s": s, "t": t_raw}, params,
             {"value": value, "grad_s": gs, "grad_weight": gp["kd1.weight"], "grad_bias": gp["kd1.bias"]},
-            {"value": _tol(scale * _amax(v_abs), depth), "grad_s": _tol(2.0 * scale * _amax(gs_abs), depth),
-             "grad_weight": _tol(2.0 * scale * _amax(gw_abs), depth),
-             "grad_bias": _tol(2.0 * scale * _amax(gb_abs), depth)}, seed,
+            {"value": _tol(scale * amax(v_abs), depth), "grad_s": _tol(2.0 * scale * amax(gs_abs), depth),
+             "grad_weight": _tol(2.0 * scale * amax(gw_abs), depth),
+             "grad_bias": _tol(2.0 * scale * amax(gb_abs), depth)}, seed,
             {"teacher": {"arch": tarch, "input_shape": list(tshape), "num_classes": 4, "seed": seed,
                          "layer": tl + 1, "activation": "hard_sigmoid"},
              "teacher_input_seed": seed, "elements_per_sample": term.elements,
-             "computed_inputs": {"t": _teacher_forward_bounds(teacher, x)[0][tl + 1]}}))
+             "computed_inputs": {"t": teacher_forward_bounds(teacher, x)[0][tl + 1]}}))
     return cases
 
 
@@ -1024,8 +780,8 @@ def _output_distillation_cases():
     gz = term.state_grads({}, [zs], ctx)[0]
     ps = np.exp(log_softmax(zs / tau))
     q = np.exp(log_softmax(zt / tau))
-    r_s = np.array([_softmax_rel_error(float(v), K) for v in np.abs(zs / tau).max(axis=1)])
-    r_t = np.array([_softmax_rel_error(float(v), K) for v in np.abs(zt / tau).max(axis=1)])
+    r_s = np.array([softmax_rel_error(float(v), K) for v in np.abs(zs / tau).max(axis=1)])
+    r_t = np.array([softmax_rel_error(float(v), K) for v in np.abs(zt / tau).max(axis=1)])
     logp = -log_softmax(zs / tau)  # ≥ 0
     # value = τ² Σ q (−log p): errors of log p (≤ r_s), of q (≤ q r_t), and the K-term sum
     v_err = tau ** 2 * (r_s + (r_t + GAMMA) * (q * logp).sum(axis=1))
@@ -1037,10 +793,10 @@ def _output_distillation_cases():
         f"Teacher('c3m', (1, 6, 6), K = {K}, seed={seed}); value per sample and ∂C/∂z_s",
         ["inputs/z_s", "inputs/z_t", "args/temperature"], {"temperature": tau}, {"z_s": zs, "z_t": zt}, {},
         {"value": value, "grad_z": gz},
-        {"value": _tol_bound(_amax(v_err), _amax(v_err) / GAMMA, depth),
-         "grad_z": _tol_bound(_amax(g_err), _amax(g_err) / GAMMA, depth)}, seed,
+        {"value": _tol_bound(amax(v_err), amax(v_err) / GAMMA, depth),
+         "grad_z": _tol_bound(amax(g_err), amax(g_err) / GAMMA, depth)}, seed,
         {"teacher": {"arch": "c3m", "input_shape": [1, 6, 6], "num_classes": K, "seed": seed},
-         "computed_inputs": {"z_t": _teacher_forward_bounds(teacher, x)[1]}})]
+         "computed_inputs": {"z_t": teacher_forward_bounds(teacher, x)[1]}})]
 
 
 # =========================================================================== the teacher (§7)
@@ -1073,65 +829,18 @@ def _teacher_cases():
     return cases
 
 
-def _teacher_forward_bounds(t, x):
-    """Max-norm error bounds of the teacher's forward pass (Eq. 7.1) and its piece margins.
-
-    Returns (e_a: bounds of a_0 = x (0), a_1, …, a_L; e_z: bound of the logits; notes)."""
-    P = {k: np.abs(v) for k, v in t.params.items()}
-    rho = 0.5 if t.activation == "half_hard_sigmoid" else 1.0
-    kinks = t.act.kinks
-    n = x.shape[0]
-    logits, cache = t.forward(x)
-    min_gap, min_kink, zero_ties = math.inf, math.inf, 0
-    e_a = [0.0]  # error of a_0 = x, a_1, …
-    depth = 0
-    for l, ly in enumerate(t.layers):
-        a = x if l == 0 else cache.acts[l - 1]
-        W, b = P[f"{ly.name}.weight"], P[f"{ly.name}.bias"]
-        if isinstance(ly, ConvLayer):
-            z_abs = ops.conv2d(np.abs(a), W, b, padding=ly.padding)
-            row = float(W.sum(axis=(1, 2, 3)).max())
-            if ly.pool == "max":
-                z = ops.conv2d(a, t.params[f"{ly.name}.weight"], t.params[f"{ly.name}.bias"], padding=ly.padding)
-                err = GAMMA * z_abs + row * e_a[-1]
-                patch = ops.conv2d(np.abs(a), W, None, padding=ly.padding)
-                g, ties = window_gaps(z, err, patch)
-                min_gap, zero_ties = min(min_gap, g), zero_ties + ties
-                p_abs = ops.max_pool2d_select(z_abs, cache.indices[l])
-            elif ly.pool == "avg":
-                p_abs = ops.avg_pool2d(z_abs)
-            else:
-                p_abs = z_abs
-            depth = max(depth, ly.in_channels * ly.kernel ** 2 + 8, n * ly.conv_hw[0] * ly.conv_hw[1] + 8)
-        else:
-            p_abs = np.abs(a).reshape(n, -1) @ W.T + b
-            row = float(W.sum(axis=1).max())
-            depth = max(depth, ly.in_features + 8)
-        e_p = GAMMA * p_abs + row * e_a[-1]
-        min_kink = min(min_kink, kink_margin(cache.pre[l], e_p, kinks, f"teacher layer {ly.name}"))
-        e_a.append(rho * _amax(e_p))
-    ro = t.readout
-    Wo, bo = P[f"{ro.name}.weight"], P[f"{ro.name}.bias"]
-    z_abs = np.abs(cache.acts[-1].reshape(n, -1)) @ Wo.T + bo
-    e_z = GAMMA * _amax(z_abs) + float(Wo.sum(axis=1).max()) * e_a[-1]
-    notes = {"min_argmax_gap_over_bound": None if math.isinf(min_gap) else min_gap,
-             "exact_zero_patch_ties": zero_ties, "min_kink_distance_over_bound": min_kink,
-             "forward_error_bounds": e_a[1:], "logit_error_bound": e_z, "depth": depth}
-    return e_a, e_z, notes
-
-
 def _teacher_tolerance(t, x, y):
     """Forward errors (max norm, per layer) and elementwise backward error arrays (module docstring)."""
     P = {k: np.abs(v) for k, v in t.params.items()}
     n, K = x.shape[0], t.num_classes
     logits, cache = t.forward(x)
-    e_a, e_z, notes = _teacher_forward_bounds(t, x)
+    e_a, e_z, notes = teacher_forward_bounds(t, x)
     depth = notes.pop("depth")
     ro = t.readout
     Wo, bo = P[f"{ro.name}.weight"], P[f"{ro.name}.bias"]
     aL = cache.acts[-1].reshape(n, -1)
     z_abs = np.abs(aL) @ Wo.T + bo
-    tol = {"loss": _tol_bound(2.0 * e_z + GAMMA * (2.0 * _amax(z_abs) + math.log(K) + 2.0), _amax(z_abs), depth)}
+    tol = {"loss": _tol_bound(2.0 * e_z + GAMMA * (2.0 * amax(z_abs) + math.log(K) + 2.0), amax(z_abs), depth)}
     p = np.exp(log_softmax(logits))
     Y = onehot(y, K, np.float64)
     delta = (p - Y) / n
@@ -1172,7 +881,7 @@ def _teacher_tolerance(t, x, y):
                 g_abs = (mu_abs @ W).reshape(a.shape)
     for k in t.params:
         err = np.broadcast_to(grads_err[k], t.params[k].shape)
-        tol[f"grads/{k}"] = _tol_bound(_amax(err), _amax(err) / GAMMA, depth)
+        tol[f"grads/{k}"] = _tol_bound(amax(err), amax(err) / GAMMA, depth)
     return tol, notes
 
 
