@@ -2,7 +2,7 @@
 
 ``reference_tests/vectors/`` holds one ``.npz`` per case and ``manifest.json``: deterministic
 float64 inputs, parameters under their PyTorch names, pyeqprop's outputs, and a tolerance per
-output derived from a rounding-error model (:mod:`.cases`). A port implements some of the
+output derived from a rounding-error model (:mod:`.tolerances`). A port implements some of the
 methods of the adapter protocol (:mod:`.adapter`) and runs::
 
     pyeqprop conformance --adapter mypackage.port:ADAPTER [--vectors DIR]
@@ -21,7 +21,9 @@ from .adapter import (
     run_conformance,
     run_conformance_cli,
 )
-from .cases import GAMMA, Case, build_cases, default_vectors_dir, load_case, load_manifest, write_vectors
+from ..testing.rounding import GAMMA
+from .cases import build_cases
+from .format import Case, default_vectors_dir, load_case, load_manifest, write_vectors
 
 __all__ = ["run_conformance", "run_conformance_cli", "Result", "format_result", "load_adapter", "PROTOCOL",
            "PYEQPROP", "PyeqpropAdapter", "DEFAULT_ADAPTER", "build_cases", "write_vectors", "load_manifest",

@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     ns = parser.parse_args(argv)
     if ns.command == "regenerate":
         from . import regenerate
-        from .cases import load_manifest
+        from .format import load_manifest
 
         path = regenerate(ns.out)
         manifest = load_manifest(path.parent)

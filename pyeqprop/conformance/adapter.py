@@ -62,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cases import default_vectors_dir, load_case, load_manifest
+from .format import default_vectors_dir, load_case, load_manifest
 
 __all__ = ["PROTOCOL", "PyeqpropAdapter", "PYEQPROP", "Result", "run_conformance", "run_conformance_cli",
            "load_adapter", "format_result", "DEFAULT_ADAPTER"]
