@@ -5,7 +5,7 @@ files, keys sorted, fixed timestamps) and ``manifest.json`` (:data:`FORMAT`; per
 method, the cited equations, the call, the arrays' shapes and dtypes, the tolerances and
 notes). :func:`write_vectors` writes them deterministically: the same cases give
 byte-identical files. :func:`load_manifest` and :func:`load_case` read them back;
-:func:`default_vectors_dir` is the folder of the committed vectors.
+:func:`default_vectors_dir` is the copy shipped with the package (``pyeqprop/conformance/vectors``).
 The layout is documented in ``docs/conformance.md``.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +28,24 @@ ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamp: identical bytes on every re
 
 
 def default_vectors_dir() -> Path:
-    """``reference_tests/vectors`` of the source checkout this package lives in."""
-    return Path(__file__).resolve().parents[2] / "reference_tests" / "vectors"
+    """The vectors shipped with the package: ``pyeqprop/conformance/vectors`` (package data).
+
+    Found with :func:`importlib.resources.files`, so a checkout, an editable install and a
+    wheel install all work; ``python -m pyeqprop.conformance regenerate`` writes here.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Raises
+    ------
+    FileNotFoundError
+        When the package is not installed as files on disk (e.g. imported from a zip).
+    """
+    d = resources.files("pyeqprop.conformance") / "vectors"
+    if not isinstance(d, Path):
+        raise FileNotFoundError(f"the conformance vectors {d} are not a folder on disk; pass --vectors DIR")
+    return d
 
 
 @dataclass
