@@ -1,7 +1,7 @@
 """The conformance vectors for ports (docs/conformance.md; every case cites its SPEC.md equations).
 
 (a) The current code reproduces the committed vectors within their tolerances, so a change of
-    behaviour shows up as a diff of ``reference_tests/vectors``.
+    behaviour shows up as a diff of ``pyeqprop/conformance/vectors`` (package data).
 (b) Regeneration is deterministic: twice in a row gives byte-identical files. Against the
     committed files, inputs, parameters and integer outputs must match bit for bit; float
     outputs (and inputs computed by a teacher) within their derived tolerance, because a
@@ -29,6 +29,7 @@ from pyeqprop.conformance import (
     PROTOCOL,
     PYEQPROP,
     PyeqpropAdapter,
+    default_vectors_dir,
     format_result,
     load_case,
     load_manifest,
@@ -36,7 +37,7 @@ from pyeqprop.conformance import (
     write_vectors,
 )
 
-VECTORS = Path(__file__).resolve().parent / "vectors"
+VECTORS = default_vectors_dir()
 SPEC = Path(__file__).resolve().parents[1] / "SPEC.md"
 
 

@@ -10,10 +10,11 @@ Networks are drawn by ``pyeqprop.testing.model_strategies.crnn_configs`` (1-3 co
 with max/avg/no pooling, an optional fc layer, input sizes derived so every pool is valid,
 batch 1-3, both readouts, both activations); arrays come from the config's seed.
 
-Tolerances come from a rounding-error model (``pyeqprop.testing.checks``): a computed sum
+Tolerances come from a rounding-error model (``pyeqprop.testing.rounding``): a computed sum
 differs from the exact one by at most γ_d · Σ|terms|, γ_d the relative factor for rounding
 depth d (:func:`_depth`, an upper bound on the length of any reduction chain plus the
-elementwise operations on its path). Σ|terms| is computed by running the same layer maps on
+elementwise operations on its path, from the layers' reduction lengths of
+``pyeqprop.testing.propagation``). Σ|terms| is computed by running the same layer maps on
 |θ|, |x|, |s| (with every pooled value spread over its whole window, which bounds both max
 selection and averaging), or bounded by norms where only a norm is needed:
 
@@ -24,6 +25,10 @@ selection and averaging), or bounded by norms where only a norm is needed:
   (k_l the kernel size, P_l the spatial positions of s_l; 1 for fc), which bounds both the
   absolute terms and the Lipschitz constant in s;
 * states lie in [0, 1], so ‖s_l‖ ≤ √(n·units_l).
+
+The conformance generator bounds the same quantities differently: elementwise, in the max norm,
+at the reference's argmaxes, for fixed inputs (``pyeqprop.testing.propagation.CRNNBounds``). The
+2-norm bounds here hold for every drawn network and are kept apart from it.
 
 "Kinks": Φ is piecewise bilinear in (θ, s) and the dynamics piecewise polynomial; a piece is
 fixed by the argmax of every max pool and the side of every activation kink each
@@ -50,8 +55,9 @@ from pyeqprop.diagnostics import (
     tridiagonal_norm,
 )
 from pyeqprop.model.arch import ConvLayer
-from pyeqprop.testing.checks import gamma, unit_roundoff
+from pyeqprop.testing.rounding import gamma, unit_roundoff
 from pyeqprop.testing.model_strategies import crnn_configs
+from pyeqprop.testing.propagation import conv_positions, fan_in, fan_out
 
 F64 = np.float64
 U = unit_roundoff(F64)
@@ -156,11 +162,10 @@ def _kernel(layer) -> int:
 def _depth(net, n: int) -> int:
     """An upper bound on the rounding depth of any one output of Φ, ∂Φ/∂s, ∂Φ/∂θ, C or ∂C/∂s
     (Eqs. 3.2-3.9): the longest reduction of each kind plus a few elementwise operations."""
-    fan = max(ly.in_channels * ly.kernel ** 2 if isinstance(ly, ConvLayer) else ly.in_features for ly in net.arch.layers)
-    fan_t = max(ly.out_channels * ly.kernel ** 2 if isinstance(ly, ConvLayer) else ly.out_features
-                for ly in net.arch.layers)
+    fan = max(fan_in(ly) for ly in net.arch.layers)
+    fan_t = max(fan_out(ly) for ly in net.arch.layers)
     units = max(int(np.prod(s)) for s in net.arch.state_shapes)
-    conv_pos = max(ly.conv_hw[0] * ly.conv_hw[1] if isinstance(ly, ConvLayer) else 1 for ly in net.arch.layers)
+    conv_pos = max(conv_positions(ly) for ly in net.arch.layers)
     ro = net.arch.readout
     cost = net.num_classes + (ro.in_features if ro is not None else 0)
     return fan + fan_t + n * units + n * conv_pos + len(net.arch.layers) + cost + n + 16

@@ -2,7 +2,7 @@
 
 Each test checks one property and cites its equation. Comparisons with an independent
 computation (the float64 loop oracles of ``pyeqprop.testing.oracles``, PyTorch, SciPy)
-allow the difference derived in ``pyeqprop.testing.checks``: twice the rounding bound
+allow the difference derived in ``pyeqprop.testing.rounding``: twice the rounding bound
 γ(d)·Σ|terms| of one computation, with d the rounding depth (number of terms reduced
 into one element, plus one rounding for each further operation: bias, scaling, final
 cast). Σ|terms| per element is the oracle run on absolute values. Selections (max
@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from pyeqprop import backend, ops
 from pyeqprop.testing import oracles
-from pyeqprop.testing.checks import assert_adjoint, assert_allclose_dtype, unit_roundoff
+from pyeqprop.testing.checks import assert_adjoint, assert_allclose_dtype
+from pyeqprop.testing.rounding import unit_roundoff
 from pyeqprop.testing.strategies import (
     PoolConfig,
     conv_configs,

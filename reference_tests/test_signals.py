@@ -19,7 +19,7 @@ construction); all arrays are float64 drawn on the host from the config's seed.
 
 Rounding-error bound of one value evaluation (used by the oracle and FD tests)
 ---------------------------------------------------------------------------
-Model of ``pyeqprop.testing.checks``: each operation rounds with relative error ≤ u, and a
+Model of ``pyeqprop.testing.rounding``: each operation rounds with relative error ≤ u, and a
 sum of m products, computed in any order, errs by ≤ γ_d·Σ|terms| with d the rounding depth.
 Perturbing θ + t·d or s + t·d on the host rounds each entry once more (one more level).
 
@@ -50,8 +50,9 @@ from pyeqprop.learning.signals import (DistillationMap, LocalErrorHead, OutputDi
                                     TeacherFeatures, attach_signals)
 from pyeqprop.model.teacher import Teacher
 from pyeqprop.testing import oracles
-from pyeqprop.testing.checks import assert_within_bound, gamma, unit_roundoff
+from pyeqprop.testing.checks import assert_within_bound
 from pyeqprop.testing.model_strategies import CRNNConfig, crnn_configs
+from pyeqprop.testing.rounding import gamma, unit_roundoff
 
 F64 = np.float64
 U = unit_roundoff(F64)
@@ -525,7 +526,7 @@ def _softmax(z):
 
 def _abs_cost_grads(term, P, S, ctx, grid) -> dict:
     """Σ_batch of the absolute values of the products the library sums into ∂C_k/∂θ (Eqs. 6.2-6.6,
-    3.4): the scale of its rounding error (``checks`` model)."""
+    3.4): the scale of its rounding error (``rounding`` model)."""
     n = S[0].shape[0]
     if isinstance(term, LocalErrorHead):
         s = S[term.layer]

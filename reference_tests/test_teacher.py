@@ -14,8 +14,8 @@ Architectures are drawn by hypothesis, valid by construction: 1-2 conv layers wi
 
 Rounding-error bound of one loss evaluation (used by the oracle and FD tests)
 ----------------------------------------------------------------------------
-Model of ``pyeqprop.testing.checks``: every operation rounds with relative error ≤ u, a sum
-of m products computed in any order has error ≤ γ_{m+1}·Σ|terms| (γ from ``checks.gamma``).
+Model of ``pyeqprop.testing.rounding``: every operation rounds with relative error ≤ u, a sum
+of m products computed in any order has error ≤ γ_{m+1}·Σ|terms| (γ from ``rounding.gamma``).
 Write ‖W‖ for the largest absolute row sum of a layer (conv: max_o Σ_{c,a,β}|W[o,c,a,β]|),
 A_{l−1} ≥ max|a_{l−1}| (max|x| for the input, 1 for hidden layers since ρ ∈ [0, 1]), and
 e_l ≥ max|â_l − a_l| the error of the computed activations. Then
@@ -44,7 +44,8 @@ from pyeqprop.model import CRNN
 from pyeqprop.model.arch import ConvLayer
 from pyeqprop.model.teacher import Teacher, TeacherCache
 from pyeqprop.testing import oracles
-from pyeqprop.testing.checks import assert_within_bound, gamma
+from pyeqprop.testing.checks import assert_within_bound
+from pyeqprop.testing.rounding import gamma
 
 F64 = np.float64
 ACT = {"hard_sigmoid": (1.0, (0.0, 1.0)), "half_hard_sigmoid": (0.5, (0.0, 2.0))}  # L_ρ, kinks

@@ -17,10 +17,10 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the example port needs PyTorch")
 
-from pyeqprop.conformance import format_result, load_manifest, run_conformance  # noqa: E402
+from pyeqprop.conformance import default_vectors_dir, format_result, load_manifest, run_conformance  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-VECTORS = HERE / "vectors"
+VECTORS = default_vectors_dir()
 
 
 def _load_port():

@@ -10,14 +10,15 @@ def main(argv=None) -> int:
                                      description="conformance vectors for ports of pyeqprop")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("regenerate", help="rebuild every case and write the .npz files and manifest.json")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: reference_tests/vectors)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: pyeqprop/conformance/vectors, the package data)")
     p = sub.add_parser("run", help="run the vectors against an adapter (as 'pyeqprop conformance')")
     p.add_argument("--adapter", default=None, metavar="MODULE:OBJECT")
     p.add_argument("--vectors", default=None, metavar="DIR")
     ns = parser.parse_args(argv)
     if ns.command == "regenerate":
         from . import regenerate
-        from .cases import load_manifest
+        from .format import load_manifest
 
         path = regenerate(ns.out)
         manifest = load_manifest(path.parent)

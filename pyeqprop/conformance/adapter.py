@@ -62,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cases import default_vectors_dir, load_case, load_manifest
+from .format import default_vectors_dir, load_case, load_manifest
 
 __all__ = ["PROTOCOL", "PyeqpropAdapter", "PYEQPROP", "Result", "run_conformance", "run_conformance_cli",
            "load_adapter", "format_result", "DEFAULT_ADAPTER"]
@@ -102,19 +102,6 @@ PROTOCOL = {
 
 
 # =========================================================================== pyeqprop's own adapter
-class _FixedSign:
-    """A stand-in generator for the random-sign estimator: its one draw gives the stored sign
-    (``ep_estimate`` takes +β when ``rng.random() < 0.5``)."""
-
-    def __init__(self, sign):
-        if sign not in (1, -1):
-            raise ValueError(f"sign must be +1 or -1 for the random-sign estimator, got {sign!r}")
-        self.sign = sign
-
-    def random(self):
-        return 0.25 if self.sign > 0 else 0.75
-
-
 class _FixedFeatures:
     """A teacher-feature provider returning stored features / logits (``TeacherFeatures`` protocol)."""
 
@@ -205,30 +192,33 @@ class PyeqpropAdapter:
         return net
 
     def crnn_phi(self, spec, params, x, state, y, beta):
-        return self._net(spec, params).phi(x, list(state), y, beta)
+        net = self._net(spec, params)
+        return net.phi(x, list(state), net.nudge(x, y, beta))
 
     def crnn_step(self, spec, params, x, state, y, beta):
-        return self._net(spec, params).step(x, list(state), y, beta)
+        net = self._net(spec, params)
+        return net.step(x, list(state), net.nudge(x, y, beta))
 
     def crnn_dphi_dtheta(self, spec, params, x, state, y, beta):
-        return self._net(spec, params).dphi_dtheta(x, list(state), y, beta)
+        net = self._net(spec, params)
+        return net.dphi_dtheta(x, list(state), net.nudge(x, y, beta))
 
     def crnn_settle(self, spec, params, x, T):
-        from ..model.settle import settle
+        from ..learning.settle import settle
         return settle(self._net(spec, params), x, T).state
 
     def ep_gradients(self, spec, params, x, y, beta, T1, T2, estimator, sign):
-        from ..model.ep import ep_gradients
-        rng = _FixedSign(sign) if estimator == "random-sign" else None
-        return ep_gradients(self._net(spec, params), x, y, beta=beta, T1=T1, T2=T2, estimator=estimator, rng=rng)
+        from ..learning.estimators import ep_gradients
+        return ep_gradients(self._net(spec, params), x, y, beta=beta, T1=T1, T2=T2, estimator=estimator,
+                            sign=None if sign is None else int(sign))
 
     def bptt_gradients(self, spec, params, x, y, T):
-        from ..model.bptt import bptt_gradients
+        from ..learning.bptt import bptt_gradients
         return bptt_gradients(self._net(spec, params), x, y, T=T)
 
     # ---------------------------------------------------------------- costs
     def local_error_cost(self, s, y, weight, bias, grid, loss):
-        from ..model.signals import LocalErrorHead
+        from ..learning.signals import LocalErrorHead
         head = LocalErrorHead(0, s.shape[1:], weight.shape[0], grid=grid, loss=loss, name="head")
         params = {"head.weight": weight, "head.bias": bias}
         ctx = head.prepare(params, s, y)
@@ -237,7 +227,7 @@ class PyeqpropAdapter:
                 g["head.bias"])
 
     def distillation_cost(self, s, t, weight, bias, normalisation):
-        from ..model.signals import DistillationMap
+        from ..learning.signals import DistillationMap
         term = DistillationMap(0, s.shape[1:], t.shape[1:], _FixedFeatures([t]), normalisation=normalisation,
                                name="kd")
         params = {"kd.weight": weight, "kd.bias": bias}
@@ -246,8 +236,8 @@ class PyeqpropAdapter:
         return term.value(params, [s], ctx), term.state_grads(params, [s], ctx)[0], g["kd.weight"], g["kd.bias"]
 
     def output_distillation_cost(self, z_s, z_t, temperature):
-        from ..model.costs import MSEOutput
-        from ..model.signals import OutputDistillation
+        from ..learning.signals import OutputDistillation
+        from ..model.readout import MSEOutput
         term = OutputDistillation(MSEOutput(0, z_s.shape[1]), _FixedFeatures(None, z_t), temperature=temperature)
         ctx = term.prepare({}, None, None)
         return term.value({}, [z_s], ctx), term.state_grads({}, [z_s], ctx)[0]

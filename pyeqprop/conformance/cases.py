@@ -1,159 +1,32 @@
-"""Conformance cases: deterministic float64 inputs, pyeqprop's outputs, and derived tolerances.
+"""Conformance cases: deterministic float64 inputs, pyeqprop's outputs, and each output's scale.
 
-Each :class:`Case` is one call of one adapter method (protocol in :mod:`.adapter`) on fixed
-arrays, with the outputs pyeqprop computes and, for every output array, an absolute
-tolerance derived from a rounding-error model. :func:`build_cases` constructs them all;
-:func:`write_vectors` stores one ``.npz`` per case and ``manifest.json``.
+Each :class:`~pyeqprop.conformance.format.Case` is one call of one adapter method (protocol in
+:mod:`.adapter`) on fixed arrays, with the outputs pyeqprop computes and, for every output
+array, an absolute tolerance (:mod:`.tolerances`). :func:`build_cases` constructs them all;
+:func:`~pyeqprop.conformance.format.write_vectors` stores them.
 
 Inputs come from ``numpy.random.default_rng(seed)`` with the seed stored per case;
 parameters are stored explicitly under their PyTorch names, so a port loads them instead
-of reproducing pyeqprop's initialisation (Eq. 3.10).
-
-Tolerance rule
---------------
-For an output array E computed by a port as A, the case passes when
-
-    max |A − E| ≤ atol,   atol = γ · S · (amplification),   rtol = 0,
-
-with γ = 128·eps = 256u (u = eps/2 the unit roundoff of float64). S is the largest
-Σ|terms| of any element: the same computation run on absolute values (|inputs|, |θ|, the
-argmaxes and activation slopes frozen at those of the reference). Both pyeqprop and the
-port compute the same exact sum; each differs from it by at most γ_d·S, with γ_d =
-min(d·u/(1 − d·u), exp(λ√d·u + …) − 1) for rounding depth d (Higham 2002, Lemma 3.1;
-Higham & Mary 2019, λ = 8, as in :mod:`pyeqprop.testing.checks`): γ_d = d·u for d ≤ 64 and
-≈ 8√d·u beyond, so γ_d ≤ 128u for every d ≤ 256 and 2γ_d ≤ γ. The generator estimates each
-case's depth (longest reduction plus the elementwise operations on its path) and asserts it is
-at most 256.
-Outputs that are exact selections (max pooling, activations) have depth 0 and atol 0;
-integer outputs (pooling indices) must match exactly.
-
-Computations that chain stages (settling, EP, BPTT, the teacher's passes) propagate the
-bound in the max norm within one *piece* — fixed argmaxes and fixed sides of the
-activation kinks — to first order: a state error e_t grows by at most q_t = ρ'_max·
-(‖H_t‖_∞ + |β|κ_∞) per step (‖H_t‖_∞ the largest row sum of |∂²Φ/∂s²| at the step's
-argmaxes, κ_∞ that of the cost Hessian) plus ρ'_max·γ·S_u(t), and bilinear quantities
-(∂Φ/∂θ, BPTT's step terms) add their abs-term scale times γ plus their Lipschitz constant
-(again an abs computation, with ones in place of the perturbed factor) times the factor's
-error. The manifest stores, per output, the scale and the resulting atol.
-
-The bound holds only within a piece, so every model case is checked at generation: each
-max-pool window's best value exceeds the runner-up by more than TIE_SAFETY (2) times twice
-its error bound (two computations within the bound of the exact values agree on the argmax
-when the gap exceeds twice the bound); exact ties are allowed only where every tied
-candidate reads an all-zero patch, so it equals the bias exactly in any direct summation,
-and the first maximum wins. Where ρ' is used (BPTT, the teacher), every pre-activation is
-more than TIE_SAFETY times its error bound away from a kink. The margins (gap over twice
-the bound, kink distance over the bound) are stored under ``notes``.
+of reproducing pyeqprop's initialisation (Eq. 3.10). Each builder computes its outputs'
+scale S (the largest Σ|terms| of an element: the same computation on absolute values, the
+argmaxes frozen at the reference's) and rounding depth; single-stage outputs get
+atol = γ·S, chained stages the propagated bound of :mod:`.tolerances`.
 """
 from __future__ import annotations
 
-import io
-import json
 import math
-import zipfile
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from .. import ops
-from ..model.arch import ConvLayer
-from ..model.costs import MSEOutput, log_softmax, onehot
-from ..testing.checks import gamma as _gamma_d
+from ..model.readout import MSEOutput
+from ..ops.softmax import log_softmax, onehot
+from ..testing.propagation import CRNNBounds, amax, softmax_rel_error, teacher_forward_bounds
+from ..testing.rounding import GAMMA
+from .format import Case
+from .tolerances import bound_entry, bptt_tolerance, ep_tolerance, exact_entry, teacher_tolerance, tol_entry
 
-__all__ = ["Case", "GAMMA", "MAX_DEPTH", "FORMAT", "build_cases", "write_vectors", "load_manifest", "load_case",
-           "default_vectors_dir", "spec_dict"]
-
-FORMAT = "pyeqprop-conformance/1"
-EPS = float(np.finfo(np.float64).eps)
-GAMMA = 128.0 * EPS
-"""γ = 128·eps = 256u ≥ 2γ_d for every rounding depth d ≤ MAX_DEPTH: two computations of one sum."""
-MAX_DEPTH = 256
-ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamp: identical bytes on every regeneration
-TIE_SAFETY = 2.0  # an argmax gap must exceed TIE_SAFETY × (error bound of the candidates)
-
-
-def default_vectors_dir() -> Path:
-    """``reference_tests/vectors`` of the source checkout this package lives in."""
-    return Path(__file__).resolve().parents[2] / "reference_tests" / "vectors"
-
-
-# =========================================================================== the case record
-@dataclass
-class Case:
-    """One conformance case.
-
-    ``call`` lists the adapter method's positional arguments as references: ``inputs/NAME``
-    (an array, or a list of arrays when stored as ``inputs/NAME/0``, ``/1``, …), ``params``
-    (the dict of every stored parameter), ``params/NAME`` (one parameter), ``args/NAME``
-    (a JSON value from ``args``). ``expected`` maps output names (the method's outputs, see
-    :data:`pyeqprop.conformance.adapter.PROTOCOL`) to an array, a list of arrays or a dict
-    of arrays; ``tolerance`` is keyed by the flattened output key (``y``, ``state/0``,
-    ``grads/conv1.weight``).
-    """
-
-    name: str
-    method: str
-    equations: list
-    description: str
-    call: list
-    args: dict
-    inputs: dict
-    params: dict
-    expected: dict
-    tolerance: dict
-    seed: int
-    notes: dict = field(default_factory=dict)  # provenance and conditioning margins (manifest "notes")
-
-    def arrays(self) -> dict:
-        """Every stored array under its npz key."""
-        out = {}
-        for name, v in self.inputs.items():
-            out.update(_flatten(f"inputs/{name}", v))
-        for name, v in self.params.items():
-            out[f"params/{name}"] = np.asarray(v)
-        for name, v in self.expected.items():
-            out.update(_flatten(f"expected/{name}", v))
-        return out
-
-
-def _flatten(prefix, v) -> dict:
-    if isinstance(v, dict):
-        return {f"{prefix}/{k}": np.asarray(a) for k, a in v.items()}
-    if isinstance(v, (list, tuple)):
-        return {f"{prefix}/{i}": np.asarray(a) for i, a in enumerate(v)}
-    return {prefix: np.asarray(v)}
-
-
-def _tol(scale, depth, amplification=1.0, extra=0.0) -> dict:
-    """Tolerance entry: atol = γ·scale·amplification + extra (0 for depth 0: an exact result).
-
-    ``extra`` is a propagated error (Lipschitz constant × error of a factor); the stored
-    ``amplification`` is atol / (γ·scale), so it includes it."""
-    if depth > MAX_DEPTH:
-        raise AssertionError(f"rounding depth {depth} exceeds {MAX_DEPTH}: γ = 128·eps would not bound it")
-    assert 2.0 * _gamma_d(np.float64, depth) <= GAMMA * (1 + 1e-12)
-    scale = float(scale)
-    atol = 0.0 if depth == 0 else GAMMA * scale * float(amplification) + float(extra)
-    amp = atol / (GAMMA * scale) if depth and scale else 1.0  # the propagated part included
-    return {"atol": atol, "rtol": 0.0, "scale": scale, "depth": int(depth), "amplification": amp}
-
-
-def _tol_bound(atol, scale, depth) -> dict:
-    """Tolerance entry for a propagated bound ``atol`` (already a multiple of γ), with the scale it came from."""
-    if depth > MAX_DEPTH:
-        raise AssertionError(f"rounding depth {depth} exceeds {MAX_DEPTH}: γ = 128·eps would not bound it")
-    return {"atol": float(atol), "rtol": 0.0, "scale": float(scale), "depth": int(depth),
-            "amplification": float(atol) / (GAMMA * float(scale)) if scale else 1.0}
-
-
-def _exact() -> dict:
-    return {"atol": 0.0, "rtol": 0.0, "scale": 0.0, "depth": 0, "amplification": 1.0}
-
-
-def _amax(a) -> float:
-    a = np.asarray(a)
-    return float(np.max(np.abs(a))) if a.size else 0.0
+__all__ = ["build_cases", "spec_dict", "MODEL_CONFIGS", "TEACHER_CONFIGS"]
 
 
 # =========================================================================== primitives (§2)
@@ -192,7 +65,7 @@ def _conv_cases():
             f"cross-correlation, {desc_geo}" + ("" if b is not None else ", no bias"),
             ["inputs/x", "inputs/w", "inputs/b" if b is not None else "args/b", "args/stride", "args/padding"],
             {"stride": s, "padding": p, **({} if b is not None else {"b": None})}, inputs, {}, {"y": y},
-            {"y": _tol(_amax(S), c * kh * kw + 1)}, seed))
+            {"y": tol_entry(amax(S), c * kh * kw + 1)}, seed))
         # transposed convolution: g of the forward output's shape; output_size the largest or smallest admissible h
         ho, wo = y.shape[2], y.shape[3]
         lo_h, lo_w = (ho - 1) * s[0] + kh - 2 * p[0], (wo - 1) * s[1] + kw - 2 * p[1]
@@ -206,7 +79,7 @@ def _conv_cases():
             f"adjoint of conv2d in x, {desc_geo}, output_size {tuple(out_hw)} (PyTorch output_padding {tuple(op)})",
             ["inputs/g", "inputs/w", "args/stride", "args/padding", "args/output_size"],
             {"stride": s, "padding": p, "output_size": out_hw}, {"g": g, "w": W}, {}, {"z": z},
-            {"z": _tol(_amax(Sz), o * kh * kw + 1)}, seed))
+            {"z": tol_entry(amax(Sz), o * kh * kw + 1)}, seed))
         # weight gradient: the forward geometry with x and g
         dw = ops.conv2d_weight_grad(x, g, kernel_size=(kh, kw), stride=s, padding=p)
         Sw = ops.conv2d_weight_grad(np.abs(x), np.abs(g), kernel_size=(kh, kw), stride=s, padding=p)
@@ -214,7 +87,7 @@ def _conv_cases():
             f"conv2d_weight_grad_{tag}", "conv2d_weight_grad", ["2.4"], f"adjoint of conv2d in w, {desc_geo}",
             ["inputs/x", "inputs/g", "args/kernel_size", "args/stride", "args/padding"],
             {"kernel_size": [kh, kw], "stride": s, "padding": p}, {"x": x, "g": g}, {}, {"dw": dw},
-            {"dw": _tol(_amax(Sw), n * ho * wo + 1)}, seed))
+            {"dw": tol_entry(amax(Sw), n * ho * wo + 1)}, seed))
     return cases
 
 
@@ -259,7 +132,7 @@ def _pool_cases():
         cases.append(Case(
             f"max_pool2d_{tag}", "max_pool2d", ["2.5", "2.6"], f"max pooling with flat argmax indices, {geo}{tie_note}",
             ["inputs/x", "args/kernel_size", "args/stride"], kargs, {"x": x}, {},
-            {"y": y, "indices": idx}, {"y": _exact(), "indices": _exact()}, seed,
+            {"y": y, "indices": idx}, {"y": exact_entry(), "indices": exact_entry()}, seed,
             {"tied_windows": ntie}))
         # unpooling at these indices (overlapping windows may share an index: a scatter-add)
         g = rng.uniform(-1.0, 1.0, y.shape)
@@ -274,7 +147,7 @@ def _pool_cases():
             f"{dup} indices are shared by several windows" + (" (their values must add up)" if dup else ""),
             ["inputs/y", "inputs/indices", "args/kernel_size", "args/stride", "args/output_size"],
             {**kargs, "output_size": [h, w]}, {"y": g, "indices": idx}, {}, {"z": z},
-            {"z": _tol(_amax(Sz), depth) if dup else _exact()}, seed, {"shared_indices": dup}))
+            {"z": tol_entry(amax(Sz), depth) if dup else exact_entry()}, seed, {"shared_indices": dup}))
         if tag in ("3x3s2_overlap_ties", "2x2s2"):
             xs = rng.uniform(-1.0, 1.0, shape)
             ysel = ops.max_pool2d_select(xs, idx, kernel_size=k, stride=s)
@@ -282,14 +155,14 @@ def _pool_cases():
                 f"max_pool2d_select_{tag}", "max_pool2d_select", ["2.7a"],
                 f"selection x[indices] at the indices of max_pool2d_{tag} (a different x), {geo}",
                 ["inputs/x", "inputs/indices", "args/kernel_size", "args/stride"], kargs,
-                {"x": xs, "indices": idx}, {}, {"y": ysel}, {"y": _exact()}, seed))
+                {"x": xs, "indices": idx}, {}, {"y": ysel}, {"y": exact_entry()}, seed))
         if not ties:
             ya = ops.avg_pool2d(x, kernel_size=k, stride=s)
             Sa = ops.avg_pool2d(np.abs(x), kernel_size=k, stride=s)
             cases.append(Case(
                 f"avg_pool2d_{tag}", "avg_pool2d", ["2.5", "2.8"], f"average pooling, {geo}",
                 ["inputs/x", "args/kernel_size", "args/stride"], kargs, {"x": x}, {}, {"y": ya},
-                {"y": _tol(_amax(Sa), k[0] * k[1] + 1)}, seed))
+                {"y": tol_entry(amax(Sa), k[0] * k[1] + 1)}, seed))
             za = ops.avg_unpool2d(g, kernel_size=k, stride=s, output_size=(h, w))
             Sza = ops.avg_unpool2d(np.abs(g), kernel_size=k, stride=s, output_size=(h, w))
             cases.append(Case(
@@ -297,7 +170,7 @@ def _pool_cases():
                 f"adjoint of average pooling, {geo}, output_size ({h}, {w})",
                 ["inputs/y", "args/kernel_size", "args/stride", "args/output_size"], {**kargs, "output_size": [h, w]},
                 {"y": g}, {}, {"z": za},
-                {"z": _tol(_amax(Sza), _window_cover(h, k[0], s[0]) * _window_cover(w, k[1], s[1]) + 1)}, seed))
+                {"z": tol_entry(amax(Sza), _window_cover(h, k[0], s[0]) * _window_cover(w, k[1], s[1]) + 1)}, seed))
     return cases
 
 
@@ -317,16 +190,16 @@ def _linear_cases():
             f"linear_{tag}", "linear", ["2.11"],
             f"y = x wᵀ + b, x ({n}, {fin}), w ({fout}, {fin})" + ("" if b is not None else ", no bias"),
             ["inputs/x", "inputs/w", "inputs/b" if b is not None else "args/b"], {} if b is not None else {"b": None},
-            inputs, {}, {"y": y}, {"y": _tol(_amax(S), fin + 1)}, seed))
+            inputs, {}, {"y": y}, {"y": tol_entry(amax(S), fin + 1)}, seed))
         cases.append(Case(
             f"linear_transpose_{tag}", "linear_transpose", ["2.11"], f"z = g w, g ({n}, {fout}), w ({fout}, {fin})",
             ["inputs/g", "inputs/w"], {}, {"g": g, "w": W}, {}, {"z": ops.linear_transpose(g, W)},
-            {"z": _tol(_amax(np.abs(g) @ np.abs(W)), fout)}, seed))
+            {"z": tol_entry(amax(np.abs(g) @ np.abs(W)), fout)}, seed))
         cases.append(Case(
             f"linear_weight_grad_{tag}", "linear_weight_grad", ["2.11"],
             f"Δw = gᵀ x, x ({n}, {fin}), g ({n}, {fout})",
             ["inputs/x", "inputs/g"], {}, {"x": x, "g": g}, {}, {"dw": ops.linear_weight_grad(x, g)},
-            {"dw": _tol(_amax(np.abs(g).T @ np.abs(x)), n)}, seed))
+            {"dw": tol_entry(amax(np.abs(g).T @ np.abs(x)), n)}, seed))
     return cases
 
 
@@ -341,10 +214,10 @@ def _activation_cases():
     for name, eq, kinks in (("hard_sigmoid", "2.9", "0 and 1"), ("half_hard_sigmoid", "2.10", "0 and 2")):
         fn, grad = getattr(ops, name), getattr(ops, name + "_grad")
         cases.append(Case(name, name, [eq], f"ρ(u) on random values, the kinks ({kinks}) and their float64 neighbours",
-                          ["inputs/u"], {}, {"u": u}, {}, {"y": fn(u)}, {"y": _exact()}, 400))
+                          ["inputs/u"], {}, {"u": u}, {}, {"y": fn(u)}, {"y": exact_entry()}, 400))
         cases.append(Case(f"{name}_grad", f"{name}_grad", [eq],
                           f"ρ'(u): 0 at the kinks ({kinks}) themselves, nonzero strictly between them",
-                          ["inputs/u"], {}, {"u": u}, {}, {"y": grad(u)}, {"y": _exact()}, 400))
+                          ["inputs/u"], {}, {"u": u}, {}, {"y": grad(u)}, {"y": exact_entry()}, 400))
     return cases
 
 
@@ -353,7 +226,7 @@ def spec_dict(net) -> dict:
     """What a port needs to rebuild ``net`` (a CRNN or Teacher): the constructor arguments and
     the resolved layers (so a port need not parse the spec string)."""
     def layer_dict(ly, role):
-        if isinstance(ly, ConvLayer):
+        if ly.kind == "conv":
             return {"name": ly.name, "kind": "conv", "role": role, "in_channels": ly.in_channels,
                     "out_channels": ly.out_channels, "kernel": ly.kernel, "padding": ly.padding, "stride": 1,
                     "pool": ly.pool, "pool_kernel": 2 if ly.pool != "none" else 1, "in_hw": list(ly.in_hw),
@@ -377,244 +250,6 @@ def spec_dict(net) -> dict:
         "readout_layer": None if net.arch.readout is None else layer_dict(net.arch.readout, "readout"),
         "state_shapes": [list(s) for s in net.arch.state_shapes],
     }
-
-
-class _Bounds:
-    """Max-norm rounding-error propagation for one CRNN (module docstring), at frozen argmaxes."""
-
-    def __init__(self, net, x, y):
-        self.net = net
-        self.x = x
-        self.y = y
-        self.n = x.shape[0]
-        self.P = {k: np.abs(v) for k, v in net.params.items()}
-        self.rho = 0.5 if net.activation == "half_hard_sigmoid" else 1.0
-        self.kinks = net.act.kinks
-        self.onehot = None if y is None else onehot(y, net.num_classes, np.float64)
-        self.shapes = net.state_shapes(self.n)
-        self.min_gap = math.inf  # smallest argmax gap relative to its error bound
-        self.zero_ties = 0
-        self.min_kink = math.inf  # smallest kink distance relative to its error bound
-        L = len(net.layers)
-        self.L = L
-        # depth of one drive evaluation: bottom-up + top-down reductions and a few elementwise ops
-        red = []
-        for l, ly in enumerate(net.layers):
-            r = ly.in_channels * ly.kernel ** 2 if isinstance(ly, ConvLayer) else ly.in_features
-            if l + 1 < L:
-                up = net.layers[l + 1]
-                r += up.out_channels * up.kernel ** 2 if isinstance(up, ConvLayer) else up.out_features
-            red.append(r)
-        self.drive_depth = max(red) + 8
-        # Σ_batch of a weight gradient: n·h_conv·w_conv terms (conv), n (fc)
-        self.grad_depth = max((self.n * ly.conv_hw[0] * ly.conv_hw[1] if isinstance(ly, ConvLayer) else self.n)
-                              for ly in net.layers) + 4
-        # Φ per sample: one drive term per unit, summed over all units
-        self.phi_depth = self.drive_depth + sum(int(np.prod(sh[1:])) for sh in self.shapes) + L
-
-    # ---------------------------------------------------------------- abs layer maps (frozen argmax)
-    def _select(self, ly, z, idx):
-        if ly.pool == "max":
-            return ops.max_pool2d_select(z, idx)
-        if ly.pool == "avg":
-            return ops.avg_pool2d(z)
-        return z
-
-    def _unpool(self, ly, g, idx):
-        if ly.pool == "max":
-            return ops.max_unpool2d(g, idx, output_size=ly.conv_hw)
-        if ly.pool == "avg":
-            return ops.avg_unpool2d(g, output_size=ly.conv_hw)
-        return g
-
-    def bottom_up_abs(self, l, a, idx, bias=True):
-        ly = self.net.layers[l]
-        W = self.P[f"{ly.name}.weight"]
-        b = self.P[f"{ly.name}.bias"] if bias else None
-        a = np.abs(a)
-        if isinstance(ly, ConvLayer):
-            return self._select(ly, ops.conv2d(a, W, b, padding=ly.padding), idx)
-        return ops.linear(a.reshape(a.shape[0], -1), W, b)
-
-    def top_down_abs(self, l, s_above, idx, below_shape):
-        """|T_{l−1}|-scale: feedback of layer l (≥ 1) into layer l − 1."""
-        ly = self.net.layers[l]
-        W = self.P[f"{ly.name}.weight"]
-        s_above = np.abs(s_above)
-        if isinstance(ly, ConvLayer):
-            return ops.conv2d_transpose(self._unpool(ly, s_above, idx), W, padding=ly.padding,
-                                        output_size=below_shape[2:])
-        return (s_above @ W).reshape(below_shape)
-
-    def cost_state_abs(self, s):
-        """Σ|terms| of ∂C/∂s_L (other layers: none): |s_L| + onehot (mse), (p + onehot)|W_out| (softmax)."""
-        net = self.net
-        if net.readout == "mse":
-            return np.abs(s[-1]) + self.onehot
-        ro = net.arch.readout
-        p = np.exp(log_softmax(net.logits(s)))
-        return ((p + self.onehot) @ self.P[f"{ro.name}.weight"]).reshape(s[-1].shape)
-
-    def kappa(self):
-        """κ_∞ ≥ ‖∂²C/∂s_L²‖_∞: 1 (mse); ½ ‖W_outᵀ‖_∞ ‖W_out‖_∞ (softmax, as ‖diag p − p pᵀ‖_∞ ≤ ½)."""
-        if self.net.readout == "mse":
-            return 1.0
-        W = self.P[f"{self.net.arch.readout.name}.weight"]
-        return 0.5 * float(W.sum(axis=0).max()) * float(W.sum(axis=1).max())
-
-    def drive_abs(self, s, idx, beta):
-        """Σ|terms| of u_l = ∂Φ^β/∂s_l (Eq. 3.7) for every layer."""
-        out = []
-        for l in range(self.L):
-            below = self.x if l == 0 else s[l - 1]
-            t = self.bottom_up_abs(l, below, idx[l])
-            if l + 1 < self.L:
-                t = t + self.top_down_abs(l + 1, s[l + 1], idx[l + 1], self.shapes[l])
-            out.append(t)
-        if beta != 0.0:
-            out[-1] = out[-1] + abs(beta) * self.cost_state_abs(s)
-        return out
-
-    def hessian_abs(self, m, idx):
-        """|H| m (Eq. 5.3) at frozen argmaxes: bias-free, input-free drive of |m|."""
-        out = []
-        for l in range(self.L):
-            t = np.zeros(self.shapes[l])
-            if l > 0:
-                t = t + self.bottom_up_abs(l, m[l - 1], idx[l], bias=False)
-            if l + 1 < self.L:
-                t = t + self.top_down_abs(l + 1, m[l + 1], idx[l + 1], self.shapes[l])
-            out.append(t)
-        return out
-
-    def row_sum(self, idx):
-        """‖H‖_∞ at these argmaxes: the largest entry of |H|·1."""
-        return max(_amax(t) for t in self.hessian_abs([np.ones(s) for s in self.shapes], idx))
-
-    def bilinear_abs(self, lowers, uppers, idx, bias=True):
-        """Σ_batch |∂⟨B_l(lower_l), upper_l⟩/∂θ_l| term sums (Eq. 3.9) per parameter.
-
-        A layer whose lower or upper factor is None is skipped."""
-        out = {}
-        for l, ly in enumerate(self.net.layers):
-            lo, up = lowers[l], uppers[l]
-            if lo is None or up is None:
-                continue
-            lo, up = np.abs(lo), np.abs(up)
-            kw, kb = f"{ly.name}.weight", f"{ly.name}.bias"
-            if isinstance(ly, ConvLayer):
-                g = self._unpool(ly, up, idx[l])
-                dW = ops.conv2d_weight_grad(lo, g, kernel_size=ly.kernel, padding=ly.padding)
-                db = g.sum(axis=(0, 2, 3))
-            else:
-                dW = up.T @ lo.reshape(lo.shape[0], -1)
-                db = up.sum(axis=0)
-            out[kw] = out.get(kw, 0.0) + dW
-            if bias:
-                out[kb] = out.get(kb, 0.0) + db
-        return out
-
-    # ---------------------------------------------------------------- pieces
-    def check_argmax(self, l, below, e_below):
-        """Argmax margin of layer l's max pool for the conv output computed from ``below`` (error e_below)."""
-        ly = self.net.layers[l]
-        if not (isinstance(ly, ConvLayer) and ly.pool == "max"):
-            return
-        W, b = self.net.params[f"{ly.name}.weight"], self.net.params[f"{ly.name}.bias"]
-        z = ops.conv2d(below, W, b, padding=ly.padding)
-        patch = ops.conv2d(np.abs(below), self.P[f"{ly.name}.weight"], None, padding=ly.padding)
-        row = float(self.P[f"{ly.name}.weight"].sum(axis=(1, 2, 3)).max())
-        err = GAMMA * (patch + self.P[f"{ly.name}.bias"][None, :, None, None]) + row * e_below
-        ratio, ties = _window_gaps(z, err, patch)
-        self.min_gap = min(self.min_gap, ratio)
-        self.zero_ties += ties
-
-    def check_kinks(self, u, err):
-        """Every pre-activation is farther from a kink than its error bound (needed where ρ' is used)."""
-        for a, e in zip(u, err):
-            d = np.min(np.abs(np.asarray(a)[..., None] - np.asarray(self.kinks)), axis=-1)
-            ratio = float(np.min(d / np.maximum(e, 1e-300)))
-            self.min_kink = min(self.min_kink, ratio)
-            if ratio <= TIE_SAFETY:
-                raise AssertionError(f"a pre-activation lies within {TIE_SAFETY}× its rounding bound of a kink")
-
-    def conditioning(self) -> dict:
-        return {"min_argmax_gap_over_bound": None if math.isinf(self.min_gap) else self.min_gap,
-                "exact_zero_patch_ties": self.zero_ties,
-                "min_kink_distance_over_bound": None if math.isinf(self.min_kink) else self.min_kink}
-
-    # ---------------------------------------------------------------- trajectories
-    def run(self, T, beta, ctx, s0=None, e0=0.0, kinks=False):
-        """T steps of Eq. 3.8 from s0 (zeros), with the max-norm error bound e_t of the state.
-
-        Returns (states s_0 … s_T, drives [(u_t, idx_t)], errors e_0 … e_T, u-errors ε_u,t)."""
-        net = self.net
-        s = net.init_state(self.n) if s0 is None else list(s0)
-        kap = self.kappa() if beta != 0.0 else 0.0
-        states, drives, errs, uerrs = [s], [], [e0], []
-        e = e0
-        self.drive_scale = 0.0
-        for _ in range(int(T)):
-            d = net.drive(self.x, s, ctx, beta)
-            for l in range(self.L):
-                self.check_argmax(l, self.x if l == 0 else s[l - 1], 0.0 if l == 0 else e)
-            uabs = self.drive_abs(s, d.indices, beta)
-            self.drive_scale = max(self.drive_scale, max(_amax(a) for a in uabs))
-            lip = self.row_sum(d.indices) + abs(beta) * kap
-            ue = [GAMMA * a + lip * e for a in uabs]
-            if kinks:
-                self.check_kinks(d.u, ue)
-            s = [net.act.fn(u) for u in d.u]
-            e = self.rho * max(_amax(a) for a in ue)
-            states.append(s)
-            drives.append((d.u, d.indices))
-            errs.append(e)
-            uerrs.append(ue)
-        return states, drives, errs, uerrs
-
-    def indices(self, s):
-        return [self.net._bottom_up(l, self.x if l == 0 else s[l - 1])[1] for l in range(self.L)]
-
-    def _lowers(self, s):
-        return [self.x] + list(s[:-1])
-
-    def dphi_abs(self, s, idx):
-        """Σ|terms| of Σ_batch ∂Φ/∂θ at s (network parameters)."""
-        return self.bilinear_abs(self._lowers(s), s, idx)
-
-    def dphi_lip(self, s, idx):
-        """Lipschitz constant (per parameter entry, max-norm state perturbation) of Σ_batch ∂Φ/∂θ at s."""
-        ones = [np.ones(sh) for sh in self.shapes]
-        a = self.bilinear_abs([None] + ones[:-1], s, idx)  # perturbation of the lower state (never of x)
-        b = self.bilinear_abs(self._lowers(s), ones, idx)  # perturbation of the upper state
-        return {k: a.get(k, 0.0) + b[k] for k in b}
-
-    def cost_param_bound(self, s, e):
-        """(Σ|terms|, error bound) of Σ_batch ∂C/∂θ for the softmax readout at s with state error e.
-
-        G = Σ_n (p_n − y_n) vec(s_n)ᵀ: |δG_kj| ≤ Σ_n (‖δp_n‖₁ |s_nj| + |p − y|_nk e), with
-        ‖δp_n‖₁ ≤ 2‖δz_n‖_∞ ≤ 2(R e + γ S_z,n), R = ‖W_out‖_∞ (the softmax Jacobian has ∞→1 norm ≤ 2)."""
-        net = self.net
-        if net.readout != "softmax":
-            return {}, {}
-        ro = net.arch.readout
-        W = self.P[f"{ro.name}.weight"]
-        flat = np.abs(s[-1]).reshape(self.n, -1)  # (n, D)
-        z_abs = flat @ W.T + self.P[f"{ro.name}.bias"]  # (n, K)
-        p = np.exp(log_softmax(net.logits(s)))
-        d = np.abs(p - self.onehot)  # (n, K)
-        dp = 2.0 * (float(W.sum(axis=1).max()) * e + GAMMA * z_abs.max(axis=1))  # (n,)
-        absW = (p + self.onehot).T @ flat  # (K, D)
-        absb = (p + self.onehot).sum(axis=0)
-        errW = (dp @ flat)[None, :] + e * d.sum(axis=0)[:, None]  # (K, D)
-        errb = np.full(absb.shape, float(dp.sum()))
-        return ({f"{ro.name}.weight": absW, f"{ro.name}.bias": absb},
-                {f"{ro.name}.weight": errW, f"{ro.name}.bias": errb})
-
-    def check_state(self, s, e=0.0):
-        """Argmax margins of the drive at a given state (error e)."""
-        for l in range(self.L):
-            self.check_argmax(l, self.x if l == 0 else s[l - 1], 0.0 if l == 0 else e)
 
 
 # =========================================================================== model cases (§3-5)
@@ -663,9 +298,9 @@ def _init_note(seed, ws) -> dict:
 
 
 def _model_cases():
-    from ..model.bptt import bptt
-    from ..model.ep import ep_estimate
-    from ..model.settle import settle
+    from ..learning.bptt import bptt
+    from ..learning.estimators import ep_estimate
+    from ..learning.settle import settle
 
     cases = []
     for cfg in MODEL_CONFIGS:
@@ -673,7 +308,7 @@ def _model_cases():
         first = len(cases)
         n = x.shape[0]
         params = _params(net)
-        bd = _Bounds(net, x, y)
+        bd = CRNNBounds(net, x, y)
         what = f"'{net.arch.spec}' on {tuple(net.input_shape)} inputs, {net.readout} readout, {net.activation}, n={n}"
         common = {"x": x, "y": y}
         ctx = net.prepare(x, y)
@@ -681,7 +316,7 @@ def _model_cases():
         # ---- Φ^β at a random state (Eqs. 3.1-3.6)
         idx = bd.indices(state)
         bd.check_state(state)
-        phi = net.phi(x, state, y, BETA)
+        phi = net.phi(x, state, net.nudge(x, y, BETA))
         S_phi = sum((bd.bottom_up_abs(l, bd._lowers(state)[l], idx[l]) * np.abs(state[l])).reshape(n, -1).sum(axis=1)
                     for l in range(bd.L))
         if net.readout == "mse":
@@ -696,11 +331,11 @@ def _model_cases():
             f"Φ^β per sample at a random state in [0, 1), β = {BETA}; {what}",
             ["args/spec", "params", "inputs/x", "inputs/state", "inputs/y", "args/beta"], _model_args(net, beta=BETA),
             {**common, "state": state}, params, {"phi": phi},
-            {"phi": _tol(_amax(S_phi), bd.phi_depth)}, seed, bd.conditioning()))
+            {"phi": tol_entry(amax(S_phi), bd.phi_depth)}, seed, bd.conditioning()))
 
         # ---- one dynamics step, free and nudged (Eqs. 3.7-3.8)
         for beta in (0.0, BETA):
-            new = net.step(x, state, y, beta)
+            new = net.step(x, state, net.nudge(x, y, beta))
             uabs = bd.drive_abs(state, idx, beta)
             tag = "free" if beta == 0.0 else "nudged"
             cases.append(Case(
@@ -708,16 +343,16 @@ def _model_cases():
                 f"one synchronous step s ← ρ(∂Φ^β/∂s) from a random state, β = {beta}; {what}",
                 ["args/spec", "params", "inputs/x", "inputs/state", "inputs/y", "args/beta"],
                 _model_args(net, beta=beta), {**common, "state": state}, params, {"state": new},
-                {f"state/{l}": _tol(bd.rho * _amax(uabs[l]), bd.drive_depth) for l in range(bd.L)}, seed))
+                {f"state/{l}": tol_entry(bd.rho * amax(uabs[l]), bd.drive_depth) for l in range(bd.L)}, seed))
 
         # ---- ∂Φ^β/∂θ at the random state (Eq. 3.9)
-        g = net.dphi_dtheta(x, state, y, BETA)
+        g = net.dphi_dtheta(x, state, net.nudge(x, y, BETA))
         gabs = bd.dphi_abs(state, idx)
         cabs, _ = bd.cost_param_bound(state, 0.0)
         tol = {}
         for k in g:
             S = gabs[k] if k in gabs else BETA * cabs[k]
-            tol[f"grads/{k}"] = _tol(_amax(S), bd.grad_depth)
+            tol[f"grads/{k}"] = tol_entry(amax(S), bd.grad_depth)
         cases.append(Case(
             f"crnn_dphi_dtheta_{cfg}", "crnn_dphi_dtheta", ["3.9"],
             f"Σ_batch ∂Φ^β/∂θ at a random state, β = {BETA} (cost-only parameters: −β ∂C/∂θ); {what}",
@@ -725,7 +360,7 @@ def _model_cases():
             {**common, "state": state}, params, {"grads": g}, tol, seed))
 
         # ---- free settling (Eqs. 3.8, 3.11)
-        bd_s = _Bounds(net, x, y)
+        bd_s = CRNNBounds(net, x, y)
         states, _, errs, uerrs = bd_s.run(T_SETTLE, 0.0, None)
         scale = bd_s.drive_scale  # the largest Σ|terms| of any u_t
         ref = settle(net, x, T_SETTLE).state
@@ -735,7 +370,7 @@ def _model_cases():
             f"crnn_settle_{cfg}", "crnn_settle", ["3.8", "3.11"],
             f"free phase: T = {T_SETTLE} steps from s = 0, β = 0; {what}",
             ["args/spec", "params", "inputs/x", "args/T"], _model_args(net, T=T_SETTLE), {"x": x}, params,
-            {"state": ref}, {f"state/{l}": _tol_bound(errs[-1], scale, bd_s.drive_depth) for l in range(bd_s.L)},
+            {"state": ref}, {f"state/{l}": bound_entry(errs[-1], scale, bd_s.drive_depth) for l in range(bd_s.L)},
             seed, bd_s.conditioning()))
 
         # ---- EP estimators (Eqs. 4.1-4.3)
@@ -749,7 +384,7 @@ def _model_cases():
             sign = None if est != "random-sign" else int(np.sign(res.betas[0]))
             if est == "random-sign":
                 assert sign == -1, "pick a seed whose first draw gives the sign −1"
-            tol, cond = _ep_tolerance(net, x, y, ctx, est, sign, res)
+            tol, cond = ep_tolerance(net, x, y, ctx, est, res, beta=BETA, T1=T1, T2=T2)
             if sign_seed is not None:
                 cond["sign_drawn_from"] = f"numpy.random.default_rng({sign_seed}).random() >= 0.5"
             cases.append(Case(
@@ -765,7 +400,7 @@ def _model_cases():
 
         # ---- BPTT (Eqs. 5.1-5.4)
         br = bptt(net, x, y, T=T_BPTT, per_step=True)
-        tol, cond = _bptt_tolerance(net, x, y, ctx, br)
+        tol, cond = bptt_tolerance(net, x, y, br, T=T_BPTT)
         cases.append(Case(
             f"bptt_{cfg}", "bptt_gradients", ["5.1", "5.2", "5.3", "5.4"],
             f"exact gradient of (1/n)Σ C(s_T) after T = {T_BPTT} free steps from 0; {what}",
@@ -776,120 +411,14 @@ def _model_cases():
     return cases
 
 
-def _ep_tolerance(net, x, y, ctx, est, sign, res):
-    """Per-parameter atol of an EP estimate (module docstring): γ·abs terms + Lipschitz × state error, / (|β| n)."""
-    n = x.shape[0]
-    bd = _Bounds(net, x, y)
-    free, _, e_free, _ = bd.run(T1, 0.0, None)
-    s0, e0 = free[-1], e_free[-1]
-    for a, b in zip(s0, res.free.state):
-        assert np.array_equal(a, b)
-    betas = res.betas
-    ends = []
-    for b in betas:
-        st, _, eb, _ = bd.run(T2, b, ctx, s0=s0, e0=e0)
-        ends.append((b, st[-1], eb[-1]))
-    if est == "symmetric":
-        points = [(ends[0][1], ends[0][2]), (ends[1][1], ends[1][2])]
-        denom = 2.0 * BETA * n
-        cost_points = [(ends[0][1], ends[0][2]), (ends[1][1], ends[1][2])]
-        cost_denom = 2.0 * n
-    else:
-        points = [(ends[0][1], ends[0][2]), (s0, e0)]
-        denom = BETA * n
-        cost_points = [(ends[0][1], ends[0][2])]
-        cost_denom = float(n)
-    tol = {}
-    absum, errsum = {}, {}
-    for s, e in points:
-        idx = bd.indices(s)
-        A = bd.dphi_abs(s, idx)
-        Lp = bd.dphi_lip(s, idx)
-        for k in A:
-            absum[k] = absum.get(k, 0.0) + A[k]
-            errsum[k] = errsum.get(k, 0.0) + Lp[k] * e
-    for s, e in cost_points:
-        A, E = bd.cost_param_bound(s, e)
-        for k in A:
-            absum[k] = absum.get(k, 0.0) + A[k] * (denom / cost_denom)
-            errsum[k] = errsum.get(k, 0.0) + E[k] * (denom / cost_denom)
-    for k in net.params:
-        S = _amax(absum[k]) / denom
-        extra = _amax(errsum[k]) / denom
-        tol[f"grads/{k}"] = _tol(S, bd.grad_depth + 4, 1.0, extra)
-    cond = bd.conditioning()
-    cond.update({"free_state_error_bound": e0, "nudged_state_error_bound": max(t[2] for t in ends),
-                 "betas": [float(b) for b in betas]})
-    return tol, cond
-
-
-def _bptt_tolerance(net, x, y, ctx, br):
-    """Per-parameter atol of BPTT (module docstring): forward state errors, reverse adjoint errors, bilinear terms."""
-    n = x.shape[0]
-    bd = _Bounds(net, x, y)
-    T = T_BPTT
-    states, drives, errs, uerrs = bd.run(T, 0.0, None, kinks=True)
-    for a, b in zip(states[-1], br.final_state):
-        assert np.array_equal(a, b)
-    sT, eT = states[-1], errs[-1]
-    # λ_T error
-    if net.readout == "mse":
-        eps_lam = (eT + GAMMA * _amax(np.abs(sT[-1]) + bd.onehot)) / n
-    else:
-        ro = net.arch.readout
-        W = bd.P[f"{ro.name}.weight"]
-        z_abs = np.abs(sT[-1]).reshape(n, -1) @ W.T + bd.P[f"{ro.name}.bias"]
-        dp = 2.0 * (float(W.sum(axis=1).max()) * eT + GAMMA * float(z_abs.max()))
-        eps_lam = (float(W.max()) * dp + GAMMA * _amax(bd.cost_state_abs(sT))) / n
-    ones = [np.ones(sh) for sh in bd.shapes]
-    absum = {k: 0.0 for k in net.params}
-    errsum = {k: 0.0 for k in net.params}
-    # μ_{T−1−k} = state_steps[k]
-    for k, mu in enumerate(br.state_steps):
-        t = T - 1 - k
-        s_t, e_t = states[t], errs[t]
-        _, idx = drives[t]
-        eps_mu = bd.rho * eps_lam
-        lowers = bd._lowers(s_t)
-        mu_low = [None] + list(mu[:-1])
-        A1 = bd.bilinear_abs(lowers, mu, idx)
-        A2 = bd.bilinear_abs(mu_low, s_t, idx, bias=False)
-        Ls1 = bd.bilinear_abs([None] + ones[:-1], mu, idx)
-        Ls2 = bd.bilinear_abs(mu_low, ones, idx, bias=False)
-        Lm1 = bd.bilinear_abs(lowers, ones, idx)
-        Lm2 = bd.bilinear_abs([None] + ones[:-1], s_t, idx, bias=False)
-        for name in absum:
-            a = A1.get(name, 0.0) + A2.get(name, 0.0)
-            absum[name] = absum[name] + 2.0 * a  # the step's own rounding and its share of the sum over t
-            errsum[name] = errsum[name] + e_t * (Ls1.get(name, 0.0) + Ls2.get(name, 0.0)) \
-                + eps_mu * (Lm1.get(name, 0.0) + Lm2.get(name, 0.0))
-        # λ_t = H μ_t (Eq. 5.3)
-        Hm = bd.hessian_abs(mu, idx)
-        eps_lam = bd.row_sum(idx) * eps_mu + GAMMA * max(_amax(h) for h in Hm)
-    A, E = bd.cost_param_bound(sT, eT)
-    for name in A:
-        absum[name] = absum[name] + A[name] / n
-        errsum[name] = errsum[name] + E[name] / n
-    tol = {f"grads/{k}": _tol(_amax(absum[k]), bd.grad_depth + T + 4, 1.0, _amax(errsum[k])) for k in net.params}
-    cond = bd.conditioning()
-    cond["state_error_bound"] = eT
-    return tol, cond
-
-
 # =========================================================================== intermediate signals (§6)
 def _uniform_params(rng, specs):
     """Parameters uniform in ±1/√fan_in (the range of Eq. 3.10), drawn in order from ``rng``."""
     return {sp.name: rng.uniform(-1.0 / math.sqrt(sp.fan_in), 1.0 / math.sqrt(sp.fan_in), sp.shape) for sp in specs}
 
 
-def _softmax_rel_error(h_abs_max, K):
-    """Bound r on |Δp_k| / p_k for p = softmax(h) with |Δh| ≤ γ h_abs: log p_k = h_k − lse(h) moves by
-    at most 2 max|Δh| plus the roundings of exp, the K-term sum and log."""
-    return GAMMA * (2.0 * h_abs_max + math.log(K) + 3.0)
-
-
 def _local_cases():
-    from ..model.signals import LocalErrorHead
+    from ..learning.signals import LocalErrorHead
 
     configs = [
         # tag, state shape (n, …), K, grid, loss
@@ -919,7 +448,7 @@ def _local_cases():
         Y = onehot(y, K, np.float64)
         if loss == "ce":
             p = np.exp(log_softmax(h))
-            r = np.array([_softmax_rel_error(float(m), K) for m in h_abs.max(axis=1)])  # (n,)
+            r = np.array([softmax_rel_error(float(m), K) for m in h_abs.max(axis=1)])  # (n,)
             delta = p - Y
             d_err = p * r[:, None]  # |Δδ| ≤ p_k r
             val_tol = GAMMA * (2.0 * h_abs.max(axis=1) + math.log(K) + 3.0)
@@ -946,16 +475,16 @@ def _local_cases():
             ["inputs/s", "inputs/y", "params/head1.weight", "params/head1.bias", "args/grid", "args/loss"],
             {"grid": grid, "loss": loss}, {"s": s, "y": y}, params,
             {"value": value, "grad_s": gs, "grad_weight": gp["head1.weight"], "grad_bias": gp["head1.bias"]},
-            {"value": _tol_bound(_amax(val_tol), _amax(val_tol) / GAMMA, depth),
-             "grad_s": _tol_bound(_amax(gs_err), _amax(gs_err) / GAMMA, depth),
-             "grad_weight": _tol_bound(_amax(gw_err), _amax(gw_err) / GAMMA, depth),
-             "grad_bias": _tol_bound(_amax(gb_err), _amax(gb_err) / GAMMA, depth)}, seed,
+            {"value": bound_entry(amax(val_tol), amax(val_tol) / GAMMA, depth),
+             "grad_s": bound_entry(amax(gs_err), amax(gs_err) / GAMMA, depth),
+             "grad_weight": bound_entry(amax(gw_err), amax(gw_err) / GAMMA, depth),
+             "grad_bias": bound_entry(amax(gb_err), amax(gb_err) / GAMMA, depth)}, seed,
             {"pool": None if head.pool is None else list(head.pool), "features": F, "v_shape": list(v.shape)}))
     return cases
 
 
 def _distillation_cases():
-    from ..model.signals import DistillationMap, TeacherFeatures
+    from ..learning.signals import DistillationMap, TeacherFeatures
     from ..model.teacher import Teacher
 
     configs = [
@@ -1010,18 +539,18 @@ def _distillation_cases():
             ["inputs/s", "inputs/t", "params/kd1.weight", "params/kd1.bias", "args/normalisation"],
             {"normalisation": norm}, {"s": s, "t": t_raw}, params,
             {"value": value, "grad_s": gs, "grad_weight": gp["kd1.weight"], "grad_bias": gp["kd1.bias"]},
-            {"value": _tol(scale * _amax(v_abs), depth), "grad_s": _tol(2.0 * scale * _amax(gs_abs), depth),
-             "grad_weight": _tol(2.0 * scale * _amax(gw_abs), depth),
-             "grad_bias": _tol(2.0 * scale * _amax(gb_abs), depth)}, seed,
+            {"value": tol_entry(scale * amax(v_abs), depth), "grad_s": tol_entry(2.0 * scale * amax(gs_abs), depth),
+             "grad_weight": tol_entry(2.0 * scale * amax(gw_abs), depth),
+             "grad_bias": tol_entry(2.0 * scale * amax(gb_abs), depth)}, seed,
             {"teacher": {"arch": tarch, "input_shape": list(tshape), "num_classes": 4, "seed": seed,
                          "layer": tl + 1, "activation": "hard_sigmoid"},
              "teacher_input_seed": seed, "elements_per_sample": term.elements,
-             "computed_inputs": {"t": _teacher_forward_bounds(teacher, x)[0][tl + 1]}}))
+             "computed_inputs": {"t": teacher_forward_bounds(teacher, x)[0][tl + 1]}}))
     return cases
 
 
 def _output_distillation_cases():
-    from ..model.signals import OutputDistillation, TeacherFeatures
+    from ..learning.signals import OutputDistillation, TeacherFeatures
     from ..model.teacher import Teacher
 
     seed, K, n, tau = 800, 5, 3, 4.0
@@ -1036,8 +565,8 @@ def _output_distillation_cases():
     gz = term.state_grads({}, [zs], ctx)[0]
     ps = np.exp(log_softmax(zs / tau))
     q = np.exp(log_softmax(zt / tau))
-    r_s = np.array([_softmax_rel_error(float(v), K) for v in np.abs(zs / tau).max(axis=1)])
-    r_t = np.array([_softmax_rel_error(float(v), K) for v in np.abs(zt / tau).max(axis=1)])
+    r_s = np.array([softmax_rel_error(float(v), K) for v in np.abs(zs / tau).max(axis=1)])
+    r_t = np.array([softmax_rel_error(float(v), K) for v in np.abs(zt / tau).max(axis=1)])
     logp = -log_softmax(zs / tau)  # ≥ 0
     # value = τ² Σ q (−log p): errors of log p (≤ r_s), of q (≤ q r_t), and the K-term sum
     v_err = tau ** 2 * (r_s + (r_t + GAMMA) * (q * logp).sum(axis=1))
@@ -1049,10 +578,10 @@ def _output_distillation_cases():
         f"Teacher('c3m', (1, 6, 6), K = {K}, seed={seed}); value per sample and ∂C/∂z_s",
         ["inputs/z_s", "inputs/z_t", "args/temperature"], {"temperature": tau}, {"z_s": zs, "z_t": zt}, {},
         {"value": value, "grad_z": gz},
-        {"value": _tol_bound(_amax(v_err), _amax(v_err) / GAMMA, depth),
-         "grad_z": _tol_bound(_amax(g_err), _amax(g_err) / GAMMA, depth)}, seed,
+        {"value": bound_entry(amax(v_err), amax(v_err) / GAMMA, depth),
+         "grad_z": bound_entry(amax(g_err), amax(g_err) / GAMMA, depth)}, seed,
         {"teacher": {"arch": "c3m", "input_shape": [1, 6, 6], "num_classes": K, "seed": seed},
-         "computed_inputs": {"z_t": _teacher_forward_bounds(teacher, x)[1]}})]
+         "computed_inputs": {"z_t": teacher_forward_bounds(teacher, x)[1]}})]
 
 
 # =========================================================================== the teacher (§7)
@@ -1073,7 +602,7 @@ def _teacher_cases():
         x = rng.uniform(0.0, 1.0, (n, *shape))
         y = rng.integers(0, K, n).astype(np.int64)
         loss, grads = t.loss_and_grads(x, y)
-        tol, notes = _teacher_tolerance(t, x, y)
+        tol, notes = teacher_tolerance(t, x, y)
         spec = spec_dict(t)
         cases.append(Case(
             f"teacher_{name}", "teacher_loss_and_grads", ["7.1", "7.2", "7.3"],
@@ -1085,140 +614,7 @@ def _teacher_cases():
     return cases
 
 
-def _teacher_forward_bounds(t, x):
-    """Max-norm error bounds of the teacher's forward pass (Eq. 7.1) and its piece margins.
-
-    Returns (e_a: bounds of a_0 = x (0), a_1, …, a_L; e_z: bound of the logits; notes)."""
-    P = {k: np.abs(v) for k, v in t.params.items()}
-    rho = 0.5 if t.activation == "half_hard_sigmoid" else 1.0
-    kinks = t.act.kinks
-    n = x.shape[0]
-    logits, cache = t.forward(x)
-    min_gap, min_kink, zero_ties = math.inf, math.inf, 0
-    e_a = [0.0]  # error of a_0 = x, a_1, …
-    depth = 0
-    for l, ly in enumerate(t.layers):
-        a = x if l == 0 else cache.acts[l - 1]
-        W, b = P[f"{ly.name}.weight"], P[f"{ly.name}.bias"]
-        if isinstance(ly, ConvLayer):
-            z_abs = ops.conv2d(np.abs(a), W, b, padding=ly.padding)
-            row = float(W.sum(axis=(1, 2, 3)).max())
-            if ly.pool == "max":
-                z = ops.conv2d(a, t.params[f"{ly.name}.weight"], t.params[f"{ly.name}.bias"], padding=ly.padding)
-                err = GAMMA * z_abs + row * e_a[-1]
-                patch = ops.conv2d(np.abs(a), W, None, padding=ly.padding)
-                g, ties = _window_gaps(z, err, patch)
-                min_gap, zero_ties = min(min_gap, g), zero_ties + ties
-                p_abs = ops.max_pool2d_select(z_abs, cache.indices[l])
-            elif ly.pool == "avg":
-                p_abs = ops.avg_pool2d(z_abs)
-            else:
-                p_abs = z_abs
-            depth = max(depth, ly.in_channels * ly.kernel ** 2 + 8, n * ly.conv_hw[0] * ly.conv_hw[1] + 8)
-        else:
-            p_abs = np.abs(a).reshape(n, -1) @ W.T + b
-            row = float(W.sum(axis=1).max())
-            depth = max(depth, ly.in_features + 8)
-        e_p = GAMMA * p_abs + row * e_a[-1]
-        d = np.min(np.abs(cache.pre[l][..., None] - np.asarray(kinks)), axis=-1)
-        ratio = float(np.min(d / e_p))
-        min_kink = min(min_kink, ratio)
-        if ratio <= TIE_SAFETY:
-            raise AssertionError(f"teacher layer {ly.name}: a pre-activation within {TIE_SAFETY}× its bound of a kink")
-        e_a.append(rho * _amax(e_p))
-    ro = t.readout
-    Wo, bo = P[f"{ro.name}.weight"], P[f"{ro.name}.bias"]
-    z_abs = np.abs(cache.acts[-1].reshape(n, -1)) @ Wo.T + bo
-    e_z = GAMMA * _amax(z_abs) + float(Wo.sum(axis=1).max()) * e_a[-1]
-    notes = {"min_argmax_gap_over_bound": None if math.isinf(min_gap) else min_gap,
-             "exact_zero_patch_ties": zero_ties, "min_kink_distance_over_bound": min_kink,
-             "forward_error_bounds": e_a[1:], "logit_error_bound": e_z, "depth": depth}
-    return e_a, e_z, notes
-
-
-def _teacher_tolerance(t, x, y):
-    """Forward errors (max norm, per layer) and elementwise backward error arrays (module docstring)."""
-    P = {k: np.abs(v) for k, v in t.params.items()}
-    n, K = x.shape[0], t.num_classes
-    logits, cache = t.forward(x)
-    e_a, e_z, notes = _teacher_forward_bounds(t, x)
-    depth = notes.pop("depth")
-    ro = t.readout
-    Wo, bo = P[f"{ro.name}.weight"], P[f"{ro.name}.bias"]
-    aL = cache.acts[-1].reshape(n, -1)
-    z_abs = np.abs(aL) @ Wo.T + bo
-    tol = {"loss": _tol_bound(2.0 * e_z + GAMMA * (2.0 * _amax(z_abs) + math.log(K) + 2.0), _amax(z_abs), depth)}
-    p = np.exp(log_softmax(logits))
-    Y = onehot(y, K, np.float64)
-    delta = (p - Y) / n
-    r = 3.0 * e_z + GAMMA * (math.log(K) + 3.0)  # |Δp_k| ≤ p_k r
-    d_err = p * r / n  # (n, K)
-    absd = np.abs(delta)
-    grads_err = {
-        f"{ro.name}.weight": (d_err.T @ np.abs(aL) + e_a[-1] * absd.sum(axis=0)[:, None]
-                              + 2.0 * GAMMA * (absd.T @ np.abs(aL))),
-        f"{ro.name}.bias": d_err.sum(axis=0) + GAMMA * absd.sum(axis=0),
-    }
-    g_err = (d_err @ Wo + GAMMA * (absd @ Wo)).reshape(cache.acts[-1].shape)
-    g_abs = (absd @ Wo).reshape(cache.acts[-1].shape)
-    for l in range(len(t.layers) - 1, -1, -1):
-        ly = t.layers[l]
-        a = x if l == 0 else cache.acts[l - 1]
-        W = P[f"{ly.name}.weight"]
-        rp = t.act.grad(cache.pre[l])
-        mu_err, mu_abs = rp * g_err, rp * g_abs
-        if isinstance(ly, ConvLayer):
-            zeta_err, zeta_abs = t._unpool(l, mu_err, cache.indices[l]), t._unpool(l, mu_abs, cache.indices[l])
-            ones_zeta = t._unpool(l, np.ones_like(mu_abs), cache.indices[l])
-            wg = lambda lo, up: ops.conv2d_weight_grad(lo, up, kernel_size=ly.kernel, padding=ly.padding)  # noqa: E731
-            grads_err[f"{ly.name}.weight"] = (wg(np.abs(a), zeta_err) + 2.0 * GAMMA * wg(np.abs(a), zeta_abs)
-                                              + (wg(np.ones_like(a), zeta_abs) * e_a[l] if l > 0 else 0.0))
-            grads_err[f"{ly.name}.bias"] = zeta_err.sum(axis=(0, 2, 3)) + GAMMA * zeta_abs.sum(axis=(0, 2, 3))
-            del ones_zeta
-            if l > 0:
-                ct = lambda g: ops.conv2d_transpose(g, W, padding=ly.padding, output_size=a.shape[2:])  # noqa: E731
-                g_err, g_abs = ct(zeta_err) + GAMMA * ct(zeta_abs), ct(zeta_abs)
-        else:
-            flat = np.abs(a).reshape(n, -1)
-            grads_err[f"{ly.name}.weight"] = (mu_err.T @ flat + 2.0 * GAMMA * (mu_abs.T @ flat)
-                                              + (e_a[l] * mu_abs.sum(axis=0)[:, None] if l > 0 else 0.0))
-            grads_err[f"{ly.name}.bias"] = mu_err.sum(axis=0) + GAMMA * mu_abs.sum(axis=0)
-            if l > 0:
-                g_err = ((mu_err @ W) + GAMMA * (mu_abs @ W)).reshape(a.shape)
-                g_abs = (mu_abs @ W).reshape(a.shape)
-    for k in t.params:
-        err = np.broadcast_to(grads_err[k], t.params[k].shape)
-        tol[f"grads/{k}"] = _tol_bound(_amax(err), _amax(err) / GAMMA, depth)
-    return tol, notes
-
-
-def _window_gaps(z, err, patch):
-    """(min over 2×2/2 windows without ties of gap / (2·bound), number of exact zero-patch ties).
-
-    The gap is the best value minus the runner-up; two computations, each within ``bound`` of the
-    exact values, pick the same argmax when gap > 2·bound. Raises when the ratio is ≤ TIE_SAFETY,
-    or on an exact tie between candidates that do not all read an all-zero patch."""
-    n, c, h, w = z.shape
-
-    def win(a):
-        return a.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
-
-    zw, ew, pw = win(z), win(err), win(patch)
-    top = zw.max(axis=-1, keepdims=True)
-    tied = zw == top
-    ties = tied.sum(axis=-1) > 1
-    if np.any(ties[..., None] & tied & (pw != 0.0)):
-        raise AssertionError("an exact argmax tie between non-zero patches")
-    rest = np.where(tied, -np.inf, zw).max(axis=-1)
-    gap = top[..., 0] - rest
-    ok = ~ties & np.isfinite(gap)
-    ratio = float(np.min(gap[ok] / (2.0 * np.maximum(ew.max(axis=-1)[ok], 1e-300)))) if np.any(ok) else math.inf
-    if ratio <= TIE_SAFETY:
-        raise AssertionError(f"an argmax gap within {TIE_SAFETY}× its rounding bound")
-    return ratio, int(ties.sum())
-
-
-# =========================================================================== all cases, and storage
+# =========================================================================== all cases
 def build_cases() -> list:
     """Every conformance case, in a fixed order (names are unique)."""
     cases = (_conv_cases() + _pool_cases() + _linear_cases() + _activation_cases() + _model_cases()
@@ -1226,113 +622,3 @@ def build_cases() -> list:
     names = [c.name for c in cases]
     assert len(names) == len(set(names)), "duplicate case names"
     return cases
-
-
-def _npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    a = np.asarray(a)
-    np.lib.format.write_array(buf, a if a.flags.c_contiguous else a.copy(order="C"), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _write_npz(path: Path, arrays: dict) -> None:
-    """An .npz (a zip of .npy files, keys sorted) with fixed timestamps: the same arrays give the same bytes."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for key in sorted(arrays):
-            info = zipfile.ZipInfo(key + ".npy", date_time=ZIP_DATE)
-            info.compress_type = zipfile.ZIP_STORED  # as np.savez: no compressor whose output could vary
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, _npy_bytes(arrays[key]))
-    path.write_bytes(buf.getvalue())
-
-
-def _describe(a: np.ndarray) -> dict:
-    return {"shape": list(a.shape), "dtype": str(a.dtype)}
-
-
-def manifest_entry(case: Case) -> dict:
-    arrays = case.arrays()
-    return {
-        "file": f"{case.name}.npz",
-        "method": case.method,
-        "equations": list(case.equations),
-        "description": case.description,
-        "call": list(case.call),
-        "args": case.args,
-        "arrays": {k: _describe(v) for k, v in sorted(arrays.items())},
-        "tolerance": case.tolerance,
-        "seed": case.seed,
-        "notes": case.notes,
-    }
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def write_vectors(out_dir, cases=None) -> Path:
-    """Write one ``<case>.npz`` per case and ``manifest.json`` to ``out_dir`` (created); returns the manifest path.
-
-    Deterministic: the same cases give byte-identical files (sorted keys, fixed zip timestamps,
-    no wall-clock data). Stale ``.npz`` files of cases that no longer exist are removed.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cases = build_cases() if cases is None else cases
-    manifest = {
-        "format": FORMAT,
-        "dtype": "float64",
-        "tolerance_rule": ("pass iff max|actual - expected| <= atol for every output (rtol = 0); atol = gamma * scale "
-                           "(* amplification for chained stages), gamma = 128 * eps(float64); scale = the largest "
-                           "sum of |terms| of an element (see pyeqprop/conformance/cases.py and docs/conformance.md); "
-                           "integer outputs and depth-0 outputs (max pooling, activations) must match exactly"),
-        "gamma": GAMMA,
-        "eps": EPS,
-        "cases": {},
-    }
-    keep = set()
-    for case in cases:
-        arrays = case.arrays()
-        for k, v in arrays.items():
-            if v.dtype.kind == "f" and v.dtype != np.float64:
-                raise AssertionError(f"{case.name}: {k} is {v.dtype}, expected float64")
-        expected_keys = {k[len("expected/"):] for k in arrays if k.startswith("expected/")}
-        if expected_keys != set(case.tolerance):
-            raise AssertionError(f"{case.name}: tolerances for {sorted(case.tolerance)}, "
-                                 f"but outputs {sorted(expected_keys)}")
-        _write_npz(out / f"{case.name}.npz", arrays)
-        keep.add(f"{case.name}.npz")
-        manifest["cases"][case.name] = manifest_entry(case)
-    for stale in out.glob("*.npz"):
-        if stale.name not in keep:
-            stale.unlink()
-    path = out / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False, default=_json_default) + "\n",
-                    encoding="utf-8")
-    return path
-
-
-def load_manifest(vectors_dir=None) -> dict:
-    """The parsed ``manifest.json`` of ``vectors_dir`` (default: :func:`default_vectors_dir`)."""
-    d = Path(vectors_dir) if vectors_dir is not None else default_vectors_dir()
-    path = d / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no conformance manifest at {path}; run 'python -m pyeqprop.conformance regenerate' "
-                                "or pass --vectors DIR")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
-
-
-def load_case(vectors_dir, entry: dict) -> dict:
-    """The arrays of one case (npz key → array)."""
-    with np.load(Path(vectors_dir) / entry["file"], allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}

@@ -1,87 +1,21 @@
-"""Tolerances derived from a rounding-error model, and the assertions that use them.
+"""Assertions with tolerances from the rounding-error model of :mod:`pyeqprop.testing.rounding`.
 
-Derivation
-----------
-Model (IEEE arithmetic, no overflow): every operation returns fl(a ∘ b) = (a ∘ b)(1 + δ) with
-|δ| ≤ u = eps/2, the unit roundoff of the working dtype; an operation done in a wider dtype
-has a smaller |δ|, so the bound below holds for it too.
-
-Let a sum S = Σ_k t_k of products be computed in any order, and let every term pass
-through at most d roundings (its multiplications plus the additions on its path through
-the summation tree; d ≤ the number of factors plus the number of terms). Then each term
-comes out as t_k (1 + θ_k) and
-
-    |fl(S) − S| ≤ max_k |θ_k| · Σ_k |t_k|.
-
-Two bounds on |θ_k| are available:
-
-* deterministic (Higham 2002, Lemma 3.1):  |θ| ≤ γ_d = d·u / (1 − d·u), always valid;
-* probabilistic (Higham & Mary 2019, SIAM J. Sci. Comput. 41(5), Thm. 2.4): if the δ are
-  independent with mean zero, |θ| ≤ γ̃_d(λ) = exp(λ·√d·u + d·u²/(1 − u)) − 1 ≈ λ·√d·u with
-  probability ≥ 1 − 2·exp(−λ²(1 − u)²/2) for each term.
-
-:func:`gamma` returns min(γ_d, γ̃_d(λ)) with λ = 8, so one term escapes the bound with
-probability at most 2·e^{−32} ≈ 2.5e−14: for d < λ² = 64 the deterministic bound is the
-smaller one, beyond it the √d growth of independent roundings. The scale is Σ|t_k| (the
-same computation run on absolute values), never the array size. Gradual underflow adds at
-most one smallest subnormal per operation, which :func:`error_bound` includes.
-
-When two computations of the same exact quantity are compared (a primitive against an
-oracle, or the two sides of an adjoint identity), each carries its own error, so the
-allowed difference is the sum of the two bounds: 2·γ·Σ|t_k| with d the larger depth.
+Each assertion compares two computations of the same exact quantity (an array against an
+oracle, the two sides of an adjoint identity), so it allows the sum of their two bounds.
+``unit_roundoff``, ``gamma``, ``error_bound``, ``adjoint_tolerance`` and ``LAMBDA`` live in
+:mod:`~pyeqprop.testing.rounding`; they are importable from here too, as before.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from .rounding import LAMBDA, adjoint_tolerance, error_bound, gamma, unit_roundoff  # noqa: F401  (also public here)
+
 __all__ = [
-    "LAMBDA",
-    "unit_roundoff",
-    "gamma",
-    "error_bound",
-    "adjoint_tolerance",
     "assert_within_bound",
     "assert_allclose_dtype",
     "assert_adjoint",
 ]
-
-LAMBDA = 8.0
-"""Confidence parameter of the probabilistic bound: per-term failure probability 2·exp(−λ²/2)."""
-
-
-def unit_roundoff(dtype) -> float:
-    """u = eps/2 of a floating dtype (float32: 5.96e−8, float64: 1.11e−16)."""
-    return float(np.finfo(np.dtype(dtype)).eps) / 2.0
-
-
-def gamma(dtype, n_terms: int, *, lam: float = LAMBDA) -> float:
-    """Relative error factor min(γ_d, γ̃_d(λ)) for rounding depth d = ``n_terms`` (see module)."""
-    d = int(n_terms)
-    if d < 0:
-        raise ValueError(f"n_terms must be >= 0, got {n_terms}")
-    u = unit_roundoff(dtype)
-    prob = math.expm1(lam * math.sqrt(d) * u + d * u * u / (1.0 - u))
-    det = d * u / (1.0 - d * u) if d * u < 1.0 else math.inf
-    return min(det, prob)
-
-
-def error_bound(dtype, n_terms: int, abs_sum):
-    """Bound on |fl(S) − S| for one computation: γ·Σ|t_k| + d·(smallest subnormal)."""
-    tiny = float(np.finfo(np.dtype(dtype)).smallest_subnormal)
-    return gamma(dtype, n_terms) * np.asarray(abs_sum, dtype=np.float64) + n_terms * tiny
-
-
-def adjoint_tolerance(dtype, n_terms: int, abs_sum: float) -> float:
-    """Allowed |⟨Ax, y⟩ − ⟨x, Aᵀy⟩|: both sides are computations of the same triple sum
-    Σ_{i,j} y_i A_ij x_j, so the tolerance is the sum of two :func:`error_bound`.
-
-    n_terms: the rounding depth on either side, at most (length of the inner reduction) +
-    (length of the outer inner product) + (number of multiplications per term).
-    abs_sum: Σ_{i,j} |y_i| |A_ij| |x_j| = ⟨|A||x|, |y|⟩.
-    """
-    return float(2.0 * error_bound(dtype, n_terms, abs_sum))
 
 
 def _host(a) -> np.ndarray:
