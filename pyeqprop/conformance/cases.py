@@ -317,7 +317,7 @@ def _model_cases():
         idx = bd.indices(state)
         bd.check_state(state)
         phi = net.phi(x, state, net.nudge(x, y, BETA))
-        S_phi = sum((bd.bottom_up_abs(l, bd._lowers(state)[l], idx[l]) * np.abs(state[l])).reshape(n, -1).sum(axis=1)
+        S_phi = sum((bd.bottom_up_abs(l, bd.lowers(state)[l], idx[l]) * np.abs(state[l])).reshape(n, -1).sum(axis=1)
                     for l in range(bd.L))
         if net.readout == "mse":
             c_abs = 0.5 * ((np.abs(state[-1]) + bd.onehot) ** 2).sum(axis=1)
@@ -441,8 +441,8 @@ def _local_cases():
         gp = head.param_grads(params, states, ctx)
         # scales (module docstring): v = vec(avgpool(s)), h = A v + a, δ = ∂C/∂h
         A, a = np.abs(params["head1.weight"]), np.abs(params["head1.bias"])
-        v = head._v(s)
-        v_abs = head._v(np.abs(s))
+        v = head.pooled(s)
+        v_abs = head.pooled(np.abs(s))
         h = head.logits(params, states)
         h_abs = v_abs @ A.T + a  # (n, K)
         Y = onehot(y, K, np.float64)
@@ -511,7 +511,7 @@ def _distillation_cases():
         gs = term.state_grads(params, states, ctx)[0]
         gp = term.param_grads(params, states, ctx)
         M, m = np.abs(params["kd1.weight"]), np.abs(params["kd1.bias"])
-        scale = term._scale()
+        scale = term.scale()
         if term.conv:
             tp = term.teacher_pool
             t_abs = ops.avg_pool2d(np.abs(t_raw), kernel_size=tp, stride=tp) if tp != (1, 1) else np.abs(t_raw)

@@ -215,7 +215,7 @@ def bptt_tolerance(net, x, y, br, *, T):
         s_t, e_t = states[t], errs[t]
         _, idx = drives[t]
         eps_mu = bd.rho * eps_lam
-        lowers = bd._lowers(s_t)
+        lowers = bd.lowers(s_t)
         mu_low = [None] + list(mu[:-1])
         A1 = bd.bilinear_abs(lowers, mu, idx)
         A2 = bd.bilinear_abs(mu_low, s_t, idx, bias=False)

@@ -252,7 +252,7 @@ def load_dataset(
     return loader(**kwargs)
 
 
-def _stratified_dataset(name, x, y, *, num_classes, seed, test_fraction, metadata) -> Dataset:
+def stratified_dataset(name, x, y, *, num_classes, seed, test_fraction, metadata) -> Dataset:
     """Split host arrays x (N, c, h, w) float32 and y (N,) int64 into a :class:`Dataset`.
 
     Normalisation is the identity (mean 0, std 1); the train split's per-channel mean and std

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .datasets import DEFAULT_TEST_FRACTION, Dataset, _stratified_dataset, packaged_file
+from .datasets import DEFAULT_TEST_FRACTION, Dataset, stratified_dataset, packaged_file
 
 __all__ = ["load_digits", "DIGITS_FILE", "INSTALL_HINT"]
 
@@ -28,5 +28,5 @@ def load_digits(*, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) 
         raise ValueError(f"{path}: expected rows of 64 pixels and a label, got shape {table.shape}")
     x = (table[:, :64] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # (n, 64) -> (n, 1, 8, 8)
     y = table[:, 64].astype(np.int64)
-    return _stratified_dataset("digits", x, y, num_classes=10, seed=seed, test_fraction=test_fraction,
+    return stratified_dataset("digits", x, y, num_classes=10, seed=seed, test_fraction=test_fraction,
                                metadata={"source": str(path), "class_names": [str(k) for k in range(10)]})

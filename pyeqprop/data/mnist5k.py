@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .datasets import DEFAULT_TEST_FRACTION, Dataset, _stratified_dataset, packaged_file
+from .datasets import DEFAULT_TEST_FRACTION, Dataset, stratified_dataset, packaged_file
 
 __all__ = ["load_mnist5k", "MNIST5K_FILE", "INSTALL_HINT"]
 
@@ -28,5 +28,5 @@ def load_mnist5k(*, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION)
         raise ValueError(f"{path}: expected rows of 784 pixels and a label, got shape {table.shape}")
     x = (table[:, :784].astype(np.float32) / np.float32(255.0)).reshape(-1, 1, 28, 28)  # (n, 784) -> (n, 1, 28, 28)
     y = table[:, 784].astype(np.int64)
-    return _stratified_dataset("mnist5k", x, y, num_classes=10, seed=seed, test_fraction=test_fraction,
+    return stratified_dataset("mnist5k", x, y, num_classes=10, seed=seed, test_fraction=test_fraction,
                                metadata={"source": str(path), "class_names": [str(k) for k in range(10)]})

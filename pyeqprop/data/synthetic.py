@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .datasets import DEFAULT_TEST_FRACTION, Dataset, _stratified_dataset
+from .datasets import DEFAULT_TEST_FRACTION, Dataset, stratified_dataset
 
 __all__ = ["load_synthetic", "make_synthetic"]
 
@@ -43,5 +43,5 @@ def load_synthetic(*, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTIO
     x, y, _ = make_synthetic(input_shape, num_classes, size, noise=noise, seed=seed)
     meta = {"source": "synthetic", "noise": float(noise), "size": int(size),
             "class_names": [str(k) for k in range(num_classes)]}
-    return _stratified_dataset("synthetic", x, y, num_classes=num_classes, seed=seed,
+    return stratified_dataset("synthetic", x, y, num_classes=num_classes, seed=seed,
                                test_fraction=test_fraction, metadata=meta)

@@ -108,14 +108,15 @@ class LocalErrorHead:
     def prepare(self, params, x, y):
         return None if y is None else onehot(y, self.num_classes, x.dtype)
 
-    def _v(self, s):
+    def pooled(self, s):
+        """v_l = vec(avgpool_{k_l}(s_l)), (n, c_l·g_h·g_w): what the head reads (Eq. 6.2)."""
         xp = namespace_of(s)
         if self.pool is not None and self.pool != (1, 1):
             s = avg_pool2d(s, kernel_size=self.pool, stride=self.pool)
         return xp.reshape(s, (s.shape[0], -1))  # (n, c, g_h, g_w) -> (n, c·g_h·g_w)
 
     def logits(self, params, states):
-        return linear(self._v(states[self.layer]), params[f"{self.name}.weight"], params[f"{self.name}.bias"])
+        return linear(self.pooled(states[self.layer]), params[f"{self.name}.weight"], params[f"{self.name}.bias"])
 
     def _delta(self, params, states, ctx):
         h = self.logits(params, states)
@@ -147,7 +148,7 @@ class LocalErrorHead:
     def param_grads(self, params, states, ctx):
         xp = namespace_of(states[self.layer])
         d = self._delta(params, states, ctx)
-        return {f"{self.name}.weight": linear_weight_grad(self._v(states[self.layer]), d),
+        return {f"{self.name}.weight": linear_weight_grad(self.pooled(states[self.layer]), d),
                 f"{self.name}.bias": xp.sum(d, axis=0)}
 
 
@@ -200,7 +201,8 @@ class DistillationMap:
             t = avg_pool2d(t, kernel_size=self.teacher_pool, stride=self.teacher_pool)
         return t
 
-    def _scale(self):
+    def scale(self):
+        """1/|t_l| for the mean normalisation, 1 for the sum (Eq. 6.5)."""
         return 1.0 / self.elements if self.normalisation == "mean" else 1.0
 
     def _residual(self, params, states, ctx):
@@ -212,10 +214,10 @@ class DistillationMap:
     def value(self, params, states, ctx):
         xp = namespace_of(states[self.layer])
         r = self._residual(params, states, ctx)
-        return (0.5 * self._scale()) * xp.sum(xp.reshape(r * r, (r.shape[0], -1)), axis=1)
+        return (0.5 * self.scale()) * xp.sum(xp.reshape(r * r, (r.shape[0], -1)), axis=1)
 
     def state_grads(self, params, states, ctx):
-        r = self._scale() * self._residual(params, states, ctx)
+        r = self.scale() * self._residual(params, states, ctx)
         W = params[f"{self.name}.weight"]
         s = states[self.layer]
         if self.conv:
@@ -224,7 +226,7 @@ class DistillationMap:
 
     def param_grads(self, params, states, ctx):
         xp = namespace_of(states[self.layer])
-        r = self._scale() * self._residual(params, states, ctx)
+        r = self.scale() * self._residual(params, states, ctx)
         s = states[self.layer]
         if self.conv:
             return {f"{self.name}.weight": conv2d_weight_grad(s, r, kernel_size=1),

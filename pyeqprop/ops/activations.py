@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from ..backend import namespace_of
 
 __all__ = ["hard_sigmoid", "hard_sigmoid_grad", "half_hard_sigmoid", "half_hard_sigmoid_grad",
@@ -47,6 +49,12 @@ class Activation:
     fn: Callable
     grad: Callable
     kinks: tuple[float, ...]
+
+    @property
+    def max_slope(self) -> float:
+        """max ρ′: the derivative inside the linear piece between the kinks (1 or ½, Eqs. 2.9-2.10)."""
+        lo, hi = self.kinks
+        return float(self.grad(np.asarray([0.5 * (lo + hi)], dtype=np.float64))[0])
 
 
 ACTIVATIONS = {

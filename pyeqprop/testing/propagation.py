@@ -29,7 +29,6 @@ import math
 import numpy as np
 
 from .. import ops
-from ..diagnostics.gdu import activation_slope
 from ..model.crnn import Nudge
 from ..ops.softmax import log_softmax, onehot
 from .rounding import GAMMA, kink_margin, window_gaps
@@ -111,7 +110,7 @@ class CRNNBounds:
         self.y = y
         self.n = x.shape[0]
         self.P = {k: np.abs(v) for k, v in net.params.items()}
-        self.rho = activation_slope(net)
+        self.rho = net.act.max_slope
         self.kinks = net.act.kinks
         self.onehot = None if y is None else onehot(y, net.num_classes, np.float64)
         self.shapes = net.state_shapes(self.n)
@@ -293,18 +292,18 @@ class CRNNBounds:
     def indices(self, s):
         return [self.net.layers[l].bottom_up(self.net.params, self.x if l == 0 else s[l - 1])[1] for l in range(self.L)]
 
-    def _lowers(self, s):
+    def lowers(self, s):
         return [self.x] + list(s[:-1])
 
     def dphi_abs(self, s, idx):
         """Σ|terms| of Σ_batch ∂Φ/∂θ at s (network parameters)."""
-        return self.bilinear_abs(self._lowers(s), s, idx)
+        return self.bilinear_abs(self.lowers(s), s, idx)
 
     def dphi_lip(self, s, idx):
         """Lipschitz constant (per parameter entry, max-norm state perturbation) of Σ_batch ∂Φ/∂θ at s."""
         ones = [np.ones(sh) for sh in self.shapes]
         a = self.bilinear_abs([None] + ones[:-1], s, idx)  # perturbation of the lower state (never of x)
-        b = self.bilinear_abs(self._lowers(s), ones, idx)  # perturbation of the upper state
+        b = self.bilinear_abs(self.lowers(s), ones, idx)  # perturbation of the upper state
         return {k: a.get(k, 0.0) + b[k] for k in b}
 
     def cost_param_bound(self, s, e):
@@ -356,7 +355,7 @@ def teacher_forward_bounds(t, x):
         ``min_kink_distance_over_bound``), the bounds and the rounding ``depth``.
     """
     P = {k: np.abs(v) for k, v in t.params.items()}
-    rho = activation_slope(t)
+    rho = t.act.max_slope
     kinks = t.act.kinks
     n = x.shape[0]
     logits, cache = t.forward(x)
