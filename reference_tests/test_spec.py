@@ -113,3 +113,74 @@ def test_the_checker_can_fail():
     text = '"""Implements Eq. (99.1) and Eqs. 3.1-3.2."""\n'
     found = {f"{m.group(1)}.{m.group(2)}" for m in CITE.finditer(text)}
     assert "99.1" in found and "3.1" in found
+
+
+IMPLEMENTED_BY = re.compile(r"^— (`[^`]+`(?:, `[^`]+`)*)\s*$", re.M)
+
+
+def implementations_in_spec() -> dict[str, list[str]]:
+    """The '— `name`, …' line under each equation of SPEC.md: the functions that implement it."""
+    text = (ROOT / "SPEC.md").read_text(encoding="utf-8")
+    heads = list(HEADING.finditer(text))
+    out = {}
+    for i, h in enumerate(heads):
+        end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
+        m = IMPLEMENTED_BY.search(text[h.end():end])
+        out[f"{h.group(1)}.{h.group(2)}{h.group(3)}"] = re.findall(r"`([^`]+)`", m.group(1)) if m else []
+    return out
+
+
+def resolve(name: str):
+    """The object a fully qualified name denotes (module, then attributes), and the docstrings around it:
+    its own, its class's (for a method) and its module's."""
+    import importlib
+    import inspect
+
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        chain = [obj]
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+            chain.append(obj)
+        docs = [inspect.getdoc(o) or "" for o in chain]
+        return obj, "\n".join(docs)
+    raise ImportError(name)
+
+
+def test_every_spec_equation_names_its_function():
+    """Each numbered equation names, fully qualified, the functions that implement it; each name
+    resolves, and its docstring (or its class's or module's) cites the equation."""
+    impl = implementations_in_spec()
+    unnamed = [eq for eq, names in impl.items() if not names]
+    assert not unnamed, f"SPEC.md equations that name no implementing function: {unnamed}"
+    bad = {}
+    for eq, names in impl.items():
+        for name in names:
+            try:
+                _, doc = resolve(name)
+            except (ImportError, AttributeError) as exc:
+                bad[f"{eq} {name}"] = f"does not resolve ({exc})"
+                continue
+            cited = {f"{m.group(1)}.{m.group(2)}{m.group(3)}" for m in CITE.finditer(doc)}
+            known = sorted(spec_equations(), key=_key)
+            for m in CITE.finditer(doc):  # ranges count for every equation between their ends
+                if m.group(4):
+                    lo, hi = f"{m.group(1)}.{m.group(2)}{m.group(3)}", f"{m.group(4)}.{m.group(5)}{m.group(6)}"
+                    cited |= {e for e in known if _key(lo) <= _key(e) <= _key(hi)}
+            if eq not in cited:
+                bad[f"{eq} {name}"] = "its docstrings do not cite the equation"
+    assert not bad, f"SPEC.md implementation names to fix: {bad}"
+
+
+def test_the_name_check_can_fail():
+    """A name that does not exist is reported as such (the check above is not vacuous)."""
+    import pytest
+
+    with pytest.raises((ImportError, AttributeError)):
+        resolve("pyeqprop.model.crnn.CRNN.no_such_method")
+    _, doc = resolve("pyeqprop.model.crnn.CRNN.phi")
+    assert "3.2" in doc

@@ -1,6 +1,6 @@
 """Learning algorithms on the CRNN's energy protocol: settling, EP and BPTT estimators, intermediate signals.
 
-Everything here uses the network only through its public protocol (SPEC.md §3.12):
+Everything here uses the network only through its public protocol (SPEC.md Eq. 3.12):
 ``init_state``, ``nudge``, ``drive``/``step``, ``dphi_dtheta`` and, for BPTT, the
 frozen-argmax linear parts ``hessian_vector`` and ``dphi_dtheta_tangent``.
 """

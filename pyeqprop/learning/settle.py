@@ -37,7 +37,7 @@ def settle(net, x, T, *, nudge=None, state=None, record=False) -> Settled:
 
     Parameters
     ----------
-    net : CRNN (anything with the energy protocol of SPEC.md §3.12).
+    net : CRNN (anything with the energy protocol of SPEC.md Eq. 3.12).
     x : (n, c, h, w) input, in the network's namespace and dtype.
     T : int ≥ 0, the number of steps.
     nudge : :class:`~pyeqprop.model.crnn.Nudge` of this batch (β, cost context, B_1(x));

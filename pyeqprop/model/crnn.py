@@ -16,7 +16,7 @@ is per sample; sums over the batch are explicit.
     ∂Φ/∂W_l = conv2d_weight_grad(s_{l−1}, P*_l(s_l)),  ∂Φ/∂b_l = Σ P*_l(s_l)    (Eq. 3.9)
             = s_lᵀ vec(s_{l−1}),                      = Σ s_l              (fc)
 
-The energy protocol (SPEC.md §3.12) is what every learning algorithm uses:
+The energy protocol (SPEC.md Eq. 3.12) is what every learning algorithm uses:
 ``init_state(n)``, ``nudge(x, y, beta)`` → :class:`Nudge`, ``drive(x, s, nudge)``,
 ``step(x, s, nudge)``, ``dphi_dtheta(x, s, nudge)``, and for BPTT the frozen-argmax linear
 parts ``hessian_vector(μ, idx)`` and ``dphi_dtheta_tangent(x, s, μ, idx)``.
@@ -51,7 +51,7 @@ class Drive:
 
 @dataclass(frozen=True)
 class Nudge:
-    """What one batch's evaluations of Φ^β share: β, the prepared cost context and B_1(x) (Eqs. 3.1, 3.6).
+    """What one batch's evaluations of Φ^β share: β, the prepared cost context and B_1(x) (Eqs. 3.1, 3.6, 3.12).
 
     Build it with :meth:`CRNN.nudge`; :meth:`at` gives the same batch at another β (the phases
     of one EP estimate share everything but β).
@@ -154,7 +154,7 @@ class CRNN:
 
     def param_owners(self) -> dict[str, str]:
         """The layer each parameter belongs to, in ``params`` order: its own layer (neuron or readout);
-        for a local head or distillation map, the neuron layer it reads."""
+        for a local head or distillation map, the neuron layer it reads (whose rate it takes, Eq. 8.3)."""
         own = {layer.name for layer in self.layers}
         if self.arch.readout is not None:
             own.add(self.arch.readout.name)
