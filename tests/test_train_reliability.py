@@ -116,6 +116,33 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run_bitwise(reference,
     assert [{k: v for k, v in h.items() if k != "seconds"} for h in res.history] == metrics(reference)
 
 
+def _as_format_1(path):
+    """Rewrite a checkpoint in the layout of format version 1, as pyeqprop 0.1's loop wrote it: the
+    progress record (position, accum, history, best_test_acc) inside ``extra``, no ``progress`` key."""
+    with np.load(path, allow_pickle=False) as z:
+        entries = {k: z[k] for k in z.files}
+    meta = json.loads(str(entries["meta"][()]))
+    meta["extra"] = meta.pop("progress")
+    entries["meta"] = np.asarray(json.dumps(meta))
+    entries["__pyeqprop_format__"] = np.asarray(json.dumps({"format": "pyeqprop.checkpoint", "version": 1}))
+    np.savez(path, **entries)
+
+
+def test_a_format_1_checkpoint_mid_epoch_resumes_exactly(reference, tmp_path):
+    """A run checkpointed by the previous code (format 1, its position in ``extra``) resumes bit for bit."""
+    run = tmp_path / "old"
+    assert train(tiny(run), log=quiet, max_batches=N_BATCHES + 1).interrupted
+    _as_format_1(run / "latest.npz")
+    old = load_checkpoint(run / "latest.npz")
+    assert old.version == 1 and old.extra is None
+    assert old.progress["position"] == {"epoch": 1, "batch": 1}
+    res = train(tiny(run), resume=run, log=quiet)
+    assert not res.interrupted
+    assert_same_state(reference, run)
+    assert metrics(run) == metrics(reference)
+    assert load_checkpoint(run / "latest.npz").version == 2
+
+
 def test_resume_of_a_finished_run_changes_nothing(reference, tmp_path):
     run = tmp_path / "done"
     shutil.copytree(reference, run)
