@@ -46,6 +46,8 @@ import numpy as np
 from ._figure import colour_cycle, new_figure
 
 from ..backend import asarray, to_numpy
+from ..model.readout import READOUTS
+from ..ops.activations import ACTIVATIONS
 
 __all__ = ["GDURow", "GDUCurve", "GDUReport", "gdu_check", "format_table", "plot_gdu", "add_gdu_arguments",
            "run_gdu_cli", "block_norm_bounds", "tridiagonal_norm", "lipschitz_bound", "activation_slope",
@@ -288,8 +290,8 @@ def add_gdu_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--arch", default="c8m-c16m", help="spec string or preset (default: c8m-c16m)")
     parser.add_argument("--input-shape", default="1,8,8", help="c,h,w of the synthetic input (default 1,8,8)")
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--readout", choices=("mse", "softmax"), default="mse")
-    parser.add_argument("--activation", choices=("hard_sigmoid", "half_hard_sigmoid"), default="hard_sigmoid")
+    parser.add_argument("--readout", choices=tuple(READOUTS), default="mse")
+    parser.add_argument("--activation", choices=tuple(ACTIVATIONS), default="hard_sigmoid")
     parser.add_argument("--beta", type=float, default=1e-3, help="nudge β > 0 (default 1e-3)")
     parser.add_argument("--T1", type=int, default=60, help="free steps and BPTT horizon (default 60)")
     parser.add_argument("--K", type=int, default=20, help="nudged steps compared (default 20)")

@@ -38,8 +38,10 @@ import numpy as np
 
 from ._figure import new_figure
 
-from ..backend import to_numpy
-from ..learning.signals import SignalConfig, attach_signals
+from ..backend import DTYPES, to_numpy
+from ..learning.signals import KD_NORMALISATIONS, LOCAL_LOSSES, SIGNAL_INITS, SignalConfig, attach_signals
+from ..model.readout import READOUTS
+from ..ops.activations import ACTIVATIONS
 
 __all__ = ["SETTINGS", "DiagnoseRow", "ablation_settings", "diagnose", "format_diagnose_table", "plot_diagnose",
            "add_diagnose_arguments", "run_diagnose_cli"]
@@ -226,17 +228,17 @@ def add_diagnose_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--T1", type=int, default=30, help="free steps (default 30)")
     parser.add_argument("--T2", type=int, default=10, help="nudged steps (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the network, teacher and data split")
-    parser.add_argument("--readout", choices=("mse", "softmax"), default="softmax")
-    parser.add_argument("--activation", choices=("hard_sigmoid", "half_hard_sigmoid"), default="hard_sigmoid")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--readout", choices=tuple(READOUTS), default="softmax")
+    parser.add_argument("--activation", choices=tuple(ACTIVATIONS), default="hard_sigmoid")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--weight-scale", type=float, default=1.0)
     parser.add_argument("--local-weight", type=float, default=0.5, help="λ of the local errors (default 0.5)")
     parser.add_argument("--kd-weight", type=float, default=1.0, help="γ of the distillation (default 1)")
     parser.add_argument("--local-grid", type=int, default=2)
-    parser.add_argument("--local-loss", choices=("ce", "mse"), default="ce")
-    parser.add_argument("--kd-normalisation", choices=("mean", "sum"), default="mean")
-    parser.add_argument("--signal-init", choices=("uniform", "zeros"), default="uniform",
+    parser.add_argument("--local-loss", choices=LOCAL_LOSSES, default="ce")
+    parser.add_argument("--kd-normalisation", choices=KD_NORMALISATIONS, default="mean")
+    parser.add_argument("--signal-init", choices=SIGNAL_INITS, default="uniform",
                         help="how the heads and maps start (default uniform: random heads show how far a signal "
                              "reaches; training starts them at zero, where they are silent until they have learned)")
     parser.add_argument("--teacher-epochs", type=int, default=2,

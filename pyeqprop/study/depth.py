@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..learning.signals import SIGNAL_INITS
+
 __all__ = ["SETTINGS", "run_depth_study", "run_study_cli", "conv_gradient_curve", "summarise"]
 
 # setting -> overrides of TrainConfig
@@ -310,7 +312,7 @@ def run_study_cli(ns) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds; the table gives mean ± std over them")
     p.add_argument("--local-weight", type=float, default=None, help="λ of every local head (default: train's)")
     p.add_argument("--kd-weight", type=float, default=None, help="γ of every distillation map (default: train's)")
-    p.add_argument("--signal-init", choices=("zeros", "uniform"), default="zeros",
+    p.add_argument("--signal-init", choices=SIGNAL_INITS, default="zeros",
                    help="how heads and maps start (Eq. 6.7; default zeros)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, in worker processes (default 1)")
     p.add_argument("--out", default="study-depth")
