@@ -35,7 +35,17 @@ from .params import ParamSpec
 __all__ = ["ConvMap", "DenseMap", "make_layer", "make_layers", "param_specs"]
 
 
-class ConvMap:
+class _Named:
+    """What every layer object holds: its description, its name and its parameters' names."""
+
+    def __init__(self, desc):
+        self.desc = desc
+        self.name = desc.name
+        self.weight, self.bias = f"{desc.name}.weight", f"{desc.name}.bias"
+        self.state_shape = desc.state_shape
+
+
+class ConvMap(_Named):
     """A convolutional layer: B(a) = P(conv(a; W, p) + b), a (n, c, h, w) -> (n, o, h_out, w_out) (Eq. 3.1).
 
     Parameters
@@ -53,13 +63,10 @@ class ConvMap:
     kind = "conv"
 
     def __init__(self, desc: ConvLayer):
-        self.desc = desc
-        self.name = desc.name
-        self.weight, self.bias = f"{desc.name}.weight", f"{desc.name}.bias"
+        super().__init__(desc)
         self.padding = desc.padding
         self.kernel = desc.kernel
         self.pool = desc.pool
-        self.state_shape = desc.state_shape
 
     def param_specs(self) -> list[ParamSpec]:
         """W (o, c, k, k) and b (o,), fan-in c·k·k for Eq. 3.10."""
@@ -106,7 +113,7 @@ class ConvMap:
         return dW, (conv2d_bias_grad(g) if with_bias else None)
 
 
-class DenseMap:
+class DenseMap(_Named):
     """A fully connected layer: B(a) = W vec(a) + b, a (n, …) -> (n, out) (Eq. 3.1).
 
     Also the softmax readout's shape of map (the teacher's output layer, Eq. 7.1).
@@ -118,12 +125,6 @@ class DenseMap:
     """
 
     kind = "fc"
-
-    def __init__(self, desc: FCLayer):
-        self.desc = desc
-        self.name = desc.name
-        self.weight, self.bias = f"{desc.name}.weight", f"{desc.name}.bias"
-        self.state_shape = desc.state_shape
 
     def param_specs(self) -> list[ParamSpec]:
         """W (out, in) and b (out,), fan-in = in for Eq. 3.10."""
