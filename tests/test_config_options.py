@@ -19,6 +19,7 @@ from pyeqprop import backend
 from pyeqprop.cli import main
 from pyeqprop.data.augment import PADDING_MODES  # (pyeqprop.data.augment is also a function's name)
 from pyeqprop.learning import estimators, signals
+from pyeqprop.learning.settle import SCHEDULES
 from pyeqprop.model import readout
 from pyeqprop.ops import activations
 from pyeqprop.train import progress
@@ -38,6 +39,7 @@ HOME = {
     "signal_init": signals.SIGNAL_INITS,
     "backend": backend.BACKENDS,
     "progress": progress.PROGRESS_MODES,
+    "schedule": SCHEDULES,
 }
 CHOICES = [name for name, opt in OPTIONS.items() if opt.choices is not None]
 RANGED = [name for name, opt in OPTIONS.items() if (opt.gt, opt.ge, opt.lt, opt.le) != (None,) * 4]
@@ -86,7 +88,7 @@ def test_allowed_values_are_the_constants_of_their_home_modules():
     for name, constant in HOME.items():
         assert OPTIONS[name].allowed is constant, name
         assert OPTIONS[name].default in constant, name
-    assert tuple(estimators.ESTIMATORS) == estimators.EP_ESTIMATORS + ("bptt",)
+    assert tuple(estimators.ESTIMATORS) == estimators.EP_ESTIMATORS + ("bptt", "implicit")
     assert tuple(activations.ACTIVATIONS) == ("hard_sigmoid", "half_hard_sigmoid")
 
 
@@ -169,7 +171,8 @@ AWKWARD = {
     "dataset": "synthetic", "data_root": 'C:\\data "cifar"\tü/😀', "download": True, "augment": True,
     "augment_padding": 0, "augment_flip": False, "augment_padding_mode": "zeros", "test_fraction": 0.1 + 0.2,
     "arch": "c4m-f8", "readout": "mse", "activation": "hard_sigmoid", "dtype": "float64", "weight_scale": 1e-300,
-    "estimator": "bptt", "beta": 0.125, "T1": 1, "T2": 123456789, "T_eval": 7, "epochs": 2, "batch_size": 1,
+    "estimator": "implicit", "beta": 0.125, "T1": 1, "T2": 123456789, "T_eval": 7, "schedule": "gauss-seidel",
+    "settle_tol": 1e-9, "check_every": 1, "epochs": 2, "batch_size": 1,
     "lr": [0.25, 1e-7, 3.0], "momentum": 0.0, "weight_decay": 0.0, "lr_min": -0.0, "cosine_epochs": -1,
     "local_layers": "1,3", "local_weight": 2.5, "local_grid": 3, "local_loss": "mse", "kd_layers": "none",
     "kd_weight": 0.3333333333333333, "kd_normalisation": "sum", "output_kd_weight": 0.5, "temperature": 1e3,
@@ -262,7 +265,10 @@ def test_a_config_toml_of_the_earlier_format_still_loads(tmp_path):
                            T_eval=3, beta=0.25, momentum=0.5)
     assert cfg == expected
     new_value_lines = [line for line in dump_toml(cfg).splitlines() if line and not line.startswith("#")]
-    assert new_value_lines == OLD_CONFIG_TOML.splitlines()  # the key = value lines are written as before
+    old_keys = {line.split(" = ")[0] for line in OLD_CONFIG_TOML.splitlines()}
+    # the key = value lines are written as before; options added since (settling, Eq. 3.14) take their defaults
+    assert [line for line in new_value_lines if line.split(" = ")[0] in old_keys] == OLD_CONFIG_TOML.splitlines()
+    assert {line.split(" = ")[0] for line in new_value_lines} - old_keys == {"schedule", "settle_tol", "check_every"}
 
 
 # ---------------------------------------------------------------------- (d) --help

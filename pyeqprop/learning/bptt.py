@@ -20,12 +20,21 @@ D_s(∂Φ/∂θ)·μ follows from Eq. 3.9 by the product rule:
 
 Per-step quantities for the GDU check (Eq. 5.5): for k = 0 … T−1,
 ∇BPTT_θ(k) is the Eq. 5.4 term of step t = T−1−k and ∇BPTT_s(k) = μ_{T−1−k}.
+
+Gauss–Seidel (Eq. 5.6): a sweep is two block updates, each s'_B = ρ(u_B(s)) on its block B
+and s'_j = s_j elsewhere. Backwards through one block update, with λ' = ∂L/∂s':
+
+    μ_B   = ρ'(u_B) ⊙ λ'_B,  μ = 0 off B
+    λ_j   = λ'_j + (H μ)_j  for j ∉ B,   λ_B = 0      (H has no block on the diagonal)
+    ∂L/∂θ += D_s(∂Φ/∂θ)(s)·μ
+
+and a sweep's per-step quantities are the sums of its two blocks' terms (μ of both blocks).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .settle import residual
+from .settle import SCHEDULES, residual, sweep
 
 __all__ = ["BPTTResult", "bptt", "bptt_gradients"]
 
@@ -40,13 +49,14 @@ class BPTTResult:
     residual: float = float("nan")
 
 
-def bptt(net, x, y, *, T, per_step=False) -> BPTTResult:
-    """Exact gradient of the batch-mean cost after T free steps from zero (Eqs. 5.1-5.4).
+def bptt(net, x, y, *, T, per_step=False, schedule="synchronous") -> BPTTResult:
+    """Exact gradient of the batch-mean cost after T free steps from zero (Eqs. 5.1-5.4, 5.6).
 
     Parameters
     ----------
     net : CRNN; x : (n, c, h, w); y : (n,) labels; T : number of free steps (≥ 1).
     per_step : also return the per-step gradients of the GDU check (Eq. 5.5).
+    schedule : "synchronous" (Eq. 3.8) or "gauss-seidel" (Eq. 3.13): T steps are T sweeps.
 
     Returns
     -------
@@ -56,6 +66,10 @@ def bptt(net, x, y, *, T, per_step=False) -> BPTTResult:
         raise ValueError(f"T must be a positive integer, got {T!r}")
     if y is None:
         raise ValueError("bptt needs targets y")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if schedule == "gauss-seidel":
+        return _bptt_gauss_seidel(net, x, y, int(T), per_step)
     xp = net.xp
     n = x.shape[0]
     nudge = net.nudge(x, y)  # β = 0: the cost context for the loss, and B_1(x) for every step
@@ -95,6 +109,59 @@ def bptt(net, x, y, *, T, per_step=False) -> BPTTResult:
             theta_steps.append(step)
             state_steps.append(mu)
         lam = net.hessian_vector(mu, idx_t)  # Eq. 5.3
+    return BPTTResult(grads, loss, theta_steps, state_steps, sT, last_res)
+
+
+def _cost_adjoint(net, sT, ctx, n):
+    """λ_T = (1/n) Σ_k w_k ∂C_k/∂s(s_T) and the cost-only parameters' (1/n) Σ_k w_k ∂C_k/∂θ (Eq. 5.4)."""
+    xp = net.xp
+    lam = [xp.zeros(tuple(a.shape), dtype=net.dtype, device=net.device) for a in sT]
+    grads = {k: xp.zeros_like(v) for k, v in net.params.items()}
+    for (w_k, term), c in zip(net.cost_terms, ctx):
+        if w_k == 0.0:
+            continue
+        for l, g in term.state_grads(net.params, sT, c).items():
+            lam[l] = lam[l] + (w_k / n) * g
+        for name, g in term.param_grads(net.params, sT, c).items():
+            grads[name] = grads[name] + (w_k / n) * g
+    return lam, grads
+
+
+def _bptt_gauss_seidel(net, x, y, T, per_step) -> BPTTResult:
+    """Eqs. 5.1-5.4 through T Gauss–Seidel sweeps (Eq. 5.6): back through each block update in turn."""
+    xp = net.xp
+    n = x.shape[0]
+    nudge = net.nudge(x, y)
+    s = net.init_state(n)
+    tape = []  # per sweep: [(block, state in, drive)] in forward order
+    last_res = float("nan")
+    for t in range(T):
+        new, blocks = sweep(net, x, s, nudge, "gauss-seidel")
+        tape.append(blocks)
+        if t == T - 1:
+            last_res = residual(new, s)
+        s = new
+    sT = s
+    loss = float(xp.sum(net.cost(x, sT, nudge))) / n
+    lam, grads = _cost_adjoint(net, sT, nudge.ctx, n)
+    theta_steps, state_steps = [], []
+    for t in range(T - 1, -1, -1):
+        step: dict = {}
+        mu_sweep = [None] * len(lam)
+        for block, s_in, d in reversed(tape[t]):
+            mu = [lam[l] * net.act.grad(d.u[l]) if l in block else None for l in range(len(lam))]  # Eq. 5.2
+            for k, g in net.dphi_dtheta_tangent(x, s_in, mu, d.indices).items():
+                step[k] = g if k not in step else step[k] + g
+            h = net.hessian_vector(mu, d.indices)  # Eq. 5.3 on the block's μ
+            lam = [xp.zeros_like(lam[l]) if l in block else (lam[l] if h[l] is None else lam[l] + h[l])
+                   for l in range(len(lam))]
+            for l in block:
+                mu_sweep[l] = mu[l]
+        for k, g in step.items():
+            grads[k] = grads[k] + g  # Eq. 5.4
+        if per_step:
+            theta_steps.append(step)
+            state_steps.append(mu_sweep)
     return BPTTResult(grads, loss, theta_steps, state_steps, sT, last_res)
 
 

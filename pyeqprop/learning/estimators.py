@@ -2,20 +2,26 @@
 
 Each estimator returns an :class:`Estimate` of ∇_θ of the batch-mean cost (1/n) Σ_n C; the
 optimizer subtracts it. :data:`ESTIMATORS` maps a name to its function, all with the
-signature ``fn(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False)``; adding
-an estimator is one function and one line in the registry. s^0 is the free fixed point after T1 steps from zero (Eq. 3.8, β = 0); nudged
+signature ``fn(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False,
+settling=FIXED)``; adding an estimator is one function and one line in the registry.
+``settling`` (:class:`~pyeqprop.learning.settle.Settling`) says how every phase settles: its
+schedule (Eqs. 3.8, 3.13) and whether T1/T2 are step counts or caps on settling to a tolerance
+(Eq. 3.14). s^0 is the free fixed point after T1 steps from zero (Eq. 3.8, β = 0); nudged
 phases start from s^0 and run T2 steps with Φ^{±β}.
 
     one-sided    g = −1/(β n) [∂Φ^β/∂θ(s^β) − ∂Φ/∂θ(s^0)]                       (Eq. 4.1)
     symmetric    g = −1/(2β n) [∂Φ^β/∂θ(s^β) − ∂Φ^{−β}/∂θ(s^{−β})]              (Eq. 4.2)
     random-sign  one-sided with β replaced by ±β, the sign drawn once per batch    (Eq. 4.3)
-    bptt         the exact gradient through T1 free steps (Eq. 5.4), for reference runs
+    bptt         the exact gradient through T1 free steps (Eqs. 5.4, 5.6), for reference runs
+    implicit     the exact gradient at the free fixed point (Eq. 5.7), for reference runs
 
 The random sign is an argument (``sign`` = +1 or −1); :func:`draw_sign` draws it from a
 generator, as the training loop does once per batch.
 
-As β → 0 with converged phases, (4.1) and (4.3) approach the BPTT gradient of §5 with error
-O(β) and (4.2) with error O(β²) (the EP limit, Eq. 4.4).
+Only when the phases have converged is s^0 a fixed point and the estimate one of ∇θ of the
+cost at it: then, as β → 0, (4.1) and (4.3) approach the equilibrium gradient (Eq. 5.7) with
+error O(β) and (4.2) with error O(β²) (the EP limit, Eq. 4.4). With fixed step counts far from
+convergence they estimate something else (README, "Settling").
 
 Parameters that appear only in the cost (softmax readout, local heads, distillation maps)
 enter Φ^β as −β ∂C/∂θ, so the same formulas give them ∂C/∂θ at the nudged state(s)
@@ -28,10 +34,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .bptt import bptt
-from .settle import Settled, settle
+from .implicit import equilibrium_gradient
+from .settle import FIXED, Settled, Settling, settle
 
 __all__ = ["ESTIMATORS", "EP_ESTIMATORS", "Estimate", "estimate", "ep_estimate", "ep_gradients", "draw_sign",
-           "symmetric", "one_sided", "random_sign", "bptt_estimate"]
+           "symmetric", "one_sided", "random_sign", "bptt_estimate", "implicit_estimate"]
 
 
 @dataclass
@@ -42,12 +49,14 @@ class Estimate:
     free : the free phase (for BPTT: its T1-step forward pass, which the gradient is exact for).
     nudged : the nudged phases, in the order (+β[, −β]); empty for BPTT.
     betas : the signed β of each nudged phase.
+    info : what else the estimator reports (the implicit solve's iterations and residual).
     """
 
     grads: dict
     free: Settled
     nudged: list = field(default_factory=list)
     betas: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
 
     def phases(self) -> list:
         """Every settled phase: the free one, then the nudged ones."""
@@ -62,60 +71,77 @@ def _check(beta, T1, T2):
             raise ValueError(f"{name} must be a positive integer, got {T!r}")
 
 
-def _free_phase(net, x, y, T1, free_state, record):
-    """The batch's nudge (β = 0, with targets) and its free phase: T1 steps from zero, or ``free_state``."""
+def _free_phase(net, x, y, T1, free_state, record, settling):
+    """The batch's nudge (β = 0, with targets) and its free phase: settled from zero, or ``free_state``."""
     if y is None:
         raise ValueError("ep_gradients needs targets y")
     nudge = net.nudge(x, y)  # the cost context and B_1(x), shared by every phase and gradient of this batch
     if free_state is None:
-        return nudge, settle(net, x, T1, nudge=nudge, record=record)
+        return nudge, settle(net, x, T1, nudge=nudge, record=record, settling=settling)
     net.check_state(free_state, x.shape[0])
-    return nudge, Settled(list(free_state), 0.0, [], 0)
+    return nudge, Settled(list(free_state), float("nan"), [], 0)  # settled elsewhere: its residual is not known here
 
 
-def symmetric(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False) -> Estimate:
+def symmetric(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False, settling=FIXED) -> Estimate:
     """g = −1/(2βn) [∂Φ^β/∂θ(s^β) − ∂Φ^{−β}/∂θ(s^{−β})] (Eq. 4.2); error O(β²) (Eq. 4.4)."""
     _check(beta, T1, T2)
-    nudge, free = _free_phase(net, x, y, T1, free_state, record)
+    nudge, free = _free_phase(net, x, y, T1, free_state, record, settling)
     n = x.shape[0]
-    plus = settle(net, x, T2, nudge=nudge.at(beta), state=free.state, record=record)
-    minus = settle(net, x, T2, nudge=nudge.at(-beta), state=free.state, record=record)
+    plus = settle(net, x, T2, nudge=nudge.at(beta), state=free.state, record=record, settling=settling)
+    minus = settle(net, x, T2, nudge=nudge.at(-beta), state=free.state, record=record, settling=settling)
     gp = net.dphi_dtheta(x, plus.state, nudge.at(beta))
     gm = net.dphi_dtheta(x, minus.state, nudge.at(-beta))
     scale = -1.0 / (2.0 * beta * n)
     return Estimate({k: scale * (gp[k] - gm[k]) for k in gp}, free, [plus, minus], [beta, -beta])
 
 
-def _one_sided_at(net, x, y, b, T1, T2, free_state, record) -> Estimate:
-    nudge, free = _free_phase(net, x, y, T1, free_state, record)
+def _one_sided_at(net, x, y, b, T1, T2, free_state, record, settling) -> Estimate:
+    nudge, free = _free_phase(net, x, y, T1, free_state, record, settling)
     n = x.shape[0]
-    nudged = settle(net, x, T2, nudge=nudge.at(b), state=free.state, record=record)
+    nudged = settle(net, x, T2, nudge=nudge.at(b), state=free.state, record=record, settling=settling)
     gb = net.dphi_dtheta(x, nudged.state, nudge.at(b))
     g0 = net.dphi_dtheta(x, free.state, nudge)
     scale = -1.0 / (b * n)
     return Estimate({k: scale * (gb[k] - g0[k]) for k in gb}, free, [nudged], [b])
 
 
-def one_sided(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False) -> Estimate:
+def one_sided(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False, settling=FIXED) -> Estimate:
     """g = −1/(βn) [∂Φ^β/∂θ(s^β) − ∂Φ/∂θ(s^0)] (Eq. 4.1); error O(β) (Eq. 4.4)."""
     _check(beta, T1, T2)
-    return _one_sided_at(net, x, y, beta, T1, T2, free_state, record)
+    return _one_sided_at(net, x, y, beta, T1, T2, free_state, record, settling)
 
 
-def random_sign(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False) -> Estimate:
+def random_sign(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False, settling=FIXED) -> Estimate:
     """Eq. 4.1 at β' = sign·β (Eq. 4.3); ``sign`` (+1 or −1) is drawn by the caller (:func:`draw_sign`)."""
     _check(beta, T1, T2)
     if sign not in (1, -1):
         raise ValueError(f"the random-sign estimator needs sign +1 or -1 (draw it with draw_sign), got {sign!r}")
-    return _one_sided_at(net, x, y, beta if sign == 1 else -beta, T1, T2, free_state, record)
+    return _one_sided_at(net, x, y, beta if sign == 1 else -beta, T1, T2, free_state, record, settling)
 
 
-def bptt_estimate(net, x, y, *, beta=None, T1, T2=None, sign=None, free_state=None, record=False) -> Estimate:
-    """The exact gradient after T1 free steps from zero (Eqs. 5.1-5.4); ``beta``, ``T2`` are not used."""
+def bptt_estimate(net, x, y, *, beta=None, T1, T2=None, sign=None, free_state=None, record=False,
+                  settling=FIXED) -> Estimate:
+    """The exact gradient after T1 free steps of ``settling.schedule`` from zero (Eqs. 5.1-5.4, 5.6).
+
+    BPTT differentiates a fixed number of steps: ``settling.tol`` must be 0; ``beta``, ``T2``
+    are not used.
+    """
     if free_state is not None:
         raise ValueError("the bptt estimator runs its own T1-step forward pass; it takes no free_state")
-    r = bptt(net, x, y, T=T1)
+    if settling.tol != 0.0:
+        raise ValueError(f"the bptt estimator differentiates exactly T1 steps; settling to tol={settling.tol} "
+                         "is not a fixed computation (use the implicit estimator for the gradient at the fixed point)")
+    r = bptt(net, x, y, T=T1, schedule=settling.schedule)
     return Estimate(r.grads, Settled(r.final_state, r.residual, [], int(T1)), [], [])
+
+
+def implicit_estimate(net, x, y, *, beta=None, T1, T2=None, sign=None, free_state=None, record=False,
+                      settling=FIXED) -> Estimate:
+    """The exact gradient at the free fixed point (Eq. 5.7), the free phase settled by ``settling`` (T1 the
+    most steps); ``beta``, ``T2`` are not used. ``info`` holds the solve's iterations and residual."""
+    r = equilibrium_gradient(net, x, y, T1=T1, settling=settling, free_state=free_state)
+    return Estimate(r.grads, r.free, [], [], {"cg_iterations": r.iterations, "cg_rel_residual": r.rel_residual,
+                                             "solved": r.solved})
 
 
 ESTIMATORS = {
@@ -123,8 +149,9 @@ ESTIMATORS = {
     "one-sided": one_sided,
     "random-sign": random_sign,
     "bptt": bptt_estimate,
+    "implicit": implicit_estimate,
 }
-"""Every gradient estimator by name (Eqs. 4.1-4.3, 5.4)."""
+"""Every gradient estimator by name (Eqs. 4.1-4.3, 5.4, 5.7)."""
 
 EP_ESTIMATORS = ("symmetric", "one-sided", "random-sign")
 """The EP estimators of :data:`ESTIMATORS`: those that form a difference of nudged phases."""
@@ -135,17 +162,19 @@ def draw_sign(rng: np.random.Generator) -> int:
     return 1 if rng.random() < 0.5 else -1
 
 
-def estimate(name, net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False) -> Estimate:
+def estimate(name, net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False,
+             settling=FIXED) -> Estimate:
     """Run the estimator ``name`` of :data:`ESTIMATORS` on one batch."""
     try:
         fn = ESTIMATORS[name]
     except (KeyError, TypeError):
         raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got {name!r}") from None
-    return fn(net, x, y, beta=beta, T1=T1, T2=T2, sign=sign, free_state=free_state, record=record)
+    return fn(net, x, y, beta=beta, T1=T1, T2=T2, sign=sign, free_state=free_state, record=record,
+              settling=settling)
 
 
 def ep_estimate(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rng=None, free_state=None,
-                record=False) -> Estimate:
+                record=False, settling=FIXED) -> Estimate:
     """Run the free and nudged phases and form the EP estimate (Eqs. 4.1-4.3).
 
     Parameters
@@ -157,6 +186,8 @@ def ep_estimate(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rn
     rng : numpy Generator for that draw (default: a fresh ``default_rng()``).
     free_state : a settled free state to reuse instead of running T1 steps.
     record : record per-step residuals.
+    settling : :class:`~pyeqprop.learning.settle.Settling`, how every phase settles (default: T1
+        and T2 synchronous steps).
 
     Returns
     -------
@@ -166,9 +197,11 @@ def ep_estimate(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rn
         raise ValueError(f"estimator must be one of {EP_ESTIMATORS}, got {estimator!r}")
     if estimator == "random-sign" and sign is None:
         sign = draw_sign(np.random.default_rng() if rng is None else rng)
-    return estimate(estimator, net, x, y, beta=beta, T1=T1, T2=T2, sign=sign, free_state=free_state, record=record)
+    return estimate(estimator, net, x, y, beta=beta, T1=T1, T2=T2, sign=sign, free_state=free_state, record=record,
+                    settling=settling)
 
 
-def ep_gradients(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rng=None):
+def ep_gradients(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rng=None, settling=FIXED):
     """EP estimate of ∇_θ of the batch-mean cost, keyed like ``net.params`` (Eqs. 4.1-4.3)."""
-    return ep_estimate(net, x, y, beta=beta, T1=T1, T2=T2, estimator=estimator, sign=sign, rng=rng).grads
+    return ep_estimate(net, x, y, beta=beta, T1=T1, T2=T2, estimator=estimator, sign=sign, rng=rng,
+                       settling=settling).grads

@@ -54,7 +54,8 @@ class Nudge:
     """What one batch's evaluations of Φ^β share: β, the prepared cost context and B_1(x) (Eqs. 3.1, 3.6, 3.12).
 
     Build it with :meth:`CRNN.nudge`; :meth:`at` gives the same batch at another β (the phases
-    of one EP estimate share everything but β).
+    of one EP estimate share everything but β). It holds for the parameters it was built with:
+    B_1(x) and the teacher features are computed then, so build a new one after an update.
 
     beta : float, the nudging strength β of Φ^β = Φ − βC (0: the free dynamics).
     ctx : list or None, one prepared context per cost term (one-hot targets, teacher features);
@@ -231,24 +232,38 @@ class CRNN:
         return self.nudge(x) if nudge is None else nudge
 
     # ------------------------------------------------------------------ Φ and its state gradient
-    def drive(self, x, state, nudge: Nudge | None = None) -> Drive:
-        """u_l = ∂Φ^β/∂s_l for every layer (Eq. 3.7), with the argmaxes used; β from ``nudge`` (0 when None)."""
+    def drive(self, x, state, nudge: Nudge | None = None, *, layers=None, known=None) -> Drive:
+        """u_l = ∂Φ^β/∂s_l (Eq. 3.7) with the argmaxes used; β from ``nudge`` (0 when None).
+
+        ``layers``: the 0-based layers whose u_l is wanted (default all; the others are None in
+        the result). u_l needs B_l(s_{l−1}) and the argmax of layer l + 1, so only those bottom-up
+        drives are computed. ``known``: {l: (B_l, argmax_l)} already computed at this state (a
+        Gauss–Seidel half-sweep reuses the layers the previous half did not change, Eq. 3.13).
+        """
         nudge = self._free(x, nudge)
         self.check_state(state, x.shape[0])
         L = len(self.layers)
-        bu, idx = [nudge.x_drive[0]], [nudge.x_drive[1]]
-        for l in range(1, L):
-            b_l, i_l = self.layers[l].bottom_up(self.params, state[l - 1])
-            bu.append(b_l)
-            idx.append(i_l)
-        u = list(bu)
-        for l in range(1, L):
-            u[l - 1] = u[l - 1] + self.layers[l].top_down(self.params, state[l], idx[l], state[l - 1].shape)
+        want = range(L) if layers is None else sorted(layers)
+        need = sorted(set(want) | {l + 1 for l in want if l + 1 < L})
+        bu, idx = [None] * L, [None] * L
+        for l in need:
+            if l == 0:
+                bu[0], idx[0] = nudge.x_drive
+            elif known is not None and l in known:
+                bu[l], idx[l] = known[l]
+            else:
+                bu[l], idx[l] = self.layers[l].bottom_up(self.params, state[l - 1])
+        u = [None] * L
+        for l in want:
+            u[l] = bu[l]
+            if l + 1 < L:
+                u[l] = u[l] + self.layers[l + 1].top_down(self.params, state[l + 1], idx[l + 1], state[l].shape)
         beta = nudge.beta
         if beta != 0.0:
             for w_k, grads in self._weighted_cost_state_grads(state, nudge.ctx):
                 for l, g in grads.items():
-                    u[l] = u[l] - (beta * w_k) * g
+                    if u[l] is not None:
+                        u[l] = u[l] - (beta * w_k) * g
         return Drive(u, idx, bu)
 
     def _weighted_cost_state_grads(self, state, ctx):
@@ -266,6 +281,14 @@ class CRNN:
         """One synchronous update of every layer, s_l ← ρ(∂Φ^β/∂s_l) (Eq. 3.8)."""
         d = self.drive(x, state, nudge)
         return [self.act.fn(u) for u in d.u]
+
+    def update(self, x, state, nudge: Nudge | None = None, *, layers, known=None):
+        """s_l ← ρ(∂Φ^β/∂s_l) for the 0-based ``layers`` only, the others kept: a block update (Eq. 3.13).
+
+        Returns (new state, the drive used); ``known`` as in :meth:`drive`.
+        """
+        d = self.drive(x, state, nudge, layers=layers, known=known)
+        return [s if u is None else self.act.fn(u) for s, u in zip(state, d.u)], d
 
     def cost(self, x, state, nudge: Nudge):
         """Total cost C = Σ_k w_k C_k per sample, shape (n,) (Eq. 3.5); needs a nudge built with targets."""
@@ -331,20 +354,23 @@ class CRNN:
 
         (H μ)_l = P_l(conv(μ_{l−1}; W_l)) + T_l(μ_{l+1}), with μ_0 = 0 and P_l the selection at
         the argmax: the drive of Eq. 3.7 without biases or input, applied to μ. H is symmetric
-        because Φ is bilinear in neighbouring layers.
+        because Φ is bilinear in neighbouring layers. An entry of μ may be None (zero on that
+        layer, as in a Gauss–Seidel half-sweep, Eq. 5.6); an output entry none of whose
+        neighbours carries μ is None too.
         """
         L = len(self.layers)
-        shapes = [tuple(m.shape) for m in mu]
         out = []
         for l in range(L):
             term = None
-            if l > 0:
+            if l > 0 and mu[l - 1] is not None:
                 term = self.layers[l].bottom_up_linear(self.params, mu[l - 1], indices[l])
-            if l < L - 1:
-                td = self.layers[l + 1].top_down(self.params, mu[l + 1], indices[l + 1], shapes[l])
+            if l < L - 1 and mu[l + 1] is not None:
+                shape = tuple(mu[l].shape) if mu[l] is not None else (mu[l + 1].shape[0], *self.arch.state_shapes[l])
+                td = self.layers[l + 1].top_down(self.params, mu[l + 1], indices[l + 1], shape)
                 term = td if term is None else term + td
-            if term is None:
-                term = self.xp.zeros(shapes[l], dtype=self.dtype, device=self.device)
+            if term is None and all(m is not None for m in mu):
+                term = self.xp.zeros((mu[l].shape[0], *self.arch.state_shapes[l]), dtype=self.dtype,
+                                     device=self.device)
             out.append(term)
         return out
 
@@ -353,13 +379,15 @@ class CRNN:
 
         By the product rule on Eq. 3.9: ∂/∂W_l ← conv2d_weight_grad(s_{l−1}, P*_l(μ_l)) +
         conv2d_weight_grad(μ_{l−1}, P*_l(s_l)) (μ_0 = 0: x is fixed), ∂/∂b_l ← Σ P*_l(μ_l).
+        An entry of μ may be None (zero on that layer); its terms are skipped.
         """
         out: dict = {}
         for l, layer in enumerate(self.layers):
-            dW, db = layer.param_adjoint(x if l == 0 else state[l - 1], mu[l], indices[l])  # s_{l−1} ⊗ P*(μ_l)
-            self._accumulate(out, layer.weight, dW)
-            self._accumulate(out, layer.bias, db)
-            if l > 0:
+            if mu[l] is not None:
+                dW, db = layer.param_adjoint(x if l == 0 else state[l - 1], mu[l], indices[l])  # s_{l−1} ⊗ P*(μ_l)
+                self._accumulate(out, layer.weight, dW)
+                self._accumulate(out, layer.bias, db)
+            if l > 0 and mu[l - 1] is not None:
                 dW, _ = layer.param_adjoint(mu[l - 1], state[l], indices[l], with_bias=False)  # μ_{l−1} ⊗ P*(s_l)
                 self._accumulate(out, layer.weight, dW)
         return out

@@ -27,6 +27,7 @@ from types import MappingProxyType
 from ..backend import BACKENDS, DTYPES
 from ..model.readout import READOUTS
 from ..learning.estimators import ESTIMATORS
+from ..learning.settle import CHECK_EVERY, SCHEDULES, Settling
 from ..learning.signals import KD_NORMALISATIONS, LOCAL_LOSSES, SIGNAL_INITS
 from ..ops.activations import ACTIVATIONS
 from .progress import PROGRESS_MODES
@@ -113,12 +114,22 @@ class TrainConfig:
     weight_scale: float = option(1.0, "factor on the student's initial weight range ±1/√fan_in (Eq. 3.10)", gt=0)
     # EP
     estimator: str = option("symmetric", "gradient estimator: one-sided (Eq. 4.1), symmetric (Eq. 4.2) or "
-                                         "random-sign EP (Eq. 4.3), or bptt (Eq. 5.4, T = T1)",
+                                         "random-sign EP (Eq. 4.3); or the exact gradients bptt (Eq. 5.4, "
+                                         "T = T1) and implicit (at the free fixed point, Eq. 5.7)",
                             choices=ESTIMATORS)
     beta: float = option(0.5, "nudging strength β of Eq. 3.6 (its sign is set by the estimator)", gt=0)
-    T1: int = option(30, "free-phase steps T1 of the dynamics (Eq. 3.8), from s = 0", ge=1)
-    T2: int = option(10, "nudged-phase steps T2 (§4), from the free state", ge=1)
-    T_eval: int = option(0, "free steps when testing; 0: T1", ge=0)
+    T1: int = option(30, "free-phase steps T1 of the dynamics (Eq. 3.8), from s = 0; with settle_tol > 0 "
+                         "the most steps", ge=1)
+    T2: int = option(10, "nudged-phase steps T2 (§4), from the free state; with settle_tol > 0 the most steps",
+                     ge=1)
+    T_eval: int = option(0, "free steps when testing (the most, with settle_tol > 0); 0: T1", ge=0)
+    schedule: str = option("synchronous", "update schedule of every phase: all layers at once (synchronous, "
+                                          "Eq. 3.8) or odd layers, then even layers (gauss-seidel, Eq. 3.13)",
+                           choices=SCHEDULES)
+    settle_tol: float = option(0.0, "settle every phase until its residual r_t ≤ settle_tol (Eq. 3.14), at most "
+                                    "T1/T2 steps; 0: exactly T1/T2 steps", ge=0)
+    check_every: int = option(CHECK_EVERY, "steps between two residual checks when settle_tol > 0 (one host "
+                                           "transfer each, Eq. 3.14)", ge=1)
     # optimizer (Eqs. 8.1-8.3)
     epochs: int = option(30, "training epochs of the student", ge=1)
     batch_size: int = option(32, "samples n per mini-batch of the student", ge=1)
@@ -172,6 +183,10 @@ class TrainConfig:
         """
         for opt in OPTIONS.values():
             opt.check(getattr(self, opt.name))
+        if self.estimator == "bptt" and self.settle_tol > 0:
+            raise ConfigError(f"config key 'settle_tol' has value {self.settle_tol!r}; expected 0 with estimator "
+                              "'bptt', which differentiates exactly T1 steps (the implicit estimator gives the "
+                              "gradient at the settled fixed point)")
         return self
 
     @property
@@ -181,6 +196,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def settling(self) -> Settling:
+        """How every phase settles (Eqs. 3.8, 3.13, 3.14)."""
+        return Settling(self.schedule, self.settle_tol, self.check_every)
 
     @property
     def eval_steps(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..backend import BackendError, get_namespace, to_numpy
-from ..learning.settle import settle
+from ..learning.settle import FIXED, settle
 from .data import prepare_data
 from .errors import TrainingError
 from .student import build_network
@@ -12,15 +12,18 @@ from .student import build_network
 __all__ = ["accuracy_and_loss", "evaluate_run"]
 
 
-def accuracy_and_loss(net, x, y, T, batch_size=256):
-    """Accuracy and mean readout cost (Eqs. 3.3-3.4) after T free steps from zero, in batches (host floats)."""
+def accuracy_and_loss(net, x, y, T, batch_size=256, *, settling=FIXED):
+    """Accuracy and mean readout cost (Eqs. 3.3-3.4) after settling the free phase from zero, in batches.
+
+    T is the step count, or the most steps when ``settling.tol > 0`` (Eq. 3.14). Host floats.
+    """
     xp = net.xp
     n = x.shape[0]
     correct, loss = 0, 0.0
     term = net.readout_term
     for lo in range(0, n, batch_size):
         xb, yb = x[lo:lo + batch_size, ...], y[lo:lo + batch_size]
-        st = settle(net, xb, T).state
+        st = settle(net, xb, T, settling=settling).state
         pred = xp.argmax(net.logits(st), axis=1)
         correct += int(to_numpy(xp.sum(xp.astype(pred == yb, xp.int64))))
         loss += float(to_numpy(xp.sum(term.value(net.params, st, term.prepare(net.params, xb, yb)))))
@@ -56,6 +59,6 @@ def evaluate_run(path, *, dataset=None, log=print):
     check_compatible(sub, net.params)
     for k in net.params:
         net.params[k] = xp.asarray(ckpt.params[k], dtype=net.dtype)
-    acc, loss = accuracy_and_loss(net, data.x_test, data.y_test, cfg.eval_steps)
+    acc, loss = accuracy_and_loss(net, data.x_test, data.y_test, cfg.eval_steps, settling=cfg.settling)
     log(f"{p}: {data.name} test accuracy {100 * acc:.2f}% (readout cost {loss:.4f}, T={cfg.eval_steps})")
     return acc

@@ -57,7 +57,10 @@ from .teacher import get_teacher
 __all__ = ["train", "RunResult", "METRIC_KEYS"]
 
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "residual_free", "residual_nudged",
-               "lr", "seconds", "grad_mean_abs")  # grad_mean_abs: {layer weight: epoch mean of mean |g|}
+               "lr", "seconds", "grad_mean_abs", "steps_free", "steps_nudged", "unconverged_free",
+               "unconverged_nudged")
+# grad_mean_abs: {layer weight: epoch mean of mean |g|}; steps_*: {min, median, p90, max} of the steps the
+# epoch's phases took; unconverged_*: the fraction of phases that hit T1/T2 above settle_tol (None when 0)
 
 
 @dataclass
@@ -96,7 +99,7 @@ class Progress:
 
 def _fresh_accum() -> dict:
     return {"loss": 0.0, "correct": 0, "seen": 0, "res_free": 0.0, "res_nudged": 0.0, "time": 0.0, "grad": {},
-            "batches": 0}
+            "batches": 0, "steps_free": [], "steps_nudged": [], "unconverged_free": 0, "unconverged_nudged": 0}
 
 
 def _add_step(acc: dict, m) -> None:
@@ -110,15 +113,33 @@ def _add_step(acc: dict, m) -> None:
     for k, v in m.grad_mean_abs.items():
         grad_sums[k] = grad_sums.get(k, 0.0) + v
     acc["batches"] = acc.get("batches", 0) + 1
+    acc.setdefault("steps_free", []).append(m.steps_free)  # setdefault: a checkpoint from before these fields
+    acc.setdefault("steps_nudged", []).extend(m.steps_nudged)
+    acc["unconverged_free"] = acc.get("unconverged_free", 0) + m.unconverged_free
+    acc["unconverged_nudged"] = acc.get("unconverged_nudged", 0) + m.unconverged_nudged
 
 
-def _epoch_row(epoch, acc, test_acc, test_loss, lr_now) -> dict:
+def _distribution(steps: list) -> dict | None:
+    """Min, median, 90th percentile and max of the steps the epoch's phases took (Eq. 3.14)."""
+    if not steps:
+        return None
+    a = np.asarray(steps, dtype=np.float64)
+    return {"min": int(a.min()), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
+            "max": int(a.max())}
+
+
+def _epoch_row(epoch, acc, test_acc, test_loss, lr_now, tol) -> dict:
     """metrics.jsonl's line of a finished epoch (keys: METRIC_KEYS)."""
     seen = max(acc["seen"], 1)
+    n_free, n_nudged = len(acc.get("steps_free", [])), len(acc.get("steps_nudged", []))
     return {"epoch": epoch, "train_loss": acc["loss"] / seen, "train_acc": acc["correct"] / seen,
             "test_loss": test_loss, "test_acc": test_acc, "residual_free": acc["res_free"],
             "residual_nudged": acc["res_nudged"], "lr": lr_now, "seconds": acc["time"],
-            "grad_mean_abs": {k: v / max(acc.get("batches", 0), 1) for k, v in acc.get("grad", {}).items()}}
+            "grad_mean_abs": {k: v / max(acc.get("batches", 0), 1) for k, v in acc.get("grad", {}).items()},
+            "steps_free": _distribution(acc.get("steps_free", [])),
+            "steps_nudged": _distribution(acc.get("steps_nudged", [])),
+            "unconverged_free": acc.get("unconverged_free", 0) / n_free if tol > 0 and n_free else None,
+            "unconverged_nudged": acc.get("unconverged_nudged", 0) / n_nudged if tol > 0 and n_nudged else None}
 
 
 def _anneal(opt, cfg, epoch):
@@ -394,8 +415,9 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
                     if stop.requested:  # before the test evaluation, which can take a while
                         raise _Stop
                     acc["time"] += time.perf_counter() - t0
-                    test_acc, test_loss = accuracy_and_loss(net, data.x_test, data.y_test, cfg.eval_steps)
-                    row = _epoch_row(epoch + 1, acc, test_acc, test_loss, lr_now)
+                    test_acc, test_loss = accuracy_and_loss(net, data.x_test, data.y_test, cfg.eval_steps,
+                                                            settling=cfg.settling)
+                    row = _epoch_row(epoch + 1, acc, test_acc, test_loss, lr_now, cfg.settle_tol)
                     busy = True
                     prog.history.append(row)
                     prog.epoch, prog.batch, prog.accum = epoch + 1, 0, None  # the epoch is done: the position moves on

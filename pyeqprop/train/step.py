@@ -45,6 +45,9 @@ class StepMetrics:
     residual_free, residual_nudged : last-step residuals r_T (Eq. 3.11) of the free phase and
         the largest over the nudged phases (NaN-free 0.0 when there is no nudged phase).
     grad_mean_abs : mean |g| of each neuron layer's weight estimate, before the update.
+    steps_free, steps_nudged : steps each phase took (Eq. 3.14); one entry per nudged phase.
+    unconverged_free, unconverged_nudged : phases that stopped at their cap above the tolerance
+        (0 when settling fixed step counts: there is no tolerance to miss).
     """
 
     loss_sum: float
@@ -53,6 +56,10 @@ class StepMetrics:
     residual_free: float
     residual_nudged: float
     grad_mean_abs: dict = field(default_factory=dict)
+    steps_free: int = 0
+    steps_nudged: list = field(default_factory=list)
+    unconverged_free: int = 0
+    unconverged_nudged: int = 0
 
 
 def _all_finite(xp, arrays) -> bool:
@@ -98,7 +105,8 @@ def batch_estimate(net, xb, yb, cfg, rng) -> Estimate:
     The random sign of Eq. 4.3 is drawn from ``rng`` (the batch's generator, after augmentation).
     """
     sign = draw_sign(rng) if cfg.estimator == "random-sign" else None
-    return estimate(cfg.estimator, net, xb, yb, beta=cfg.beta, T1=cfg.T1, T2=cfg.T2, sign=sign)
+    return estimate(cfg.estimator, net, xb, yb, beta=cfg.beta, T1=cfg.T1, T2=cfg.T2, sign=sign,
+                    settling=cfg.settling)
 
 
 def train_step(net, xb, yb, cfg, rng, *, where=(0, 0)) -> Update:
@@ -135,4 +143,6 @@ def step_metrics(net, upd: Update, xb, yb) -> StepMetrics:
     keys = list(upd.grad_mean_abs)
     host = to_numpy(xp.stack([loss, correct, *upd.grad_mean_abs.values()])).tolist()
     return StepMetrics(host[0], int(host[1]), int(xb.shape[0]), est.free.residual,
-                       max([0.0] + [ph.residual for ph in est.nudged]), dict(zip(keys, host[2:])))
+                       max([0.0] + [ph.residual for ph in est.nudged]), dict(zip(keys, host[2:])),
+                       est.free.steps, [ph.steps for ph in est.nudged], int(est.free.converged is False),
+                       sum(int(ph.converged is False) for ph in est.nudged))

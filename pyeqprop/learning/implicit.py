@@ -1,0 +1,140 @@
+"""The exact equilibrium gradient by implicit differentiation (recurrent backprop, Almeida–Pineda; Eq. 5.7).
+
+Notation: s* a fixed point of the free dynamics, s* = ρ(u(s*)) with u = ∂Φ/∂s (Eq. 3.7);
+D = diag ρ'(u*) (entries 0 or the slope 1/a of ρ); H = ∂²Φ/∂s² at the argmaxes of s* (symmetric,
+Eq. 5.3); g = (1/n) Σ_k w_k ∂C_k/∂s(s*); L = (1/n) Σ_n C(s*).
+
+Differentiating s* = ρ(u(s*, θ)) gives ds*/dθ = (I − DH)⁻¹ D ∂u/∂θ, hence
+
+    ∂L/∂θ = (∂u/∂θ)ᵀ μ + (1/n) Σ_k w_k ∂C_k/∂θ,     (I − DH) μ = D g        (Eq. 5.7)
+
+μ lives on the units where ρ' > 0. With μ = D^{1/2} ν the system is symmetric,
+
+    A ν = D^{1/2} g,   A = I − D^{1/2} H D^{1/2},
+
+and A is positive definite exactly when every eigenvalue of the linearised step J = DH is below
+1 (J and D^{1/2} H D^{1/2} are similar); at a stable fixed point of a network whose J has
+spectral radius < 1 (a contracting or settled net) it is, and conjugate gradients solve it with
+Hessian-vector products only (``net.hessian_vector``): Array API, no SciPy, so CuPy runs it.
+(∂u/∂θ)ᵀ μ is ``net.dphi_dtheta_tangent`` (Eq. 5.4). This is what BPTT (§5) gives after
+infinitely many steps from a start in the basin of s*, and what EP estimates as β → 0 (Eq. 4.4).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..backend import to_numpy
+from .settle import FIXED, Settled, Settling, settle
+
+__all__ = ["ImplicitResult", "equilibrium_gradient", "conjugate_gradient"]
+
+
+@dataclass
+class ImplicitResult:
+    """The equilibrium gradient and how it was obtained.
+
+    grads : ∂L/∂θ keyed like ``net.params``; loss : L at s*; free : the settled free phase;
+    iterations, rel_residual : of the conjugate-gradient solve (‖Aν − b‖ / ‖b‖);
+    solved : whether the solve reached ``rtol``. The result is the gradient at a fixed point only
+    when the free phase converged too (``free.converged``; None for a fixed count: look at
+    ``free.residual``).
+    """
+
+    grads: dict
+    loss: float
+    free: Settled
+    iterations: int = 0
+    rel_residual: float = float("nan")
+    solved: bool = False
+    mu: list = field(default_factory=list)
+
+
+def _dot(xp, a, b) -> float:
+    """Σ_l ⟨a_l, b_l⟩ over every axis, as a host float (one transfer)."""
+    return float(to_numpy(xp.sum(xp.stack([xp.sum(u * v) for u, v in zip(a, b)]))))
+
+
+def conjugate_gradient(apply, b, *, rtol: float, max_iter: int, xp):
+    """Solve A ν = b for a symmetric positive definite A given as ``apply(v) = A v``, on lists of arrays.
+
+    Stops when ‖r‖ ≤ rtol·‖b‖ or after ``max_iter`` iterations; returns (ν, iterations, ‖r‖/‖b‖).
+    A non-positive curvature pᵀAp ≤ 0 (A not positive definite) stops the iteration at once.
+    """
+    nu = [xp.zeros_like(v) for v in b]
+    r = list(b)
+    p = list(r)
+    rr = _dot(xp, r, r)
+    bnorm = math.sqrt(rr)
+    if bnorm == 0.0:
+        return nu, 0, 0.0
+    it = 0
+    while it < max_iter and math.sqrt(rr) > rtol * bnorm:
+        Ap = apply(p)
+        pAp = _dot(xp, p, Ap)
+        if not pAp > 0.0:
+            break
+        alpha = rr / pAp
+        nu = [v + alpha * q for v, q in zip(nu, p)]
+        r = [v - alpha * q for v, q in zip(r, Ap)]
+        rr_new = _dot(xp, r, r)
+        p = [v + (rr_new / rr) * q for v, q in zip(r, p)]
+        rr = rr_new
+        it += 1
+    return nu, it, math.sqrt(rr) / bnorm
+
+
+def equilibrium_gradient(net, x, y, *, T1, settling: Settling = FIXED, free_state=None, rtol=None,
+                         max_iter=1000) -> ImplicitResult:
+    """∂/∂θ of the batch-mean cost at the free fixed point s*, by Eq. 5.7.
+
+    Parameters
+    ----------
+    net : CRNN; x : (n, c, h, w); y : (n,) labels.
+    T1 : the most free steps (settling to ``settling.tol``), or the count when tol = 0.
+    settling : how the free phase settles; the result is the gradient at a fixed point only when
+        it converged (``free.converged``, or a small ``free.residual`` for a fixed count).
+    free_state : an already settled free state to use instead.
+    rtol : relative residual of the solve; default 1000·eps of the network's dtype.
+    max_iter : most conjugate-gradient iterations.
+
+    Returns
+    -------
+    :class:`ImplicitResult`.
+    """
+    if y is None:
+        raise ValueError("the equilibrium gradient needs targets y")
+    xp = net.xp
+    n = x.shape[0]
+    nudge = net.nudge(x, y)
+    if free_state is None:
+        free = settle(net, x, T1, nudge=nudge, settling=settling)
+    else:
+        net.check_state(free_state, n)
+        free = Settled(list(free_state), float("nan"), [], 0)  # settled elsewhere
+    s = free.state
+    rtol = 1000.0 * float(np.finfo(np.dtype(net.dtype_name)).eps) if rtol is None else float(rtol)
+    d = net.drive(x, s, nudge)  # β = 0: u* and the argmaxes of s*
+    half = [xp.sqrt(net.act.grad(u)) for u in d.u]  # D^{1/2}
+    grads = {k: xp.zeros_like(v) for k, v in net.params.items()}
+    g = [xp.zeros_like(a) for a in s]
+    for (w_k, term), c in zip(net.cost_terms, nudge.ctx):
+        if w_k == 0.0:
+            continue
+        for l, v in term.state_grads(net.params, s, c).items():
+            g[l] = g[l] + (w_k / n) * v
+        for name, v in term.param_grads(net.params, s, c).items():
+            grads[name] = grads[name] + (w_k / n) * v
+    loss = float(to_numpy(xp.sum(net.cost(x, s, nudge)))) / n
+
+    def apply(v):  # A v = v − D^{1/2} H D^{1/2} v
+        hv = net.hessian_vector([h * a for h, a in zip(half, v)], d.indices)
+        return [a - h * b for a, h, b in zip(v, half, hv)]
+
+    nu, it, rel = conjugate_gradient(apply, [h * a for h, a in zip(half, g)], rtol=rtol, max_iter=max_iter, xp=xp)
+    mu = [h * a for h, a in zip(half, nu)]
+    for k, v in net.dphi_dtheta_tangent(x, s, mu, d.indices).items():
+        grads[k] = grads[k] + v
+    return ImplicitResult(grads, loss, free, it, rel, rel <= rtol, mu)
