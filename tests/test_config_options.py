@@ -170,6 +170,7 @@ def test_coercion_of_strings_as_flags_give_them():
 AWKWARD = {
     "dataset": "synthetic", "data_root": 'C:\\data "cifar"\tü/😀', "download": True, "augment": True,
     "augment_padding": 0, "augment_flip": False, "augment_padding_mode": "zeros", "test_fraction": 0.1 + 0.2,
+    "val_fraction": 0.0,
     "arch": "c4m-f8", "readout": "mse", "activation": "hard_sigmoid", "dtype": "float64", "weight_scale": 1e-300,
     "estimator": "implicit", "beta": 0.125, "T1": 1, "T2": 123456789, "T_eval": 7, "schedule": "gauss-seidel",
     "settle_tol": 1e-9, "check_every": 1, "epochs": 2, "batch_size": 1,
@@ -268,7 +269,8 @@ def test_a_config_toml_of_the_earlier_format_still_loads(tmp_path):
     old_keys = {line.split(" = ")[0] for line in OLD_CONFIG_TOML.splitlines()}
     # the key = value lines are written as before; options added since (settling, Eq. 3.14) take their defaults
     assert [line for line in new_value_lines if line.split(" = ")[0] in old_keys] == OLD_CONFIG_TOML.splitlines()
-    assert {line.split(" = ")[0] for line in new_value_lines} - old_keys == {"schedule", "settle_tol", "check_every"}
+    assert {line.split(" = ")[0] for line in new_value_lines} - old_keys == {"schedule", "settle_tol", "check_every",
+                                                                                     "val_fraction"}
 
 
 # ---------------------------------------------------------------------- (d) --help

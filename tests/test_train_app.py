@@ -95,10 +95,10 @@ def test_checkpoints_hold_the_position_history_and_config(run):
     assert latest.progress["position"] == {"epoch": 2, "batch": 0}
     assert [h["epoch"] for h in latest.progress["history"]] == [1, 2]
     assert config_from_mapping(latest.config) == tiny(run)
-    accs = [r["test_acc"] for r in rows(run)]
-    best_epoch = 1 + int(np.argmax(accs))  # the first epoch reaching the best accuracy
+    accs = [r["val_acc"] for r in rows(run)]
+    best_epoch = 1 + int(np.argmax(accs))  # the first epoch reaching the best validation accuracy
     assert best.progress["position"] == {"epoch": best_epoch, "batch": 0}
-    assert best.progress["best_test_acc"] == max(accs)
+    assert best.progress["best_val_acc"] == max(accs)
 
 
 def test_curves_png_is_a_png(run):
@@ -110,7 +110,8 @@ def test_curves_png_is_a_png(run):
 def test_evaluate_reproduces_the_recorded_test_accuracy(run):
     lines = rows(run)
     assert evaluate_run(run / "latest.npz", log=quiet) == lines[-1]["test_acc"]
-    assert evaluate_run(run, log=quiet) == max(r["test_acc"] for r in lines)  # a folder: its best.npz
+    best = lines[int(np.argmax([r["val_acc"] for r in lines]))]  # a folder: its best.npz, chosen on validation
+    assert evaluate_run(run, log=quiet) == best["test_acc"]
 
 
 def test_cli_evaluate_prints_the_last_epochs_test_accuracy(run, capsys):
@@ -120,8 +121,9 @@ def test_cli_evaluate_prints_the_last_epochs_test_accuracy(run, capsys):
     assert f"test accuracy {100 * last:.2f}%" in out
     assert main(["evaluate", str(run)]) == 0
     out = capsys.readouterr().out
-    assert f"test accuracy {100 * max(r['test_acc'] for r in rows(run)):.2f}%" in out
-    assert "best.npz" in out
+    best = rows(run)[int(np.argmax([r["val_acc"] for r in rows(run)]))]
+    assert f"test accuracy {100 * best['test_acc']:.2f}% on the test split" in out
+    assert "best.npz (best on the validation split, epoch " in out
 
 
 def test_cli_train_prints_the_final_test_accuracy(tmp_path, capsys):
@@ -179,4 +181,4 @@ def test_progress_bar_silent_when_off_or_not_a_terminal(mode):
 def test_training_with_progress_bar_draws_on_stderr(tmp_path, capsys):
     train(tiny(tmp_path / "bar", epochs=1, progress="bar"), log=quiet)
     err = capsys.readouterr().err
-    assert "epoch 1/1 [" in err and "4/4" in err and "loss " in err and "res " in err
+    assert "epoch 1/1 [" in err and "3/3" in err and "loss " in err and "res " in err  # 183 samples, batch 64

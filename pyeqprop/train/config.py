@@ -103,6 +103,8 @@ class TrainConfig:
                                        choices=Imported("pyeqprop.data.augment", "PADDING_MODES"))
     test_fraction: float = option(0.2, "held-out fraction of the stratified train/test split "
                                        "(CIFAR has an official test set and ignores it)", gt=0, lt=1)
+    val_fraction: float = option(0.1, "fraction of the training split held out, stratified and seeded, as the "
+                                      "validation split that chooses best.npz (0: none, no best.npz)", ge=0, lt=1)
     # model
     arch: str = option("digits", "architecture: a spec string such as c16m-c32m (conv tokens "
                                  "c<ch>[k<k>][p<p>][m|a], fc tokens f<units>; SPEC §3) or a preset name")

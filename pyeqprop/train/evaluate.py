@@ -31,7 +31,8 @@ def accuracy_and_loss(net, x, y, T, batch_size=256, *, settling=FIXED):
 
 
 def evaluate_run(path, *, dataset=None, log=print):
-    """Test accuracy of a run folder (its best.npz, else latest.npz) or of a checkpoint file."""
+    """Test accuracy of a run folder's best.npz (chosen on the validation split), else its latest.npz,
+    or of a checkpoint file; the log line names the checkpoint, its epoch and the split it scores."""
     from .checkpoint import CheckpointError, check_compatible, load_checkpoint
     from .config import config_from_mapping
 
@@ -60,5 +61,7 @@ def evaluate_run(path, *, dataset=None, log=print):
     for k in net.params:
         net.params[k] = xp.asarray(ckpt.params[k], dtype=net.dtype)
     acc, loss = accuracy_and_loss(net, data.x_test, data.y_test, cfg.eval_steps, settling=cfg.settling)
-    log(f"{p}: {data.name} test accuracy {100 * acc:.2f}% (readout cost {loss:.4f}, T={cfg.eval_steps})")
+    which = {"best.npz": "best on the validation split", "latest.npz": "the latest"}.get(p.name, "checkpoint")
+    log(f"{p} ({which}, epoch {ckpt.epoch}): {data.name} test accuracy {100 * acc:.2f}% on the test split "
+        f"(readout cost {loss:.4f}, T={cfg.eval_steps})")
     return acc

@@ -5,12 +5,13 @@
     RUN/config.toml        the effective configuration
     RUN/metrics.jsonl      one JSON object per epoch (keys: METRIC_KEYS)
     RUN/latest.npz         checkpoint after the last epoch (or at Ctrl-C, mid-epoch)
-    RUN/best.npz           checkpoint with the best test accuracy
+    RUN/best.npz           checkpoint with the best validation accuracy (none without a validation split)
     RUN/teacher.npz        the backprop teacher (trained once, then reused)
     RUN/curves.png         loss and accuracy per epoch (when matplotlib is installed)
 
 metrics.jsonl keys: ``epoch`` (1-based), ``train_loss``/``train_acc`` (running mean over the
-epoch's batches at the free state), ``test_loss``/``test_acc`` (after the epoch, T_eval
+epoch's batches at the free state), ``val_loss``/``val_acc`` (after the epoch, on the validation
+split held out of the training split; None without one), ``test_loss``/``test_acc`` (after the epoch, T_eval
 steps), ``residual_free``/``residual_nudged`` (largest settling residual of the epoch),
 ``lr`` (largest rate of the epoch), ``seconds`` (training time of the epoch). The file is
 rewritten from the checkpoint's history on resume, so it always matches latest.npz.
@@ -19,7 +20,7 @@ Randomness is derived, not carried: the permutation of epoch e comes from
 ``default_rng([seed, e])`` and everything drawn for batch b (augmentation, the random sign)
 from ``default_rng([seed, e, b])``. A checkpoint therefore only needs (epoch, batch) to
 resume exactly where an uninterrupted run would be. The checkpoint's ``progress`` record holds
-that position, the running sums of the unfinished epoch, the metrics history and the best test
+that position, the running sums of the unfinished epoch, the metrics history and the best validation
 accuracy so far.
 
 Ctrl-C (SIGINT, in the main thread) is deferred to the next batch boundary, where the
@@ -56,7 +57,7 @@ from .teacher import get_teacher
 
 __all__ = ["train", "RunResult", "METRIC_KEYS"]
 
-METRIC_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "residual_free", "residual_nudged",
+METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "residual_free", "residual_nudged",
                "lr", "seconds", "grad_mean_abs", "steps_free", "steps_nudged", "unconverged_free",
                "unconverged_nudged")
 # grad_mean_abs: {layer weight: epoch mean of mean |g|}; steps_*: {min, median, p90, max} of the steps the
@@ -76,7 +77,7 @@ class RunResult:
 @dataclass
 class Progress:
     """Where a run stands: the next batch (epoch, batch: 0-based epoch, batches done in it), the running
-    sums of that epoch (None: not started), the metrics history and the best test accuracy so far."""
+    sums of that epoch (None: not started), the metrics history and the best validation accuracy so far."""
 
     epoch: int = 0
     batch: int = 0
@@ -87,14 +88,15 @@ class Progress:
     def record(self) -> dict:
         """The checkpoint's ``progress`` entry."""
         return {"position": {"epoch": self.epoch, "batch": self.batch}, "accum": self.accum,
-                "history": self.history, "best_test_acc": self.best}
+                "history": self.history, "best_val_acc": self.best}
 
     @classmethod
     def of_checkpoint(cls, ckpt) -> "Progress":
         rec = ckpt.progress if isinstance(ckpt.progress, dict) else {}
         pos = rec.get("position", {})
         return cls(int(pos.get("epoch", ckpt.epoch)), int(pos.get("batch", 0)), rec.get("accum"),
-                   list(rec.get("history", [])), float(rec.get("best_test_acc", -1.0)))
+                   list(rec.get("history", [])), float(rec.get("best_val_acc", -1.0)))
+        # a checkpoint from before the validation split chose best.npz on the test split: start afresh
 
 
 def _fresh_accum() -> dict:
@@ -128,11 +130,12 @@ def _distribution(steps: list) -> dict | None:
             "max": int(a.max())}
 
 
-def _epoch_row(epoch, acc, test_acc, test_loss, lr_now, tol) -> dict:
-    """metrics.jsonl's line of a finished epoch (keys: METRIC_KEYS)."""
+def _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, tol) -> dict:
+    """metrics.jsonl's line of a finished epoch (keys: METRIC_KEYS); ``val`` = (accuracy, loss) or None."""
     seen = max(acc["seen"], 1)
     n_free, n_nudged = len(acc.get("steps_free", [])), len(acc.get("steps_nudged", []))
     return {"epoch": epoch, "train_loss": acc["loss"] / seen, "train_acc": acc["correct"] / seen,
+            "val_loss": None if val is None else val[1], "val_acc": None if val is None else val[0],
             "test_loss": test_loss, "test_acc": test_acc, "residual_free": acc["res_free"],
             "residual_nudged": acc["res_nudged"], "lr": lr_now, "seconds": acc["time"],
             "grad_mean_abs": {k: v / max(acc.get("batches", 0), 1) for k, v in acc.get("grad", {}).items()},
@@ -178,11 +181,15 @@ def _plot_curves(run: Path, history):
     FigureCanvasAgg(fig)
     a1, a2 = fig.subplots(1, 2)
     a1.plot(ep, [h["train_loss"] for h in history], label="train")
+    if any(h.get("val_loss") is not None for h in history):
+        a1.plot(ep, [h.get("val_loss") for h in history], label="validation")
     a1.plot(ep, [h["test_loss"] for h in history], label="test")
     a1.set_xlabel("epoch")
     a1.set_ylabel("readout cost at the free state")
     a1.legend()
     a2.plot(ep, [100 * h["train_acc"] for h in history], label="train")
+    if any(h.get("val_acc") is not None for h in history):
+        a2.plot(ep, [100 * h["val_acc"] for h in history], label="validation")
     a2.plot(ep, [100 * h["test_acc"] for h in history], label="test")
     a2.set_xlabel("epoch")
     a2.set_ylabel("accuracy (%)")
@@ -415,9 +422,11 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
                     if stop.requested:  # before the test evaluation, which can take a while
                         raise _Stop
                     acc["time"] += time.perf_counter() - t0
+                    val = None if data.x_val is None else accuracy_and_loss(
+                        net, data.x_val, data.y_val, cfg.eval_steps, settling=cfg.settling)
                     test_acc, test_loss = accuracy_and_loss(net, data.x_test, data.y_test, cfg.eval_steps,
                                                             settling=cfg.settling)
-                    row = _epoch_row(epoch + 1, acc, test_acc, test_loss, lr_now, cfg.settle_tol)
+                    row = _epoch_row(epoch + 1, acc, val, test_acc, test_loss, lr_now, cfg.settle_tol)
                     busy = True
                     prog.history.append(row)
                     prog.epoch, prog.batch, prog.accum = epoch + 1, 0, None  # the epoch is done: the position moves on
@@ -425,11 +434,13 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
                     with open(run / "metrics.jsonl", "a") as fh:
                         fh.write(json.dumps(row) + "\n")
                     log(f"epoch {prog.epoch:3d}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
-                        f"acc {100 * row['train_acc']:6.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:6.2f}%  "
+                        f"acc {100 * row['train_acc']:6.2f}%  " + ("" if val is None else
+                                                                   f"val acc {100 * val[0]:6.2f}%  ") +
+                        f"test loss {test_loss:.4f} acc {100 * test_acc:6.2f}%  "
                         f"residual free {row['residual_free']:.1e} nudged {row['residual_nudged']:.1e}  "
                         f"{row['seconds']:.1f}s")
-                    if test_acc > prog.best:
-                        prog.best = test_acc
+                    if val is not None and val[0] > prog.best:  # chosen on validation, never on test
+                        prog.best = val[0]
                         save(run / "best.npz", prog.epoch, 0, None)
                     if prog.epoch % cfg.checkpoint_every == 0 or prog.epoch == cfg.epochs:
                         save(run / "latest.npz", prog.epoch, 0, None)
