@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="numpy")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.add_argument("--tol", type=float, default=1e-5, help="bench ep: the tolerance the settling table settles to")
+    p.add_argument("--checkpoint", default=None, metavar="NPZ",
+                   help="bench ep: settle a trained digits net (a run's latest.npz) instead of the initial one")
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("conformance", help="run the conformance vectors against an implementation")
     p.add_argument("--adapter", default=None, metavar="MODULE:OBJECT")

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..backend import get_namespace, to_numpy
 
-__all__ = ["run_ep_bench", "time_pyeqprop_step", "time_torch_step", "blas_threads"]
+__all__ = ["run_ep_bench", "time_pyeqprop_step", "time_torch_step", "blas_threads", "settling_counts"]
 
 CASES = {
     # name: (arch, input_shape, batch, T1, T2)
@@ -183,6 +183,40 @@ def time_torch_step(arch, shape, batch, T1, T2, *, device="cpu", dtype="float32"
     return statistics.median(times)
 
 
+def settling_counts(arch, shape, batch, *, tol, max_steps, backend="numpy", dtype="float32", repeats=3,
+                    checkpoint=None, readout="softmax", activation="half_hard_sigmoid"):
+    """Steps (sweeps) and seconds to settle the free phase from zero to r ≤ tol, per schedule (Eqs. 3.13-3.14).
+
+    The schedules are timed interleaved (synchronous, Gauss–Seidel, synchronous, …) in one process, so
+    a noisy machine shifts both alike; the residual is checked every step (check_every = 1) so that the
+    counts are exact. ``checkpoint``: a run's .npz whose parameters replace the initial ones (the
+    trained net settles more slowly than the initial one). Returns {schedule: (steps, converged, s)}.
+    """
+    from ..learning.settle import SCHEDULES, Settling, settle
+    from ..model.crnn import CRNN
+
+    xp = get_namespace(backend)
+    net = CRNN(arch, shape, num_classes=10, readout=readout, activation=activation, dtype=dtype, xp=xp, seed=0)
+    if checkpoint is not None:
+        from ..train.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(checkpoint)
+        for k in net.params:
+            net.params[k] = xp.asarray(ck.params[k], dtype=net.dtype)
+    xh, _ = _inputs(shape, batch, 10)
+    x = xp.asarray(xh.astype(dtype))
+    out = {sched: [None, None, []] for sched in SCHEDULES}
+    for _ in range(max(1, repeats)):
+        for sched in SCHEDULES:
+            _sync(xp)
+            t0 = time.perf_counter()
+            r = settle(net, x, max_steps, settling=Settling(sched, tol=tol, check_every=1))
+            _sync(xp)
+            out[sched][2].append(time.perf_counter() - t0)
+            out[sched][0], out[sched][1] = r.steps, r.converged
+    return {k: (v[0], v[1], statistics.median(v[2])) for k, v in out.items()}
+
+
 def run_ep_bench(ns) -> int:
     """Print the EP-step table: pyeqprop time, split, and (with --peer torch) the peer and the ratio."""
     backend = getattr(ns, "backend", "numpy")
@@ -206,4 +240,16 @@ def run_ep_bench(ns) -> int:
             peer, ratio = f"{tp:8.3f}", f"{t / tp:6.2f}"
         print(f"{name:<10} {batch:>5} {T1:>4} {T2:>4} {t:>11.3f} {100 * split['bottom_up']:>8.0f}% "
               f"{100 * split['top_down']:>8.0f}% {100 * split['rest']:>5.0f}% {peer:>8} {ratio:>6}")
+    tol = float(getattr(ns, "tol", 1e-5) or 1e-5)
+    checkpoint = getattr(ns, "checkpoint", None)
+    print(f"\nfree phase from zero to r <= {tol:g} (Eq. 3.14), synchronous steps vs Gauss-Seidel sweeps (Eq. 3.13)"
+          + (f", parameters of {checkpoint}" if checkpoint else ", initial parameters"))
+    print(f"{'case':<10} {'sync steps':>10} {'GS sweeps':>10} {'sync s':>8} {'GS s':>8} {'time GS/sync':>12}")
+    for name in (["digits"] if checkpoint else cases):
+        arch, shape, batch, _, _ = CASES[name]
+        c = settling_counts(arch, shape, batch, tol=tol, max_steps=1000, backend=backend, dtype=dtype,
+                            repeats=repeats, checkpoint=checkpoint)
+        (n_s, ok_s, t_s), (n_g, ok_g, t_g) = c["synchronous"], c["gauss-seidel"]
+        mark = lambda n, ok: f"{n}{'' if ok else '*'}"  # noqa: E731  (* = stopped at 1000 above tol)
+        print(f"{name:<10} {mark(n_s, ok_s):>10} {mark(n_g, ok_g):>10} {t_s:>8.3f} {t_g:>8.3f} {t_g / t_s:>12.2f}")
     return 0

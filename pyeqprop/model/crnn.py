@@ -260,17 +260,18 @@ class CRNN:
                 u[l] = u[l] + self.layers[l + 1].top_down(self.params, state[l + 1], idx[l + 1], state[l].shape)
         beta = nudge.beta
         if beta != 0.0:
-            for w_k, grads in self._weighted_cost_state_grads(state, nudge.ctx):
+            for w_k, grads in self._weighted_cost_state_grads(state, nudge.ctx, None if layers is None else want):
                 for l, g in grads.items():
                     if u[l] is not None:
                         u[l] = u[l] - (beta * w_k) * g
         return Drive(u, idx, bu)
 
-    def _weighted_cost_state_grads(self, state, ctx):
+    def _weighted_cost_state_grads(self, state, ctx, layers=None):
+        """(w_k, {l: ∂C_k/∂s_l}) of every weighted cost term, or only of those on ``layers``."""
         if ctx is None:
             raise ValueError("a nudged evaluation (beta != 0) needs targets y")
         for (w_k, term), c in zip(self.cost_terms, ctx):
-            if w_k != 0.0:
+            if w_k != 0.0 and (layers is None or term.layer in layers):
                 yield w_k, term.state_grads(self.params, state, c)
 
     def dphi_ds(self, x, state, nudge: Nudge | None = None):

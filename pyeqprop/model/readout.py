@@ -3,6 +3,7 @@
 Every cost term — these readouts and the intermediate signals of :mod:`pyeqprop.learning.signals`
 — is a small object with this protocol (all per sample, batch first; SPEC.md §3.3):
 
+``layer``                                the 0-based neuron layer whose state it reads
 ``param_specs()``                       names, shapes and fan-in of the parameters it owns
 ``prepare(params, x, y)``              per-batch context (one-hot targets, teacher features), once per batch
 ``value(params, states, ctx)``         C_k(s) of shape (n,)
