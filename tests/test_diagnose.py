@@ -50,6 +50,14 @@ def test_table_has_every_setting_and_layer(rows):
     assert "4×4×4" in table and "4×2×2" in table
 
 
+def test_rows_carry_the_cosine_with_the_equilibrium_gradient(rows):
+    """Eq. 5.7 as the diagnosis' reference: a cosine per neuron layer's weight, for every setting."""
+    for r in rows:
+        assert list(r.cosine_exact) == [f"{name}.weight" for name in r.layers]
+        assert all(-1.0 - 1e-9 <= c <= 1.0 + 1e-9 for c in r.cosine_exact.values() if not np.isnan(c))
+    assert "equilibrium gradient (Eq. 5.7)" in format_diagnose_table(rows)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_local_errors_move_the_first_layer_more(seed):
     """The point of local errors (SPEC.md §6, after Lin, Bal & Sengupta): in plain EP the nudge

@@ -160,3 +160,17 @@ def test_cli(tmp_path, capsys):
     ns = parser.parse_args(["--arch", "c4m", "--batch", "2", "--T1", "1", "--K", "1"])
     assert run_gdu_cli(ns) == 1
     assert "has not converged" in capsys.readouterr().out
+
+
+def test_summed_updates_against_the_equilibrium_gradient():
+    """The report's reference (Eq. 5.7): with K = T1 on a contracting net (q = 0.4, free residual ≤ 1e-10
+    after 50 steps), BPTT summed over all steps is the equilibrium gradient up to its truncated tail
+    q^T1/(1 − q) ≈ 2e-20 and round-off; symmetric EP at β = 1e-3 is within its O(β²) error (≤ 1e-4,
+    the rate test's bound) and closer than one-sided EP's O(β)."""
+    net, x, y = _setup()
+    rep = gdu_check(net, x, y, beta=1e-3, T1=50, K=50)
+    assert rep.free_residual <= 1e-10
+    err = rep.exact_rel_error
+    assert set(err) == {"bptt", "one-sided", "symmetric"}
+    assert err["bptt"] <= 1e-10
+    assert err["symmetric"] <= 1e-4 and err["symmetric"] < err["one-sided"]

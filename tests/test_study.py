@@ -46,7 +46,10 @@ def test_depth_study_writes_table_and_figures(tmp_path):
     agree = res["ep_vs_bptt_at_init"]["deep"]
     assert len(agree["cos"]) == len(agree["ratio"]) == 4
     assert agree["ratio"][0] == 0.0 and agree["ratio"][3] > 0.0
-    assert all(-1.0 - 1e-12 <= c <= 1.0 + 1e-12 for c in agree["cos"])
+    assert all(-1.0 - 1e-12 <= c <= 1.0 + 1e-12 for c in agree["cos"] + agree["cos_exact"])
+    # the same comparison against the equilibrium gradient (Eq. 5.7): conv1 again gets nothing from EP
+    assert len(agree["cos_exact"]) == len(agree["ratio_exact"]) == 4 and agree["ratio_exact"][0] == 0.0
+    assert isinstance(agree["exact_converged"], bool)
     table = (out / "results.md").read_text()
     assert table.startswith("| depth |") and "ep+local" in table and " ± " in table
     for name in ("curves.png", "layer_grads.png"):

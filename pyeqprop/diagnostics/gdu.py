@@ -143,6 +143,7 @@ class GDUReport:
     K: int
     free_residual: float
     deltas: dict = field(default_factory=dict)  # {"+β"|"−β"|"symmetric"|"bptt": {tensor: (K, …) host array}}
+    exact_rel_error: dict = field(default_factory=dict)  # {"bptt"|estimator: ‖Σ_K − g*‖/‖g*‖}, g* of Eq. 5.7
 
 
 def _host64(a) -> np.ndarray:
@@ -199,6 +200,7 @@ def gdu_check(net, x, y, *, beta, T1, K, estimators=_ESTIMATORS, plot_elements: 
     curves of cumulative updates, and the free phase's last residual (Eq. 3.11).
     """
     from ..learning.bptt import bptt
+    from ..learning.implicit import equilibrium_gradient
     from ..learning.settle import settle
 
     for e in estimators:
@@ -237,7 +239,16 @@ def gdu_check(net, x, y, *, beta, T1, K, estimators=_ESTIMATORS, plot_elements: 
                                    {"+β": np.cumsum(plus[k][sel]), "−β": np.cumsum(minus[k][sel]),
                                     "symmetric": np.cumsum(sym[k][sel])}))
     deltas = {"+β": plus, "−β": minus, "symmetric": sym, "bptt": B}
-    return GDUReport(rows, curves, float(beta), T1, K, float(free.residual), deltas)
+    exact = equilibrium_gradient(net, x, y, T1=T1, free_state=free.state).grads
+    ex = np.concatenate([_host64(exact[k]).ravel() for k in names])
+    norm = float(np.linalg.norm(ex)) or 1.0
+
+    def rel(total):  # total: the summed per-step quantity, negated to the gradient's sign
+        return float(np.linalg.norm(np.concatenate([np.ravel(total[k]) for k in names]) - ex)) / norm
+
+    to_exact = {"bptt": rel({k: -B[k].sum(axis=0) for k in names}),
+                **{e: rel({k: -by_est[e][k].sum(axis=0) for k in names}) for e in estimators}}
+    return GDUReport(rows, curves, float(beta), T1, K, float(free.residual), deltas, to_exact)
 
 
 def format_table(rows) -> str:
@@ -336,6 +347,9 @@ def run_gdu_cli(args) -> int:
           f"batch {args.batch}, weight_scale {scale:.4g} (contraction bound {lipschitz_bound(net):.3f})")
     print(f"beta {args.beta:g}, T1 {args.T1}, K {args.K}; free-phase residual {rep.free_residual:.2e}")
     print(format_table(rep))
+    print("against the equilibrium gradient (Eq. 5.7) at the free state, relative error of the network's "
+          f"summed updates: BPTT over the last K steps {rep.exact_rel_error['bptt']:.2e}, "
+          + ", ".join(f"{e} EP over K {v:.2e}" for e, v in rep.exact_rel_error.items() if e != "bptt"))
     if args.plot:
         print(f"plot written to {plot_gdu(rep, args.plot)}")
     if not rep.free_residual <= CONVERGED:

@@ -92,6 +92,7 @@ class DiagnoseRow:
     free_residual: float  # r_T1 of the shared free phase (Eq. 3.11)
     nudged_residual: float  # r_T2 of the +β phase
     network_params: list = field(default_factory=list)  # the parameters every setting shares, in order
+    cosine_exact: dict = field(default_factory=dict)  # layer weight -> cos(g_EP, g*) with g* of Eq. 5.7
 
 
 def _mean_abs(a) -> float:
@@ -120,6 +121,7 @@ def diagnose(net_factory, x, y, *, settings=SETTINGS, beta, T1, T2, teacher=None
     list of :class:`DiagnoseRow`, one per setting, in the given order.
     """
     from ..learning.estimators import ep_estimate
+    from ..learning.implicit import equilibrium_gradient
     from ..learning.settle import settle
 
     configs = dict(settings) if isinstance(settings, dict) else ablation_settings(names=tuple(settings))
@@ -142,10 +144,18 @@ def diagnose(net_factory, x, y, *, settings=SETTINGS, beta, T1, T2, teacher=None
         res = ep_estimate(net, x, y, beta=beta, T1=T1, T2=T2, estimator="symmetric", free_state=free.state)
         plus = res.nudged[0]  # the +β phase
         disp = [_mean_abs(a - b) for a, b in zip(plus.state, cont.state)]
+        exact = equilibrium_gradient(net, x, y, T1=T1, free_state=free.state).grads  # Eq. 5.7 at this s^0
+        cosine = {layer.weight: _cosine(res.grads[layer.weight], exact[layer.weight]) for layer in net.layers}
         rows.append(DiagnoseRow(name, names, list(base.arch.state_shapes), disp, drift,
                                 {k: _mean_abs(v) for k, v in res.grads.items()}, float(beta), free.residual,
-                                plus.residual, list(base_params)))
+                                plus.residual, list(base_params), cosine))
     return rows
+
+
+def _cosine(a, b) -> float:
+    a, b = np.ravel(np.asarray(to_numpy(a), dtype=np.float64)), np.ravel(np.asarray(to_numpy(b), dtype=np.float64))
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else float("nan")
 
 
 def _fmt(v) -> str:
@@ -179,6 +189,10 @@ def format_diagnose_table(rows) -> str:
     shown = r0.network_params or [k for k in r0.grad if all(k in r.grad for r in rows)]
     body = [[k, ""] + [_fmt(r.grad.get(k)) for r in rows] for k in shown]
     out += [""] + _block("mean |EP gradient| per parameter tensor (symmetric EP)", ["tensor", ""] + settings, body)
+    body = [[k, ""] + [_fmt(r.cosine_exact.get(k)) for r in rows] for k in shown if k in r0.cosine_exact]
+    out += [""] + _block("cosine of the EP gradient with the equilibrium gradient (Eq. 5.7) of the same cost, at "
+                         "the same free state (1: exact; meaningful only where the free phase has converged)",
+                         ["tensor", ""] + settings, body)
     out += [""] + [f"{r.setting}: free residual {r.free_residual:.2e}, +β nudged residual {r.nudged_residual:.2e}"
                    for r in rows]
     return "\n".join(out)

@@ -55,34 +55,50 @@ def conv_gradient_curve(history, conv_names, epoch: int = 0):
     return [mags[f"{k}.weight"] for k in conv_names]
 
 
+def _cos_ratio(net, g_a, g_b):
+    """Per conv layer weight: the cosine and norm ratio ‖g_a‖/‖g_b‖ of two gradients (host float64)."""
+    from ..backend import to_numpy
+
+    cos, ratio = [], []
+    for layer in net.layers:
+        if layer.kind != "conv":
+            continue
+        a = np.ravel(to_numpy(g_a[layer.weight])).astype(np.float64)
+        b = np.ravel(to_numpy(g_b[layer.weight])).astype(np.float64)
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        cos.append(float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0)
+        ratio.append(na / nb if nb > 0 else float("nan"))
+    return cos, ratio
+
+
 def ep_bptt_agreement(cfg, data, xp, *, batch=64):
-    """Plain EP's estimate (Eq. 4.2) against BPTT's gradient (Eq. 5.4) per conv layer, at initialisation.
+    """Plain EP's estimate (Eq. 4.2) against BPTT's gradient (Eq. 5.4) and the equilibrium gradient
+    (Eq. 5.7), per conv layer, at initialisation.
 
     On the first ``batch`` training samples, for each conv layer's weight W_l: the cosine
-    ⟨g_EP, g_BPTT⟩/(‖g_EP‖‖g_BPTT‖) and the norm ratio ‖g_EP‖/‖g_BPTT‖. As β → 0 at a fixed
+    ⟨g_EP, g_ref⟩/(‖g_EP‖‖g_ref‖) and the norm ratio ‖g_EP‖/‖g_ref‖. As β → 0 at a fixed
     point both tend to 1 (Eq. 4.4); a ratio ≪ 1 at the bottom layers is the vanishing signal,
-    a cosine well below 1 the estimate's error where the free phase has not converged.
+    a cosine well below 1 the estimate's error where the free phase has not converged. The
+    equilibrium gradient is taken at the free phase settled to 1e-5 (at most 1000 steps of the
+    run's schedule); ``exact_converged`` says whether it got there (else it is no fixed point's).
     """
-    from ..backend import to_numpy
     from ..learning.bptt import bptt_gradients
     from ..learning.estimators import ep_estimate
+    from ..learning.implicit import equilibrium_gradient
+    from ..learning.settle import Settling
     from ..train.student import build_student
 
     c = dataclasses.replace(cfg, **SETTINGS["ep"])
     net = build_student(c, data.input_shape, data.num_classes, xp)
     xb, yb = data.x_train[:batch, ...], data.y_train[:batch]
     g_bptt = bptt_gradients(net, xb, yb, T=c.T1)
-    g_ep = ep_estimate(net, xb, yb, beta=c.beta, T1=c.T1, T2=c.T2, estimator=c.estimator).grads
-    cos, ratio = [], []
-    for layer in net.layers:
-        if not layer.name.startswith("conv"):
-            continue
-        a = np.ravel(to_numpy(g_ep[f"{layer.name}.weight"])).astype(np.float64)
-        b = np.ravel(to_numpy(g_bptt[f"{layer.name}.weight"])).astype(np.float64)
-        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-        cos.append(float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0)
-        ratio.append(na / nb if nb > 0 else float("nan"))
-    return {"cos": cos, "ratio": ratio}
+    g_ep = ep_estimate(net, xb, yb, beta=c.beta, T1=c.T1, T2=c.T2, estimator=c.estimator,
+                       settling=c.settling).grads
+    exact = equilibrium_gradient(net, xb, yb, T1=1000, settling=Settling(c.schedule, tol=1e-5))
+    cos, ratio = _cos_ratio(net, g_ep, g_bptt)
+    cos_x, ratio_x = _cos_ratio(net, g_ep, exact.grads)
+    return {"cos": cos, "ratio": ratio, "cos_exact": cos_x, "ratio_exact": ratio_x,
+            "exact_converged": bool(exact.free.converged and exact.solved)}
 
 
 def _mean_std(values):
@@ -264,10 +280,16 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
                 rows.append(None)  # filled in when the run is done
                 todo.append((dataclasses.replace(cfg, out=str(study / "runs" / f"{tag}-{name}"),
                                                  teacher=str(tdir / "teacher.npz"), **SETTINGS[name]), depth, name))
-        agreement[depth] = {k: np.mean([a[k] for a in per_seed], axis=0).tolist() for k in ("cos", "ratio")}
+        agreement[depth] = {k: np.mean([a[k] for a in per_seed], axis=0).tolist()
+                            for k in ("cos", "ratio", "cos_exact", "ratio_exact")}
+        agreement[depth]["exact_converged"] = all(a["exact_converged"] for a in per_seed)
         log(f"[{depth}] plain EP against BPTT at init, per conv layer (mean over seeds): cosine "
             + " ".join(f"{v:+.2f}" for v in agreement[depth]["cos"]) + "; norm ratio "
             + " ".join(f"{v:.2f}" for v in agreement[depth]["ratio"]))
+        log(f"[{depth}] against the equilibrium gradient (Eq. 5.7"
+            + ("" if agreement[depth]["exact_converged"] else "; free phase NOT converged to 1e-5") + "): cosine "
+            + " ".join(f"{v:+.2f}" for v in agreement[depth]["cos_exact"]) + "; norm ratio "
+            + " ".join(f"{v:.2f}" for v in agreement[depth]["ratio_exact"]))
     per_setting = {}
     for slot, (row, curve) in zip(slots, _run_jobs(todo, jobs, log)):
         rows[slot] = row
