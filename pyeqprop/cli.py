@@ -115,8 +115,11 @@ def _cmd_train(ns):
 
 
 def _cmd_evaluate(ns):
-    from .train.evaluate import evaluate_run
+    from .train.evaluate import evaluate_run, gradient_agreement
 
+    if ns.gradients:
+        gradient_agreement(ns.path, batches=ns.gradients, dataset=ns.dataset)
+        return 0
     evaluate_run(ns.path, dataset=ns.dataset)
     return 0
 
@@ -178,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="test accuracy of a run folder or checkpoint")
     p.add_argument("path", metavar="RUN_OR_CHECKPOINT")
     p.add_argument("--dataset", default=None)
+    p.add_argument("--gradients", type=int, default=0, metavar="N",
+                   help="instead: the run's gradient estimate against the equilibrium gradient (Eq. 5.7) on its "
+                        "first N training batches, cosine and norm ratio per layer")
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("teacher", help="train the backprop teacher only and save it")
     p.add_argument("--save", metavar="FILE", default="teacher.npz")

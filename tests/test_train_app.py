@@ -182,3 +182,24 @@ def test_training_with_progress_bar_draws_on_stderr(tmp_path, capsys):
     train(tiny(tmp_path / "bar", epochs=1, progress="bar"), log=quiet)
     err = capsys.readouterr().err
     assert "epoch 1/1 [" in err and "3/3" in err and "loss " in err and "res " in err  # 183 samples, batch 64
+
+
+def test_gradient_agreement_of_a_run_against_the_equilibrium_gradient(tmp_path, capsys):
+    """`pyeqprop evaluate RUN --gradients N`: per batch and layer, the run's estimator against Eq. 5.7.
+    A run whose estimator is the equilibrium gradient itself (float64, settled to 1e-10) must agree
+    with the float64 reference to the solve's and the settling's accuracy; a fixed-count EP run gives
+    cosines, each a cosine."""
+    from pyeqprop.train.evaluate import gradient_agreement
+
+    exact = tmp_path / "exact"
+    train(tiny(exact, dtype="float64", estimator="implicit", settle_tol=1e-10, T1=400, epochs=1), log=quiet)
+    rows_ = gradient_agreement(exact, batches=2, log=quiet)
+    assert [r["batch"] for r in rows_] == [0, 1] and all(r["converged"] for r in rows_)
+    for r in rows_:
+        for cos, ratio in r["layers"].values():
+            assert cos >= 1 - 1e-8 and abs(ratio - 1) <= 1e-6
+    ep = tmp_path / "ep"
+    train(tiny(ep, epochs=1), log=quiet)
+    assert main(["evaluate", str(ep), "--gradients", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("batch 0: conv1.weight cos ") and " ratio " in out

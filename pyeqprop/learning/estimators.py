@@ -6,8 +6,9 @@ signature ``fn(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=Fa
 settling=FIXED)``; adding an estimator is one function and one line in the registry.
 ``settling`` (:class:`~pyeqprop.learning.settle.Settling`) says how every phase settles: its
 schedule (Eqs. 3.8, 3.13) and whether T1/T2 are step counts or caps on settling to a tolerance
-(Eq. 3.14). s^0 is the free fixed point after T1 steps from zero (Eq. 3.8, β = 0); nudged
-phases start from s^0 and run T2 steps with Φ^{±β}.
+(Eq. 3.14). s^0 is the free state after T1 steps from zero (Eq. 3.8, β = 0), a fixed point
+only if the phase converged (``Settled.converged``, or its residual); nudged phases start from
+s^0 and run T2 steps with Φ^{±β}.
 
     one-sided    g = −1/(β n) [∂Φ^β/∂θ(s^β) − ∂Φ/∂θ(s^0)]                       (Eq. 4.1)
     symmetric    g = −1/(2β n) [∂Φ^β/∂θ(s^β) − ∂Φ^{−β}/∂θ(s^{−β})]              (Eq. 4.2)

@@ -1,6 +1,7 @@
 """Evaluating a student: accuracy and readout cost after T free steps, and ``pyeqprop evaluate``."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..backend import BackendError, get_namespace, to_numpy
@@ -9,7 +10,7 @@ from .data import prepare_data
 from .errors import TrainingError
 from .student import build_network
 
-__all__ = ["accuracy_and_loss", "evaluate_run"]
+__all__ = ["accuracy_and_loss", "evaluate_run", "gradient_agreement"]
 
 
 def accuracy_and_loss(net, x, y, T, batch_size=256, *, settling=FIXED):
@@ -65,3 +66,73 @@ def evaluate_run(path, *, dataset=None, log=print):
     log(f"{p} ({which}, epoch {ckpt.epoch}): {data.name} test accuracy {100 * acc:.2f}% on the test split "
         f"(readout cost {loss:.4f}, T={cfg.eval_steps})")
     return acc
+
+
+def gradient_agreement(path, *, batches=5, dataset=None, log=print) -> list[dict]:
+    """The run's own gradient estimate against the equilibrium gradient (Eq. 5.7) of the same cost.
+
+    At the parameters of ``path`` (a run folder's latest.npz, or a checkpoint), for each of the first
+    ``batches`` training batches of epoch 1's order: the estimate the run trains with (its
+    estimator, β, T1, T2, settling and dtype, signals included) and the equilibrium gradient of the
+    same total cost computed in float64 at the free phase settled to 1e-9 (at most 3000 steps of the
+    run's schedule). Returns one dict per batch: per layer weight the cosine and norm ratio, and
+    whether the reference's free phase and solve converged.
+    """
+    import numpy as np
+
+    from ..learning.implicit import equilibrium_gradient
+    from ..learning.settle import Settling
+    from ..learning.signals import attach_signals
+    from .checkpoint import load_checkpoint
+    from .config import config_from_mapping
+    from .step import batch_estimate
+    from .student import make_signal_config
+    from .teacher import get_teacher
+
+    p = Path(path)
+    run = p if p.is_dir() else p.parent
+    ckpt = load_checkpoint(p / "latest.npz" if p.is_dir() else p)
+    cfg = config_from_mapping(dict(ckpt.config))
+    xp = get_namespace(cfg.backend)
+    data = prepare_data(cfg, xp, dataset)
+    signals = make_signal_config(cfg)
+    teacher = get_teacher(cfg, data, xp, run, log=lambda *a: None) if signals.needs_teacher() else None
+    nets = {}
+    for dtype in (cfg.dtype, "float64"):
+        net = build_network(dataclasses.replace(cfg, dtype=dtype), data.input_shape, data.num_classes, xp)
+        attach_signals(net, signals, None if teacher is None else _teacher_as(teacher, dtype, xp))
+        for k in net.params:
+            net.params[k] = xp.asarray(ckpt.params[k], dtype=net.dtype)
+        nets[dtype] = net
+    order = np.random.default_rng([cfg.seed, 0]).permutation(data.x_train.shape[0])
+    out = []
+    for b in range(int(batches)):
+        idx = xp.asarray(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+        xb, yb = xp.take(data.x_train, idx, axis=0), xp.take(data.y_train, idx, axis=0)
+        est = batch_estimate(nets[cfg.dtype], xb, yb, cfg, np.random.default_rng([cfg.seed, 0, b]))
+        ref = equilibrium_gradient(nets["float64"], xp.astype(xb, xp.float64), yb, T1=3000,
+                                   settling=Settling(cfg.schedule, tol=1e-9))
+        row = {"batch": b, "converged": bool(ref.free.converged and ref.solved), "layers": {}}
+        for layer in nets["float64"].layers:
+            a = np.ravel(np.asarray(to_numpy(est.grads[layer.weight]), dtype=np.float64))
+            g = np.ravel(np.asarray(to_numpy(ref.grads[layer.weight]), dtype=np.float64))
+            na, ng = float(np.linalg.norm(a)), float(np.linalg.norm(g))
+            row["layers"][layer.weight] = (float(a @ g) / (na * ng) if na and ng else float("nan"),
+                                           na / ng if ng else float("nan"))
+        out.append(row)
+        log(f"batch {b}: " + "  ".join(f"{k} cos {c:.4f} ratio {r:.3f}" for k, (c, r) in row["layers"].items())
+            + ("" if row["converged"] else "  (reference NOT converged)"))
+    return out
+
+
+def _teacher_as(teacher, dtype, xp):
+    """The teacher with its parameters in ``dtype`` (distillation targets for a float64 reference)."""
+    if teacher.dtype_name == dtype:
+        return teacher
+    from ..model.teacher import Teacher
+
+    t = Teacher(teacher.arch_name, teacher.input_shape, num_classes=teacher.num_classes,
+                activation=teacher.activation, dtype=dtype, xp=xp, seed=teacher.seed)
+    for k in t.params:
+        t.params[k] = xp.astype(teacher.params[k], getattr(xp, dtype))
+    return t
