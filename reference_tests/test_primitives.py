@@ -264,6 +264,29 @@ def test_max_pool2d_matches_torch(torch, cfg):
     np.testing.assert_array_equal(idx, eidx.numpy(), err_msg=repr(cfg))
 
 
+@given(cfg=pool_configs(), where=st.integers(0, 10_000), second=st.booleans())
+def test_max_pool2d_propagates_nan_as_torch_does(torch, cfg, where, second):
+    """Eq. (2.6) with NaN inputs: a window holding a NaN gives NaN wherever the NaN sits in it
+    (not only first), with torch's index (its last NaN); other windows are untouched."""
+    x = _pool_x(cfg).copy()
+    flat = x.reshape(-1)
+    flat[where % flat.size] = np.nan
+    if second:
+        flat[(where * 7 + 3) % flat.size] = np.nan
+    y, idx = ops.max_pool2d(x, **_pool_kw(cfg))
+    ey, eidx = torch.nn.functional.max_pool2d(_t(torch, x), **_pool_kw(cfg), return_indices=True)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ey.numpy()), err_msg=repr(cfg))
+    np.testing.assert_array_equal(y, ey.numpy(), err_msg=repr(cfg))  # NaN == NaN for assert_array_equal
+    np.testing.assert_array_equal(idx, eidx.numpy(), err_msg=repr(cfg))
+
+
+def test_max_pool2d_nan_anywhere_in_a_window():
+    """The case that used to hide a NaN: [1, 2, NaN, 5] in one 2×2 window gives NaN at index 2."""
+    x = np.array([[[[1.0, 2.0], [np.nan, 5.0]]]])
+    y, idx = ops.max_pool2d(x)
+    assert np.isnan(y[0, 0, 0, 0]) and idx[0, 0, 0, 0] == 2
+
+
 @given(cfg=pool_configs(overlapping=False))
 def test_max_unpool2d_matches_torch(torch, cfg):
     """max_unpool2d equals torch's max_unpool2d for disjoint windows (s ≥ k), Eq. (2.7).

@@ -66,6 +66,8 @@ def max_pool2d(x, *, kernel_size=2, stride=2):
         y[n,c,i,j] = max_{a,β} x[n,c, s_h·i + a, s_w·j + β]
         indices[n,c,i,j] = (s_h·i + a*)·w + (s_w·j + β*), the flat position in the (h, w)
         plane of the first maximum in row-major window order (PyTorch's convention).
+        A window holding NaN gives NaN, at the position of its last NaN (PyTorch's CPU kernel):
+        a diverging state is never hidden by the pooling above it.
 
     Parameters
     ----------
@@ -97,7 +99,7 @@ def max_pool2d(x, *, kernel_size=2, stride=2):
                 y = v
                 idx = xp.broadcast_to(pos, v.shape)
             else:
-                take = v > y  # strict: ties keep the earlier (first) maximum
+                take = (v > y) | xp.isnan(v)  # strict: ties keep the first maximum; a NaN wins (as torch)
                 y = xp.where(take, v, y)
                 idx = xp.where(take, pos, idx)
     return y, xp.astype(idx, xp.int64)
