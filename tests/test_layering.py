@@ -22,7 +22,8 @@ RANK = {"backend": 0, "_shapes": 0, "ops": 1, "model": 2, "learning": 3, "data":
 PROTOCOL = {"init_state", "nudge", "drive", "step", "dphi_dtheta", "dphi_ds", "phi", "cost", "hessian_vector",
             "dphi_dtheta_tangent", "check_state", "check_input", "logits", "params", "cost_terms", "layers", "act",
             "xp", "dtype", "device", "readout_term", "num_classes", "arch", "add_cost_term", "conv_layer_indices",
-            "state_shapes", "network_param_names", "update", "dtype_name", "input_drive"}
+            "state_shapes", "network_param_names", "update", "dtype_name", "input_drive",
+            "dphi_dtheta_diff"}
 """The network members a learning algorithm may use (SPEC.md Eq. 3.12)."""
 
 

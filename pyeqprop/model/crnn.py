@@ -349,6 +349,39 @@ class CRNN:
                 out[name] = xp.zeros_like(self.params[name])
         return {k: out[k] for k in self.params}
 
+    def dphi_dtheta_diff(self, x, state, nudge, state2, nudge2):
+        """Σ_batch [∂Φ^β/∂θ(s) − ∂Φ^{β2}/∂θ(s2)], the differences formed before the reductions (Eq. 4.6).
+
+        What an EP estimator subtracts (Eqs. 4.1-4.3): the two terms are up to 10⁷ times their
+        difference at the bottom layers, so subtracting after each reduction loses that many
+        digits in float32; Φ is bilinear in neighbouring layers, so the difference is a sum of
+        ⟨a − a2, P*s⟩ and ⟨a2, P*s − P*2 s2⟩ terms, each at its own phase's argmax. Cost-only
+        parameters: −β w_k ∂C_k/∂θ(s) + β2 w_k ∂C_k/∂θ(s2).
+        """
+        xp = self.xp
+        self.check_state(state, x.shape[0])
+        self.check_state(state2, x.shape[0])
+        idx = [nudge.x_drive[1]] + [self.layers[l].bottom_up(self.params, state[l - 1])[1]
+                                    for l in range(1, len(self.layers))]
+        idx2 = [nudge2.x_drive[1]] + [self.layers[l].bottom_up(self.params, state2[l - 1])[1]
+                                      for l in range(1, len(self.layers))]
+        out: dict = {}
+        for l, layer in enumerate(self.layers):
+            a, a2 = (x, x) if l == 0 else (state[l - 1], state2[l - 1])
+            dW, db = layer.param_adjoint_diff(a, state[l], idx[l], a2, state2[l], idx2[l])
+            out[layer.weight], out[layer.bias] = dW, db
+        for st, nd, sign in ((state, nudge, 1.0), (state2, nudge2, -1.0)):
+            if nd.beta == 0.0:
+                continue
+            for (w_k, term), c in zip(self.cost_terms, nd.ctx):
+                if w_k != 0.0:
+                    for name, g in term.param_grads(self.params, st, c).items():
+                        self._accumulate(out, name, (-sign * nd.beta * w_k) * g)
+        for name in self.params:
+            if name not in out:
+                out[name] = xp.zeros_like(self.params[name])
+        return {k: out[k] for k in self.params}
+
     # ------------------------------------------------------------------ frozen-argmax linear parts (BPTT)
     def hessian_vector(self, mu, indices):
         """H μ = ∂²Φ/∂s² · μ at frozen argmaxes ``indices`` (Eq. 5.3).

@@ -16,6 +16,8 @@ shape)``                   the adjoint of ``bottom_up_linear`` in a
 ``param_adjoint(a, s,      ∂⟨B(a), s⟩/∂θ summed over the batch, argmax frozen at   Eq. 3.9
 idx)``                     idx: (conv2d_weight_grad(a, P*(s)), Σ P*(s))  |  (sᵀ
                            vec(a), Σ s)
+``param_adjoint_diff(a,    ∂⟨B(a), s⟩/∂θ − ∂⟨B(a'), s'⟩/∂θ formed before the       Eq. 4.6
+s, idx, a', s', idx')``    reductions: ⟨a − a', P*s⟩ + ⟨a', P*s − P*'s'⟩ terms
 ``unpool(g, idx)``         P*_idx(g)                                               Eqs. 2.7-2.8
 =========================  =====================================================  ==========
 
@@ -112,6 +114,19 @@ class ConvMap(_Named):
         dW = conv2d_weight_grad(a, g, kernel_size=self.kernel, padding=self.padding)
         return dW, (conv2d_bias_grad(g) if with_bias else None)
 
+    def param_adjoint_diff(self, a, s, idx, a2, s2, idx2):
+        """Σ_batch [∂⟨B(a), s⟩ − ∂⟨B(a2), s2⟩]/∂(W, b), each at its own argmax, differences first (Eq. 4.6).
+
+        With g = P*_idx(s), g2 = P*_idx2(s2): dW = W-adjoint(a − a2, g) + W-adjoint(a2, g − g2), one
+        pass when ``a is a2`` (the input x is shared by every phase); db = Σ (g − g2).
+        """
+        g, g2 = self.unpool(s, idx), self.unpool(s2, idx2)  # (n, o, h_conv, w_conv) each
+        dg = g - g2
+        dW = conv2d_weight_grad(a2, dg, kernel_size=self.kernel, padding=self.padding)
+        if a is not a2:
+            dW = dW + conv2d_weight_grad(a - a2, g, kernel_size=self.kernel, padding=self.padding)
+        return dW, conv2d_bias_grad(dg)
+
 
 class DenseMap(_Named):
     """A fully connected layer: B(a) = W vec(a) + b, a (n, …) -> (n, out) (Eq. 3.1).
@@ -159,6 +174,16 @@ class DenseMap(_Named):
         xp = namespace_of(s)
         dW = linear_weight_grad(self._flat(a), s)
         return dW, (xp.sum(s, axis=0) if with_bias else None)
+
+    def param_adjoint_diff(self, a, s, idx, a2, s2, idx2):
+        """Σ_batch [∂⟨B(a), s⟩ − ∂⟨B(a2), s2⟩]/∂(W, b), differences first (Eq. 4.6):
+        ((s − s2)ᵀ vec(a2) + sᵀ vec(a − a2), Σ_n (s − s2)); one pass when ``a is a2``."""
+        xp = namespace_of(s)
+        ds = s - s2
+        dW = linear_weight_grad(self._flat(a2), ds)
+        if a is not a2:
+            dW = dW + linear_weight_grad(self._flat(a - a2), s)
+        return dW, xp.sum(ds, axis=0)
 
 
 def make_layer(desc):
