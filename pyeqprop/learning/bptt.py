@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .costs import mean_cost_gradients
 from .settle import SCHEDULES, residual, sweep
 
 __all__ = ["BPTTResult", "bptt", "bptt_gradients"]
@@ -73,7 +74,6 @@ def bptt(net, x, y, *, T, per_step=False, schedule="synchronous") -> BPTTResult:
     xp = net.xp
     n = x.shape[0]
     nudge = net.nudge(x, y)  # β = 0: the cost context for the loss, and B_1(x) for every step
-    ctx = nudge.ctx
     # forward, storing s_t, u_t and the argmaxes of every step
     s = net.init_state(n)
     tape = []
@@ -88,16 +88,7 @@ def bptt(net, x, y, *, T, per_step=False, schedule="synchronous") -> BPTTResult:
     sT = s
     loss = float(xp.sum(net.cost(x, sT, nudge))) / n
     shapes = [tuple(a.shape) for a in sT]
-    # λ_T and the direct cost-parameter terms
-    lam = [xp.zeros(shp, dtype=net.dtype, device=net.device) for shp in shapes]
-    grads = {k: xp.zeros_like(v) for k, v in net.params.items()}
-    for (w_k, term), c in zip(net.cost_terms, ctx):
-        if w_k == 0.0:
-            continue
-        for l, g in term.state_grads(net.params, sT, c).items():
-            lam[l] = lam[l] + (w_k / n) * g
-        for name, g in term.param_grads(net.params, sT, c).items():
-            grads[name] = grads[name] + (w_k / n) * g
+    lam, grads = mean_cost_gradients(net, sT, nudge, n)  # λ_T and the direct cost-parameter terms
     theta_steps, state_steps = [], []
     for t in range(int(T) - 1, -1, -1):
         s_t, u_t, idx_t = tape[t]
@@ -110,21 +101,6 @@ def bptt(net, x, y, *, T, per_step=False, schedule="synchronous") -> BPTTResult:
             state_steps.append(mu)
         lam = net.hessian_vector(mu, idx_t)  # Eq. 5.3
     return BPTTResult(grads, loss, theta_steps, state_steps, sT, last_res)
-
-
-def _cost_adjoint(net, sT, ctx, n):
-    """λ_T = (1/n) Σ_k w_k ∂C_k/∂s(s_T) and the cost-only parameters' (1/n) Σ_k w_k ∂C_k/∂θ (Eq. 5.4)."""
-    xp = net.xp
-    lam = [xp.zeros(tuple(a.shape), dtype=net.dtype, device=net.device) for a in sT]
-    grads = {k: xp.zeros_like(v) for k, v in net.params.items()}
-    for (w_k, term), c in zip(net.cost_terms, ctx):
-        if w_k == 0.0:
-            continue
-        for l, g in term.state_grads(net.params, sT, c).items():
-            lam[l] = lam[l] + (w_k / n) * g
-        for name, g in term.param_grads(net.params, sT, c).items():
-            grads[name] = grads[name] + (w_k / n) * g
-    return lam, grads
 
 
 def _bptt_gauss_seidel(net, x, y, T, per_step) -> BPTTResult:
@@ -143,7 +119,7 @@ def _bptt_gauss_seidel(net, x, y, T, per_step) -> BPTTResult:
         s = new
     sT = s
     loss = float(xp.sum(net.cost(x, sT, nudge))) / n
-    lam, grads = _cost_adjoint(net, sT, nudge.ctx, n)
+    lam, grads = mean_cost_gradients(net, sT, nudge, n)
     theta_steps, state_steps = [], []
     for t in range(T - 1, -1, -1):
         step: dict = {}

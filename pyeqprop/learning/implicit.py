@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backend import to_numpy
+from .costs import mean_cost_gradients
 from .settle import FIXED, Settled, Settling, settle
 
 __all__ = ["ImplicitResult", "equilibrium_gradient", "conjugate_gradient"]
@@ -118,15 +119,7 @@ def equilibrium_gradient(net, x, y, *, T1, settling: Settling = FIXED, free_stat
     rtol = 1000.0 * float(np.finfo(np.dtype(net.dtype_name)).eps) if rtol is None else float(rtol)
     d = net.drive(x, s, nudge)  # β = 0: u* and the argmaxes of s*
     half = [xp.sqrt(net.act.grad(u)) for u in d.u]  # D^{1/2}
-    grads = {k: xp.zeros_like(v) for k, v in net.params.items()}
-    g = [xp.zeros_like(a) for a in s]
-    for (w_k, term), c in zip(net.cost_terms, nudge.ctx):
-        if w_k == 0.0:
-            continue
-        for l, v in term.state_grads(net.params, s, c).items():
-            g[l] = g[l] + (w_k / n) * v
-        for name, v in term.param_grads(net.params, s, c).items():
-            grads[name] = grads[name] + (w_k / n) * v
+    g, grads = mean_cost_gradients(net, s, nudge, n)  # g = ∂L/∂s at s*, and the cost-only parameters' terms
     loss = float(to_numpy(xp.sum(net.cost(x, s, nudge)))) / n
 
     def apply(v):  # A v = v − D^{1/2} H D^{1/2} v
