@@ -56,18 +56,27 @@ def _test_files():
 CHECKED_BY = re.compile(r"^— checked by: (.*)$", re.M)
 
 
-def checked_by_in_spec() -> dict[str, list[str]]:
-    """The '— checked by:' list written under each equation of SPEC.md."""
+def _equation_blocks():
+    """(equation number, the text under its heading up to the next one) for every equation of SPEC.md."""
     text = (ROOT / "SPEC.md").read_text(encoding="utf-8")
     heads = list(HEADING.finditer(text))
-    out = {}
     for i, h in enumerate(heads):
         end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
-        block = text[h.end():end]
-        m = CHECKED_BY.search(block)
-        eq = f"{h.group(1)}.{h.group(2)}{h.group(3)}"
+        yield f"{h.group(1)}.{h.group(2)}{h.group(3)}", text[h.end():end]
+
+
+def _backticked_line(pattern) -> dict[str, list[str]]:
+    """Per equation, the `names` on its first line matching ``pattern`` (empty when there is none)."""
+    out = {}
+    for eq, block in _equation_blocks():
+        m = pattern.search(block)
         out[eq] = re.findall(r"`([^`]+)`", m.group(1)) if m else []
     return out
+
+
+def checked_by_in_spec() -> dict[str, list[str]]:
+    """The '— checked by:' list written under each equation of SPEC.md."""
+    return _backticked_line(CHECKED_BY)
 
 
 def test_spec_numbers_are_unique():
@@ -120,14 +129,7 @@ IMPLEMENTED_BY = re.compile(r"^— (`[^`]+`(?:, `[^`]+`)*)\s*$", re.M)
 
 def implementations_in_spec() -> dict[str, list[str]]:
     """The '— `name`, …' line under each equation of SPEC.md: the functions that implement it."""
-    text = (ROOT / "SPEC.md").read_text(encoding="utf-8")
-    heads = list(HEADING.finditer(text))
-    out = {}
-    for i, h in enumerate(heads):
-        end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
-        m = IMPLEMENTED_BY.search(text[h.end():end])
-        out[f"{h.group(1)}.{h.group(2)}{h.group(3)}"] = re.findall(r"`([^`]+)`", m.group(1)) if m else []
-    return out
+    return _backticked_line(IMPLEMENTED_BY)
 
 
 def resolve(name: str):
