@@ -57,7 +57,8 @@ from .teacher import get_teacher
 
 __all__ = ["train", "RunResult", "METRIC_KEYS"]
 
-METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "residual_free", "residual_nudged",
+METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "residual_free",
+               "residual_nudged",
                "lr", "seconds", "grad_mean_abs", "steps_free", "steps_nudged", "unconverged_free",
                "unconverged_nudged")
 # grad_mean_abs: {layer weight: epoch mean of mean |g|}; steps_*: {min, median, p90, max} of the steps the
@@ -143,6 +144,22 @@ def _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, tol) -> dict:
             "steps_nudged": _distribution(acc.get("steps_nudged", [])),
             "unconverged_free": acc.get("unconverged_free", 0) / n_free if tol > 0 and n_free else None,
             "unconverged_nudged": acc.get("unconverged_nudged", 0) / n_nudged if tol > 0 and n_nudged else None}
+
+
+def _evaluate_epoch(cfg, net, data, acc, epoch, lr_now) -> dict:
+    """The finished epoch's metrics.jsonl row: its running sums, then the validation and test splits."""
+    val = None if data.x_val is None else accuracy_and_loss(net, data.x_val, data.y_val, cfg.eval_steps,
+                                                            settling=cfg.settling)
+    test_acc, test_loss = accuracy_and_loss(net, data.x_test, data.y_test, cfg.eval_steps, settling=cfg.settling)
+    return _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, cfg.settle_tol)
+
+
+def _epoch_line(row, epochs) -> str:
+    """The epoch's one log line."""
+    val = "" if row["val_acc"] is None else f"val acc {100 * row['val_acc']:6.2f}%  "
+    return (f"epoch {row['epoch']:3d}/{epochs}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%  "
+            f"{val}test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:6.2f}%  "
+            f"residual free {row['residual_free']:.1e} nudged {row['residual_nudged']:.1e}  {row['seconds']:.1f}s")
 
 
 def _anneal(opt, cfg, epoch):
@@ -422,23 +439,15 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
                     if stop.requested:  # before the test evaluation, which can take a while
                         raise _Stop
                     acc["time"] += time.perf_counter() - t0
-                    val = None if data.x_val is None else accuracy_and_loss(
-                        net, data.x_val, data.y_val, cfg.eval_steps, settling=cfg.settling)
-                    test_acc, test_loss = accuracy_and_loss(net, data.x_test, data.y_test, cfg.eval_steps,
-                                                            settling=cfg.settling)
-                    row = _epoch_row(epoch + 1, acc, val, test_acc, test_loss, lr_now, cfg.settle_tol)
+                    row = _evaluate_epoch(cfg, net, data, acc, epoch + 1, lr_now)
                     busy = True
                     prog.history.append(row)
                     prog.epoch, prog.batch, prog.accum = epoch + 1, 0, None  # the epoch is done: the position moves on
                     busy = False
                     with open(run / "metrics.jsonl", "a") as fh:
                         fh.write(json.dumps(row) + "\n")
-                    log(f"epoch {prog.epoch:3d}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
-                        f"acc {100 * row['train_acc']:6.2f}%  " + ("" if val is None else
-                                                                   f"val acc {100 * val[0]:6.2f}%  ") +
-                        f"test loss {test_loss:.4f} acc {100 * test_acc:6.2f}%  "
-                        f"residual free {row['residual_free']:.1e} nudged {row['residual_nudged']:.1e}  "
-                        f"{row['seconds']:.1f}s")
+                    log(_epoch_line(row, cfg.epochs))
+                    val = None if row["val_acc"] is None else (row["val_acc"], row["val_loss"])
                     if val is not None and val[0] > prog.best:  # chosen on validation, never on test
                         prog.best = val[0]
                         save(run / "best.npz", prog.epoch, 0, None)

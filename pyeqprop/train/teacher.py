@@ -1,4 +1,5 @@
-"""The backprop teacher of a job: training it (Eqs. 7.1-7.3, 8.1-8.2), loading or caching it, and ``pyeqprop teacher``."""
+"""The backprop teacher of a job: training it (Eqs. 7.1-7.3, 8.1-8.2), loading or caching it, and the
+``pyeqprop teacher`` command."""
 from __future__ import annotations
 
 import time
