@@ -58,9 +58,8 @@ from .teacher import get_teacher
 __all__ = ["train", "RunResult", "METRIC_KEYS"]
 
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "residual_free",
-               "residual_nudged",
-               "lr", "seconds", "grad_mean_abs", "steps_free", "steps_nudged", "unconverged_free",
-               "unconverged_nudged")
+               "residual_nudged", "lr", "seconds", "grad_mean_abs", "steps_free", "steps_nudged",
+               "unconverged_free", "unconverged_nudged")
 # grad_mean_abs: {layer weight: epoch mean of mean |g|}; steps_*: {min, median, p90, max} of the steps the
 # epoch's phases took; unconverged_*: the fraction of phases that hit T1/T2 above settle_tol (None when 0)
 
