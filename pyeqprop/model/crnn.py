@@ -18,8 +18,10 @@ is per sample; sums over the batch are explicit.
 
 The energy protocol (SPEC.md Eq. 3.12) is what every learning algorithm uses:
 ``init_state(n)``, ``nudge(x, y, beta)`` → :class:`Nudge`, ``drive(x, s, nudge)``,
-``step(x, s, nudge)``, ``dphi_dtheta(x, s, nudge)``, and for BPTT the frozen-argmax linear
-parts ``hessian_vector(μ, idx)`` and ``dphi_dtheta_tangent(x, s, μ, idx)``.
+``step(x, s, nudge)``, ``update(x, s, nudge, layers=B)`` (a Gauss–Seidel block, Eq. 3.13),
+``dphi_dtheta(x, s, nudge)`` and ``dphi_dtheta_diff`` (Eq. 4.6), and for BPTT and the
+equilibrium gradient the frozen-argmax linear parts ``hessian_vector(μ, idx)`` and
+``dphi_dtheta_tangent(x, s, μ, idx)``.
 
 Max pooling inside Φ is piecewise linear: with the argmax frozen, Φ is bilinear in
 neighbouring layers, which makes its Hessian in s symmetric (used by BPTT, Eq. 5.2).
@@ -198,7 +200,8 @@ class CRNN:
                 raise ValueError(f"state layer {l + 1} must have shape {shape}, got {tuple(s.shape)}")
 
     def check_labels(self, y, n):
-        """Raise unless y is (n,) integer class labels in [0, num_classes)."""
+        """Raise unless y is (n,) integer class labels (their range is not checked here: that costs a host
+        transfer per batch; the teacher checks it)."""
         xp = namespace_of(y)
         if y.ndim != 1 or y.shape[0] != n:
             raise ValueError(f"y must have shape ({n},), got {tuple(y.shape)}")
