@@ -91,7 +91,13 @@ def test_a_gauss_seidel_sweep_is_odd_layers_then_even_layers(cfg, beta):
 def test_both_schedules_reach_the_one_fixed_point_of_a_contracting_net(cfg):
     """Eqs. 3.13-3.15: where s ↦ ρ(u(s)) is a contraction (Lipschitz bound q ≤ ½), the fixed point is
     unique and both schedules settle to it. Settled to r ≤ τ, each state is within τ·q/(1 − q) ≤ τ of
-    it (geometric tail), so the two differ by at most 2τ plus round-off."""
+    it (geometric tail), so the two differ by at most 2τ plus round-off.
+
+    The bound covers a continuous map only: a max pool in layer l + 1 > 1 routes the feedback T_l
+    through the argmax of B_{l+1}(s_l), which jumps when that argmax changes, and then even small
+    weights can leave two fixed points (a hypothesis example found one 5e-3 apart). Such nets are
+    left out; a max pool in layer 1 reads the constant input and is kept."""
+    assume(all(c.pool != "max" for c in cfg.convs[1:]))
     net = _contracting(cfg)
     x, _ = cfg.data(cfg.rng())
     tol = 1e-12
@@ -259,9 +265,13 @@ def test_the_equilibrium_gradient_is_bptt_over_many_steps(cfg, schedule):
     net = _contracting(cfg)
     x, y = cfg.data(cfg.rng())
     T = 120
-    imp = equilibrium_gradient(net, x, y, T1=2000, settling=Settling(schedule, tol=1e-14))
-    assert imp.free.converged and imp.solved, (cfg, imp.free.residual, imp.rel_residual)
     ref = bptt(net, x, y, T=T, schedule=schedule)
+    # at BPTT's own last state: after T steps it is within q^T ≤ 2^-120 of s*, so the two gradients
+    # differ by round-off only (a state settled to a tolerance τ would add ∂g/∂s·τ, which on a small
+    # gradient can exceed the round-off)
+    assert ref.residual <= 64 * EPS, (cfg, ref.residual)
+    imp = equilibrium_gradient(net, x, y, T1=T, free_state=ref.final_state)
+    assert imp.solved, (cfg, imp.rel_residual)
     names = list(net.params)
     g_ref = _vec(ref.grads, names)
     d = 8 * max(int(np.prod(shape[1:])) for shape in net.state_shapes(1)) + 256
@@ -275,7 +285,8 @@ def test_symmetric_ep_with_converged_phases_tends_to_the_equilibrium_gradient(cf
     """Eqs. 4.2, 4.4, 5.7: with every phase settled to τ (Eq. 3.14), symmetric EP approaches the
     equilibrium gradient at rate β² and one-sided EP at rate β, for either schedule, for the β whose
     nudged states stay in the free state's piece. Floor: the phases' settling error τ/(1 − q) and
-    round-off γ_d, each times the scale ‖∂Φ/∂θ‖ of the difference EP takes, over βn‖g‖."""
+    round-off γ_d, each times the scale ‖∂Φ/∂θ‖ of the difference EP takes, over βn‖g‖, plus the
+    relative round-off 2γ_d of the estimate itself."""
     net = _contracting(cfg)
     x, y = cfg.data(cfg.rng())
     tol = 1e-13
@@ -304,7 +315,9 @@ def test_symmetric_ep_with_converged_phases_tends_to_the_equilibrium_gradient(cf
         for e, r in est.items():
             errs[e].append(float(np.linalg.norm(_vec(r.grads, names) - g)) / norm)
     assume(len(kept) >= 2)
-    floors = [(2 * tol / (1 - 0.5) + 2 * gamma(F64, d)) * A / (b * cfg.n * norm) for b in kept]
+    # plus the estimate's own round-off relative to itself (the cost-only parameters' terms, and
+    # everything when every state is zero, A = 0)
+    floors = [(2 * tol / (1 - 0.5) + 2 * gamma(F64, d)) * A / (b * cfg.n * norm) + 2 * gamma(F64, d) for b in kept]
     for e, slope in (("symmetric", 1.8), ("one-sided", 0.9)):
         for i in range(len(kept) - 1):
             ratio = kept[i + 1] / kept[i]
