@@ -246,8 +246,11 @@ class CRNN:
         nudge = self._free(x, nudge)
         self.check_state(state, x.shape[0])
         L = len(self.layers)
-        want = range(L) if layers is None else sorted(layers)
-        need = sorted(set(want) | {l + 1 for l in want if l + 1 < L})
+        if layers is None:  # the synchronous step: every layer (no set arithmetic in the settling loop)
+            want = need = range(L)
+        else:
+            want = sorted(layers)
+            need = sorted(set(want) | {l + 1 for l in want if l + 1 < L})
         bu, idx = [None] * L, [None] * L
         for l in need:
             if l == 0:
@@ -321,6 +324,12 @@ class CRNN:
         return total
 
     # ------------------------------------------------------------------ ∂Φ/∂θ
+    def _argmaxes(self, nudge, state):
+        """Every layer's max-pool argmax at ``state`` (layer 1's from the nudge's B_1(x)); None where
+        a layer has no max pooling, which then costs no convolution."""
+        return [nudge.x_drive[1]] + [self.layers[l].argmax(self.params, state[l - 1])
+                                     for l in range(1, len(self.layers))]
+
     @staticmethod
     def _accumulate(out, name, g):
         out[name] = g if name not in out else out[name] + g
@@ -333,8 +342,7 @@ class CRNN:
         xp = self.xp
         nudge = self._free(x, nudge)
         self.check_state(state, x.shape[0])
-        indices = [nudge.x_drive[1]] + [self.layers[l].bottom_up(self.params, state[l - 1])[1]
-                                        for l in range(1, len(self.layers))]
+        indices = self._argmaxes(nudge, state)
         out: dict = {}
         for l, layer in enumerate(self.layers):
             dW, db = layer.param_adjoint(x if l == 0 else state[l - 1], state[l], indices[l])
@@ -364,10 +372,7 @@ class CRNN:
         xp = self.xp
         self.check_state(state, x.shape[0])
         self.check_state(state2, x.shape[0])
-        idx = [nudge.x_drive[1]] + [self.layers[l].bottom_up(self.params, state[l - 1])[1]
-                                    for l in range(1, len(self.layers))]
-        idx2 = [nudge2.x_drive[1]] + [self.layers[l].bottom_up(self.params, state2[l - 1])[1]
-                                      for l in range(1, len(self.layers))]
+        idx, idx2 = self._argmaxes(nudge, state), self._argmaxes(nudge2, state2)
         out: dict = {}
         for l, layer in enumerate(self.layers):
             a, a2 = (x, x) if l == 0 else (state[l - 1], state2[l - 1])

@@ -18,6 +18,8 @@ idx)``                     idx: (conv2d_weight_grad(a, P*(s)), Σ P*(s))  |  (s�
                            vec(a), Σ s)
 ``param_adjoint_diff(a,    ∂⟨B(a), s⟩/∂θ − ∂⟨B(a'), s'⟩/∂θ formed before the       Eq. 4.6
 s, idx, a', s', idx')``    reductions: ⟨a − a', P*s⟩ + ⟨a', P*s − P*'s'⟩ terms
+``argmax(θ, a)``           the max-pool argmax of B(a); None without max pooling   Eq. 2.6
+                           (and then no convolution runs)
 ``unpool(g, idx)``         P*_idx(g)                                               Eqs. 2.7-2.8
 =========================  =====================================================  ==========
 
@@ -85,6 +87,10 @@ class ConvMap(_Named):
         if self.pool == "avg":
             return avg_pool2d(z), None
         return z, None
+
+    def argmax(self, params, a):
+        """The max-pool argmax of B(a), or None without max pooling (then no convolution is run)."""
+        return self.bottom_up(params, a)[1] if self.pool == "max" else None
 
     def bottom_up_linear(self, params, a, idx):
         """P_idx(conv(a; W, p)): B without its bias, the pooling a selection at ``idx`` (Eq. 5.3)."""
@@ -155,6 +161,10 @@ class DenseMap(_Named):
     def bottom_up(self, params, a):
         """B(a) = W vec(a) + b, and no argmax (None), Eq. (3.1)."""
         return linear(self._flat(a), params[self.weight], params[self.bias]), None
+
+    def argmax(self, params, a):
+        """None: an fc layer has no pooling."""
+        return None
 
     def bottom_up_linear(self, params, a, idx=None):
         """W vec(a): B without its bias (Eq. 5.3)."""

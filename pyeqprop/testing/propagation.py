@@ -290,7 +290,7 @@ class CRNNBounds:
         return states, drives, errs, uerrs
 
     def indices(self, s):
-        return [self.net.layers[l].bottom_up(self.net.params, self.x if l == 0 else s[l - 1])[1] for l in range(self.L)]
+        return [self.net.layers[l].argmax(self.net.params, self.x if l == 0 else s[l - 1]) for l in range(self.L)]
 
     def lowers(self, s):
         return [self.x] + list(s[:-1])
