@@ -121,6 +121,7 @@ def diagnose(net_factory, x, y, *, settings=SETTINGS, beta, T1, T2, teacher=None
     list of :class:`DiagnoseRow`, one per setting, in the given order.
     """
     from ..learning.estimators import ep_estimate
+    from ..learning.compare import cosine_and_ratio
     from ..learning.implicit import equilibrium_gradient
     from ..learning.settle import settle
 
@@ -145,17 +146,12 @@ def diagnose(net_factory, x, y, *, settings=SETTINGS, beta, T1, T2, teacher=None
         plus = res.nudged[0]  # the +β phase
         disp = [_mean_abs(a - b) for a, b in zip(plus.state, cont.state)]
         exact = equilibrium_gradient(net, x, y, T1=T1, free_state=free.state).grads  # Eq. 5.7 at this s^0
-        cosine = {layer.weight: _cosine(res.grads[layer.weight], exact[layer.weight]) for layer in net.layers}
+        cosine = {layer.weight: cosine_and_ratio(res.grads[layer.weight], exact[layer.weight])[0]
+                  for layer in net.layers}
         rows.append(DiagnoseRow(name, names, list(base.arch.state_shapes), disp, drift,
                                 {k: _mean_abs(v) for k, v in res.grads.items()}, float(beta), free.residual,
                                 plus.residual, list(base_params), cosine))
     return rows
-
-
-def _cosine(a, b) -> float:
-    a, b = np.ravel(np.asarray(to_numpy(a), dtype=np.float64)), np.ravel(np.asarray(to_numpy(b), dtype=np.float64))
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else float("nan")
 
 
 def _fmt(v) -> str:

@@ -56,19 +56,13 @@ def conv_gradient_curve(history, conv_names, epoch: int = 0):
 
 
 def _cos_ratio(net, g_a, g_b):
-    """Per conv layer weight: the cosine and norm ratio ‖g_a‖/‖g_b‖ of two gradients (host float64)."""
-    from ..backend import to_numpy
+    """Per conv layer weight: the cosine and norm ratio ‖g_a‖/‖g_b‖ of two gradients (host float64); the
+    cosine is 0 where an estimate is exactly zero (the GDU delay of Eq. 4.5)."""
+    from ..learning.compare import cosine_and_ratio
 
-    cos, ratio = [], []
-    for layer in net.layers:
-        if layer.kind != "conv":
-            continue
-        a = np.ravel(to_numpy(g_a[layer.weight])).astype(np.float64)
-        b = np.ravel(to_numpy(g_b[layer.weight])).astype(np.float64)
-        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-        cos.append(float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0)
-        ratio.append(na / nb if nb > 0 else float("nan"))
-    return cos, ratio
+    pairs = [cosine_and_ratio(g_a[layer.weight], g_b[layer.weight], undefined=0.0)
+             for layer in net.layers if layer.kind == "conv"]
+    return [c for c, _ in pairs], [r for _, r in pairs]
 
 
 def ep_bptt_agreement(cfg, data, xp, *, batch=64):

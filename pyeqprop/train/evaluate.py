@@ -80,6 +80,7 @@ def gradient_agreement(path, *, batches=5, dataset=None, log=print) -> list[dict
     """
     import numpy as np
 
+    from ..learning.compare import cosine_and_ratio
     from ..learning.implicit import equilibrium_gradient
     from ..learning.settle import Settling
     from ..learning.signals import attach_signals
@@ -114,11 +115,7 @@ def gradient_agreement(path, *, batches=5, dataset=None, log=print) -> list[dict
                                    settling=Settling(cfg.schedule, tol=1e-9))
         row = {"batch": b, "converged": bool(ref.free.converged and ref.solved), "layers": {}}
         for layer in nets["float64"].layers:
-            a = np.ravel(np.asarray(to_numpy(est.grads[layer.weight]), dtype=np.float64))
-            g = np.ravel(np.asarray(to_numpy(ref.grads[layer.weight]), dtype=np.float64))
-            na, ng = float(np.linalg.norm(a)), float(np.linalg.norm(g))
-            row["layers"][layer.weight] = (float(a @ g) / (na * ng) if na and ng else float("nan"),
-                                           na / ng if ng else float("nan"))
+            row["layers"][layer.weight] = cosine_and_ratio(est.grads[layer.weight], ref.grads[layer.weight])
         out.append(row)
         log(f"batch {b}: " + "  ".join(f"{k} cos {c:.4f} ratio {r:.3f}" for k, (c, r) in row["layers"].items())
             + ("" if row["converged"] else "  (reference NOT converged)"))
