@@ -77,18 +77,31 @@ def _select(x, indices):
 
 # An overlapping (s < k), non-square configuration with integer inputs (ties), always run.
 TIES_OVERLAP = PoolConfig(n=2, c=3, h=6, w=7, kernel=(3, 2), stride=(1, 1), ties=True, seed=0)
+# Windows that tile the plane (kernel = stride, h = k_h·h', w = k_w·w'): max_unpool2d's one-selection
+# path (Eq. 2.7), square with ties and rectangular; and kernel = stride with a remainder row and column,
+# which takes the per-tap path.
+TILING = PoolConfig(n=2, c=3, h=6, w=8, kernel=(2, 2), stride=(2, 2), ties=True, seed=1)
+TILING_RECT = PoolConfig(n=1, c=2, h=9, w=4, kernel=(3, 2), stride=(3, 2), ties=False, seed=2)
+REMAINDER = PoolConfig(n=2, c=2, h=7, w=5, kernel=(2, 2), stride=(2, 2), ties=True, seed=3)
 
 
 # ---------------------------------------------------------------------------------------------
 # (1) Agreement with the float64 loop oracles, under every backend
 # ---------------------------------------------------------------------------------------------
 
-@given(cfg=conv_configs(), with_bias=st.booleans())
-def test_conv2d_matches_oracle(xp, cfg, with_bias):
-    """conv2d is the cross-correlation of Eq. (2.1) with the output size of Eq. (2.2)."""
+def _prepared(w, prepared):
+    """``weight_matrix=`` for a conv call: W = conv_weight_matrix(w) built ahead (Eq. 2.1), or None."""
+    return {"weight_matrix": ops.conv_weight_matrix(w)} if prepared else {}
+
+
+@given(cfg=conv_configs(), with_bias=st.booleans(), prepared=st.booleans())
+def test_conv2d_matches_oracle(xp, cfg, with_bias, prepared):
+    """conv2d is the cross-correlation of Eq. (2.1) with the output size of Eq. (2.2), with its weight
+    matrix built inside or passed in (``weight_matrix=``)."""
     x, w, b, _ = _conv_arrays(cfg)
     bb = b if with_bias else None
-    y = ops.conv2d(_dev(x, xp), _dev(w, xp), None if bb is None else _dev(bb, xp), **_conv_kw(cfg))
+    y = ops.conv2d(_dev(x, xp), _dev(w, xp), None if bb is None else _dev(bb, xp), **_conv_kw(cfg),
+                   **_prepared(_dev(w, xp), prepared))
     scale = oracles.conv2d(np.abs(x), np.abs(w), None if bb is None else np.abs(bb), **_conv_kw(cfg))
     kh, kw = cfg.kernel
     assert _host(y).shape == cfg.y_shape
@@ -96,12 +109,14 @@ def test_conv2d_matches_oracle(xp, cfg, with_bias):
                           n_terms=cfg.c * kh * kw + 2, abs_scale=scale, err_msg=repr(cfg))
 
 
-@given(cfg=conv_configs())
-def test_conv2d_transpose_matches_oracle(xp, cfg):
+@given(cfg=conv_configs(), prepared=st.booleans())
+def test_conv2d_transpose_matches_oracle(xp, cfg, prepared):
     """conv2d_transpose is the scatter of Eq. (2.3), for every input size that Eq. (2.2) maps
-    to the same h' (the strategy draws h freely, so all stride-ambiguous sizes occur)."""
+    to the same h' (the strategy draws h freely, so all stride-ambiguous sizes occur), with its
+    weight matrix built inside or passed in."""
     _, w, _, g = _conv_arrays(cfg)
-    z = ops.conv2d_transpose(_dev(g, xp), _dev(w, xp), output_size=(cfg.h, cfg.w), **_conv_kw(cfg))
+    z = ops.conv2d_transpose(_dev(g, xp), _dev(w, xp), output_size=(cfg.h, cfg.w), **_conv_kw(cfg),
+                             **_prepared(_dev(w, xp), prepared))
     expect = oracles.conv2d_transpose(g, w, output_size=(cfg.h, cfg.w), **_conv_kw(cfg))
     scale = oracles.conv2d_transpose(np.abs(g), np.abs(w), output_size=(cfg.h, cfg.w), **_conv_kw(cfg))
     kh, kw = cfg.kernel
@@ -140,6 +155,9 @@ def test_max_pool2d_matches_oracle(xp, cfg):
 
 
 @example(cfg=TIES_OVERLAP)
+@example(cfg=TILING)
+@example(cfg=TILING_RECT)
+@example(cfg=REMAINDER)
 @given(cfg=pool_configs())
 def test_max_unpool2d_matches_oracle(xp, cfg):
     """max_unpool2d is the scatter-add of Eq. (2.7): with overlapping windows one input that
@@ -287,6 +305,9 @@ def test_max_pool2d_nan_anywhere_in_a_window():
     assert np.isnan(y[0, 0, 0, 0]) and idx[0, 0, 0, 0] == 2
 
 
+@example(cfg=TILING)
+@example(cfg=TILING_RECT)
+@example(cfg=REMAINDER)
 @given(cfg=pool_configs(overlapping=False))
 def test_max_unpool2d_matches_torch(torch, cfg):
     """max_unpool2d equals torch's max_unpool2d for disjoint windows (s ≥ k), Eq. (2.7).
@@ -381,6 +402,9 @@ def test_conv2d_weight_grad_is_adjoint_of_conv2d(xp, dtype, cfg):
 
 @dtypes
 @example(cfg=TIES_OVERLAP)
+@example(cfg=TILING)
+@example(cfg=TILING_RECT)
+@example(cfg=REMAINDER)
 @given(cfg=pool_configs())
 def test_max_unpool2d_is_adjoint_at_fixed_indices(xp, dtype, cfg):
     """At fixed indices max pooling is the selection S x = x.flat[indices] (Eq. (2.7a)) and

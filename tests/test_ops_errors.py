@@ -338,3 +338,16 @@ def test_to_numpy_round_trip(name, dtype):
 def test_asarray_dtype_by_name(xs):
     d = backend.asarray([1, 2], xp="array_api_strict", dtype="float32")
     assert d.dtype == xs.float32
+
+
+@pytest.mark.parametrize("op", ["conv2d", "conv2d_transpose"])
+def test_weight_matrix_must_be_that_of_w(op):
+    """A weight_matrix= that is not conv_weight_matrix(w) (shape or dtype) is named, with what was expected."""
+    w = _r(4, 3, 3, 3)
+    call = (lambda m: ops.conv2d(_r(1, 3, 5, 5), w, weight_matrix=m)) if op == "conv2d" else \
+        (lambda m: ops.conv2d_transpose(_r(1, 4, 3, 3), w, output_size=(5, 5), weight_matrix=m))
+    with pytest.raises(ValueError, match=re.escape("weight_matrix must be conv_weight_matrix(w): shape (27, 4) "
+                                                   "and dtype float64, got shape (4, 27)")):
+        call(ops.conv_weight_matrix(w).T)
+    with pytest.raises(ValueError, match="dtype float64, got shape \\(27, 4\\) and dtype float32"):
+        call(ops.conv_weight_matrix(w).astype(np.float32))

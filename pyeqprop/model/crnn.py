@@ -63,11 +63,19 @@ class Nudge:
     ctx : list or None, one prepared context per cost term (one-hot targets, teacher features);
         None when no targets were given, which allows only β = 0.
     x_drive : (B_1(x), argmax_1), constant while x is: every phase and gradient of the batch reuses it.
+    prepared : one entry per layer, what the layer builds once from its parameters for the many
+        drives of a batch (a conv layer's weight matrix, Eq. 2.1; None for an fc layer), or None
+        (each drive then builds its own).
     """
 
     beta: float
     ctx: list | None
     x_drive: tuple
+    prepared: tuple | None = None
+
+    def prep(self, l: int):
+        """Layer l's prepared operator (None when there is none)."""
+        return None if self.prepared is None else self.prepared[l]
 
     def at(self, beta: float) -> "Nudge":
         """The same batch and cost context at nudging strength ``beta``."""
@@ -215,9 +223,13 @@ class CRNN:
             self.check_labels(y, x.shape[0])
         return [term.prepare(self.params, x, y) for _, term in self.cost_terms]
 
-    def input_drive(self, x):
+    def input_drive(self, x, prep=None):
         """B_1(x) and its argmax: constant while x is, so a batch computes it once (Eq. 3.1)."""
-        return self.layers[0].bottom_up(self.params, x)
+        return self.layers[0].bottom_up(self.params, x, prep)
+
+    def prepare_layers(self) -> tuple:
+        """Each layer's operator built once from the current parameters (:meth:`ConvMap.prepare`)."""
+        return tuple(layer.prepare(self.params) for layer in self.layers)
 
     def nudge(self, x, y=None, beta: float = 0.0) -> Nudge:
         """The :class:`Nudge` of a batch: checks x (and y), prepares the cost context, computes B_1(x).
@@ -228,7 +240,8 @@ class CRNN:
         if beta != 0.0 and y is None:
             raise ValueError(f"a nudged evaluation (beta={beta}) needs targets y")
         ctx = self.prepare(x, y) if y is not None else None
-        return Nudge(float(beta), ctx, self.input_drive(x))
+        prepared = self.prepare_layers()
+        return Nudge(float(beta), ctx, self.input_drive(x, prepared[0]), prepared)
 
     def _free(self, x, nudge):
         """``nudge``, or the free nudge of x when None (checking x)."""
@@ -258,12 +271,13 @@ class CRNN:
             elif known is not None and l in known:
                 bu[l], idx[l] = known[l]
             else:
-                bu[l], idx[l] = self.layers[l].bottom_up(self.params, state[l - 1])
+                bu[l], idx[l] = self.layers[l].bottom_up(self.params, state[l - 1], nudge.prep(l))
         u = [None] * L
         for l in want:
             u[l] = bu[l]
             if l + 1 < L:
-                u[l] = u[l] + self.layers[l + 1].top_down(self.params, state[l + 1], idx[l + 1], state[l].shape)
+                u[l] = u[l] + self.layers[l + 1].top_down(self.params, state[l + 1], idx[l + 1], state[l].shape,
+                                                          nudge.prep(l + 1))
         beta = nudge.beta
         if beta != 0.0:
             for w_k, grads in self._weighted_cost_state_grads(state, nudge.ctx, None if layers is None else want):
@@ -316,7 +330,7 @@ class CRNN:
         self.check_state(state, x.shape[0])
         total = None
         for l, layer in enumerate(self.layers):
-            b_l = nudge.x_drive[0] if l == 0 else layer.bottom_up(self.params, state[l - 1])[0]
+            b_l = nudge.x_drive[0] if l == 0 else layer.bottom_up(self.params, state[l - 1], nudge.prep(l))[0]
             term = xp.sum(xp.reshape(b_l * state[l], (x.shape[0], -1)), axis=1)  # (n, …) -> (n,)
             total = term if total is None else total + term
         if nudge.beta != 0.0:
@@ -327,7 +341,7 @@ class CRNN:
     def _argmaxes(self, nudge, state):
         """Every layer's max-pool argmax at ``state`` (layer 1's from the nudge's B_1(x)); None where
         a layer has no max pooling, which then costs no convolution."""
-        return [nudge.x_drive[1]] + [self.layers[l].argmax(self.params, state[l - 1])
+        return [nudge.x_drive[1]] + [self.layers[l].argmax(self.params, state[l - 1], nudge.prep(l))
                                      for l in range(1, len(self.layers))]
 
     @staticmethod

@@ -21,6 +21,10 @@ s, idx, a', s', idx')``    reductions: ⟨a − a', P*s⟩ + ⟨a', P*s − P*'s
 ``argmax(θ, a)``           the max-pool argmax of B(a); None without max pooling   Eq. 2.6
                            (and then no convolution runs)
 ``unpool(g, idx)``         P*_idx(g)                                               Eqs. 2.7-2.8
+``prepare(θ)``             what the layer builds once per batch from θ for its     Eq. 2.1
+                           many drives (a conv layer's weight matrix); passed
+                           back as ``prep`` to ``bottom_up``, ``argmax``,
+                           ``top_down``
 =========================  =====================================================  ==========
 
 The CRNN (its Φ, drive and ∂Φ/∂θ), the feed-forward teacher (Eq. 7.1 and its reverse pass
@@ -30,7 +34,7 @@ on the kind of a layer.
 from __future__ import annotations
 
 from ..backend import namespace_of
-from ..ops.conv import conv2d, conv2d_bias_grad, conv2d_transpose, conv2d_weight_grad
+from ..ops.conv import conv2d, conv2d_bias_grad, conv2d_transpose, conv2d_weight_grad, conv_weight_matrix
 from ..ops.linear import linear, linear_transpose, linear_weight_grad
 from ..ops.pool import avg_pool2d, avg_unpool2d, max_pool2d, max_pool2d_select, max_unpool2d
 from .arch import ConvLayer, FCLayer
@@ -79,18 +83,25 @@ class ConvMap(_Named):
         return [ParamSpec(self.weight, (d.out_channels, d.in_channels, d.kernel, d.kernel), fan_in),
                 ParamSpec(self.bias, (d.out_channels,), fan_in)]
 
-    def bottom_up(self, params, a):
-        """B(a) = P(conv(a; W, p) + b) and the max-pool argmax (None unless P is max), Eq. (3.1)."""
-        z = conv2d(a, params[self.weight], params[self.bias], padding=self.padding)  # (n, o, h_conv, w_conv)
+    def prepare(self, params):
+        """W's patch-matrix form (k·k·c, o), built once for a batch's drives (Eq. 2.1): every settling step
+        applies W twice (B and T), and building the matrix is a transposing copy of W."""
+        return conv_weight_matrix(params[self.weight])
+
+    def bottom_up(self, params, a, prep=None):
+        """B(a) = P(conv(a; W, p) + b) and the max-pool argmax (None unless P is max), Eq. (3.1).
+        ``prep``: :meth:`prepare` of these ``params``, or None."""
+        z = conv2d(a, params[self.weight], params[self.bias], padding=self.padding,
+                   weight_matrix=prep)  # (n, o, h_conv, w_conv)
         if self.pool == "max":
             return max_pool2d(z)  # (n, o, h_conv/2, w_conv/2), argmax
         if self.pool == "avg":
             return avg_pool2d(z), None
         return z, None
 
-    def argmax(self, params, a):
+    def argmax(self, params, a, prep=None):
         """The max-pool argmax of B(a), or None without max pooling (then no convolution is run)."""
-        return self.bottom_up(params, a)[1] if self.pool == "max" else None
+        return self.bottom_up(params, a, prep)[1] if self.pool == "max" else None
 
     def bottom_up_linear(self, params, a, idx):
         """P_idx(conv(a; W, p)): B without its bias, the pooling a selection at ``idx`` (Eq. 5.3)."""
@@ -109,10 +120,12 @@ class ConvMap(_Named):
             return avg_unpool2d(g, output_size=self.desc.conv_hw)
         return g
 
-    def top_down(self, params, s, idx, below_shape):
-        """T(s) = conv_transpose(P*_idx(s); W): the feedback to the layer below, shape ``below_shape`` (Eq. 3.7)."""
+    def top_down(self, params, s, idx, below_shape, prep=None):
+        """T(s) = conv_transpose(P*_idx(s); W): the feedback to the layer below, shape ``below_shape`` (Eq. 3.7).
+        ``prep``: :meth:`prepare` of these ``params``, or None."""
         g = self.unpool(s, idx)  # (n, o, h_conv, w_conv)
-        return conv2d_transpose(g, params[self.weight], padding=self.padding, output_size=below_shape[2:])
+        return conv2d_transpose(g, params[self.weight], padding=self.padding, output_size=below_shape[2:],
+                                weight_matrix=prep)
 
     def param_adjoint(self, a, s, idx, *, with_bias=True):
         """Σ_batch ∂⟨B(a), s⟩/∂(W, b) at frozen argmax ``idx`` (Eq. 3.9): (dW, db); db is None without bias."""
@@ -158,11 +171,15 @@ class DenseMap(_Named):
         xp = namespace_of(a)
         return xp.reshape(a, (a.shape[0], -1))  # (n, c, h, w) -> (n, c·h·w)
 
-    def bottom_up(self, params, a):
+    def prepare(self, params):
+        """None: an fc layer applies W as it is (Eq. 2.11)."""
+        return None
+
+    def bottom_up(self, params, a, prep=None):
         """B(a) = W vec(a) + b, and no argmax (None), Eq. (3.1)."""
         return linear(self._flat(a), params[self.weight], params[self.bias]), None
 
-    def argmax(self, params, a):
+    def argmax(self, params, a, prep=None):
         """None: an fc layer has no pooling."""
         return None
 
@@ -174,7 +191,7 @@ class DenseMap(_Named):
         """The identity: an fc layer has no pooling."""
         return g
 
-    def top_down(self, params, s, idx, below_shape):
+    def top_down(self, params, s, idx, below_shape, prep=None):
         """T(s) = reshape(Wᵀ s) to ``below_shape`` (Eq. 3.7)."""
         xp = namespace_of(s)
         return xp.reshape(linear_transpose(s, params[self.weight]), below_shape)  # (n, in) -> shape of the layer below

@@ -15,7 +15,7 @@ from __future__ import annotations
 from .._shapes import check_nonneg, check_pos, conv_outsize, pair
 from ..backend import device_of, namespace_of
 
-__all__ = ["conv2d", "conv2d_transpose", "conv2d_weight_grad", "conv2d_bias_grad"]
+__all__ = ["conv2d", "conv2d_transpose", "conv2d_weight_grad", "conv2d_bias_grad", "conv_weight_matrix"]
 
 
 def _check_float(name, a, ref_dtype=None):
@@ -66,7 +66,11 @@ def _unfold(x_cl, k, s, out_hw):
 
 
 def _fold(cols, n, c, padded_hw, k, s, out_hw):
-    """Adjoint of ``_unfold``: scatter-add patch columns back into (n, H, W, c)."""
+    """Adjoint of ``_unfold``: scatter-add patch columns back into (n, H, W, c).
+
+    Each tap is added in place (``out[sl] += …``, which the standard defines through
+    ``__setitem__``): no temporary of the slice's size per tap.
+    """
     xp = namespace_of(cols)
     ho, wo = out_hw
     cols = xp.reshape(cols, (n, ho, wo, k[0] * k[1] * c))  # (n·h'·w', k_h·k_w·c) -> (n, h', w', k_h·k_w·c)
@@ -76,19 +80,37 @@ def _fold(cols, n, c, padded_hw, k, s, out_hw):
             t = a * k[1] + b
             rows = slice(a, a + s[0] * (ho - 1) + 1, s[0])
             cls = slice(b, b + s[1] * (wo - 1) + 1, s[1])
-            out[:, rows, cls, :] = out[:, rows, cls, :] + cols[:, :, :, t * c:(t + 1) * c]
+            out[:, rows, cls, :] += cols[:, :, :, t * c:(t + 1) * c]
     return out
 
 
-def _weight_matrix(w):
-    """w (o, c, k_h, k_w) -> W (k_h·k_w·c, o), row index (a·k_w + b)·c + ci (matches ``_unfold``)."""
+def conv_weight_matrix(w):
+    """The patch-matrix form of a kernel: w (o, c, k_h, k_w) -> W (k_h·k_w·c, o), Eq. (2.1).
+
+    Row (a·k_w + b)·c + ci of W is w[:, ci, a, b], matching the columns of the patch matrix, so
+    conv2d is ``cols @ W`` and conv2d_transpose ``g @ Wᵀ``. Building W moves every element of w
+    (a transposing copy); a caller applying the same kernel many times (every step of a settling
+    phase) builds it once and passes it as ``weight_matrix=``.
+    """
     xp = namespace_of(w)
+    _check_rank("w", w, 4, "(o, c, k_h, k_w)")
     o, c, kh, kw = w.shape
     w_t = xp.permute_dims(w, (2, 3, 1, 0))  # (o, c, k_h, k_w) -> (k_h, k_w, c, o)
     return xp.reshape(w_t, (kh * kw * c, o))  # -> (k_h·k_w·c, o)
 
 
-def conv2d(x, w, b=None, *, stride=1, padding=0):
+def _matrix_of(w, weight_matrix):
+    """``weight_matrix`` checked against w's shape, or W built from w."""
+    if weight_matrix is None:
+        return conv_weight_matrix(w)
+    o, c, kh, kw = w.shape
+    if tuple(weight_matrix.shape) != (kh * kw * c, o) or weight_matrix.dtype != w.dtype:
+        raise ValueError(f"weight_matrix must be conv_weight_matrix(w): shape ({kh * kw * c}, {o}) and dtype "
+                         f"{w.dtype}, got shape {tuple(weight_matrix.shape)} and dtype {weight_matrix.dtype}")
+    return weight_matrix
+
+
+def conv2d(x, w, b=None, *, stride=1, padding=0, weight_matrix=None):
     """2-D cross-correlation, Eq. (2.1).
 
     Notation: see the module docstring.
@@ -102,6 +124,8 @@ def conv2d(x, w, b=None, *, stride=1, padding=0):
     w : (o, c, k_h, k_w) array, same dtype as x.
     b : (o,) array or None.
     stride, padding : int or (int, int); stride ≥ 1, padding ≥ 0.
+    weight_matrix : (k_h·k_w·c, o) array or None, ``conv_weight_matrix(w)`` built once by a caller
+        that applies w many times (None: built here).
 
     Returns
     -------
@@ -129,7 +153,7 @@ def conv2d(x, w, b=None, *, stride=1, padding=0):
     ho = conv_outsize(h, kh, s[0], p[0])
     wo = conv_outsize(wd, kw, s[1], p[1])
     cols = _unfold(_pad_channels_last(x, p), (kh, kw), s, (ho, wo))  # (n·h'·w', k_h·k_w·c)
-    y = cols @ _weight_matrix(w)  # (n·h'·w', o)
+    y = cols @ _matrix_of(w, weight_matrix)  # (n·h'·w', o)
     if b is not None:
         y = y + b
     y = xp.reshape(y, (n, ho, wo, o))  # (n·h'·w', o) -> (n, h', w', o)
@@ -154,7 +178,7 @@ def _resolve_output_size(output_size, g_shape, k, s, p, name="output_size"):
     return h, wd
 
 
-def conv2d_transpose(g, w, *, stride=1, padding=0, output_size):
+def conv2d_transpose(g, w, *, stride=1, padding=0, output_size, weight_matrix=None):
     """Transposed convolution: the adjoint of :func:`conv2d` in x, Eq. (2.3).
 
     Definition:
@@ -166,6 +190,7 @@ def conv2d_transpose(g, w, *, stride=1, padding=0, output_size):
     w : (o, c, k_h, k_w) array, same dtype as g.
     output_size : (h, w) or (n, c, h, w) — the input size of the forward conv. Required,
         because with stride > 1 several input sizes give the same h'.
+    weight_matrix : (k_h·k_w·c, o) array or None, ``conv_weight_matrix(w)`` (see :func:`conv2d`).
 
     Returns
     -------
@@ -187,7 +212,7 @@ def conv2d_transpose(g, w, *, stride=1, padding=0, output_size):
     h, wd = _resolve_output_size(output_size, g.shape, (kh, kw), s, p)
     g_cl = xp.permute_dims(g, (0, 2, 3, 1))  # (n, o, h', w') -> (n, h', w', o)
     g_mat = xp.reshape(g_cl, (n * ho * wo, o))  # -> (n·h'·w', o)
-    cols = g_mat @ xp.matrix_transpose(_weight_matrix(w))  # (n·h'·w', k_h·k_w·c)
+    cols = g_mat @ xp.matrix_transpose(_matrix_of(w, weight_matrix))  # (n·h'·w', k_h·k_w·c)
     z = _fold(cols, n, c, (h + 2 * p[0], wd + 2 * p[1]), (kh, kw), s, (ho, wo))  # (n, H, W, c)
     z = z[:, p[0]:p[0] + h, p[1]:p[1] + wd, :]  # crop the padding -> (n, h, w, c)
     return xp.permute_dims(z, (0, 3, 1, 2))  # -> (n, c, h, w)

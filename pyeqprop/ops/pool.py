@@ -121,6 +121,9 @@ def max_unpool2d(y, indices, *, kernel_size=2, stride=2, output_size):
     -------
     z : (n, c, h, w), same dtype and namespace as y; zero where no window took its max.
 
+    When the windows tile the plane (kernel = stride and h = k_h·h′, w = k_w·w′) z is one
+    selection (no scatter) and its memory is channels-last; otherwise one masked add per tap.
+
     Adjoint
     -------
     Its adjoint is pooling by selection: x ↦ x[indices] (max_pool2d's values at fixed indices).
@@ -133,14 +136,25 @@ def max_unpool2d(y, indices, *, kernel_size=2, stride=2, output_size):
     h, w = _check_output_size(output_size, y.shape, k, s)
     n, c, ho, wo = y.shape
     dev = device_of(y)
-    base = _corners(xp, (ho, wo), w, s, dev)  # (h', w')
     indices = xp.astype(indices, xp.int64)
-    z = xp.zeros((n, c, h, w), dtype=y.dtype, device=dev)
     zero = xp.zeros((), dtype=y.dtype, device=dev)
+    if k == s and (h, w) == (k[0] * ho, k[1] * wo):
+        # The windows tile the plane: z is one selection, built channels-last over the
+        # (n, h', k_h, w', k_w, c) view, whose element (i, a, j, β) sits at flat position
+        # (k_h·i + a)·w + k_w·j + β. Channels innermost keeps the inner loop long, and the
+        # result's memory is what conv2d_transpose and conv2d_weight_grad read (no copy there).
+        pos = xp.reshape(xp.arange(h * w, dtype=xp.int64, device=dev), (1, ho, k[0], wo, k[1], 1))
+        y6 = xp.reshape(xp.permute_dims(y, (0, 2, 3, 1)), (n, ho, 1, wo, 1, c))  # (n, c, h', w') -> (n, h', 1, w', 1, c)
+        i6 = xp.reshape(xp.permute_dims(indices, (0, 2, 3, 1)), (n, ho, 1, wo, 1, c))
+        z = xp.where(i6 == pos, y6, zero)  # (n, h', k_h, w', k_w, c)
+        z = xp.reshape(z, (n, h, w, c))  # -> (n, h, w, c)
+        return xp.permute_dims(z, (0, 3, 1, 2))  # -> (n, c, h, w)
+    base = _corners(xp, (ho, wo), w, s, dev)  # (h', w')
+    z = xp.zeros((n, c, h, w), dtype=y.dtype, device=dev)
     for a in range(k[0]):
         for b in range(k[1]):
             sl = (slice(None), slice(None)) + _window(a, b, (ho, wo), s)
-            z[sl] = z[sl] + xp.where(indices == base + (a * w + b), y, zero)
+            z[sl] += xp.where(indices == base + (a * w + b), y, zero)
     return z
 
 
@@ -222,5 +236,5 @@ def avg_unpool2d(y, *, kernel_size=2, stride=2, output_size):
     for a in range(k[0]):
         for b in range(k[1]):
             sl = (slice(None), slice(None)) + _window(a, b, (ho, wo), s)
-            z[sl] = z[sl] + yk
+            z[sl] += yk
     return z
