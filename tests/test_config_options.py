@@ -173,7 +173,7 @@ AWKWARD = {
     "val_fraction": 0.0,
     "arch": "c4m-f8", "readout": "mse", "activation": "hard_sigmoid", "dtype": "float64", "weight_scale": 1e-300,
     "estimator": "implicit", "beta": 0.125, "T1": 1, "T2": 123456789, "T_eval": 7, "schedule": "gauss-seidel",
-    "settle_tol": 1e-9, "check_every": 1, "epochs": 2, "batch_size": 1,
+    "settle_tol": 1e-9, "check_every": 1, "shards": 2, "epochs": 2, "batch_size": 1,
     "lr": [0.25, 1e-7, 3.0], "momentum": 0.0, "weight_decay": 0.0, "lr_min": -0.0, "cosine_epochs": -1,
     "local_layers": "1,3", "local_weight": 2.5, "local_grid": 3, "local_loss": "mse", "kd_layers": "none",
     "kd_weight": 0.3333333333333333, "kd_normalisation": "sum", "output_kd_weight": 0.5, "temperature": 1e3,
@@ -267,9 +267,10 @@ def test_a_config_toml_of_the_earlier_format_still_loads(tmp_path):
     assert cfg == expected
     new_value_lines = [line for line in dump_toml(cfg).splitlines() if line and not line.startswith("#")]
     old_keys = {line.split(" = ")[0] for line in OLD_CONFIG_TOML.splitlines()}
-    # the key = value lines are written as before; options added since (settling, Eq. 3.14) take their defaults
+    # the key = value lines are written as before; options added since (settling, Eq. 3.14; shards, Eq. 4.7) take
+    # their defaults
     assert [line for line in new_value_lines if line.split(" = ")[0] in old_keys] == OLD_CONFIG_TOML.splitlines()
-    assert {line.split(" = ")[0] for line in new_value_lines} - old_keys == {"schedule", "settle_tol", "check_every",
+    assert {line.split(" = ")[0] for line in new_value_lines} - old_keys == {"schedule", "settle_tol", "check_every", "shards",
                                                                                      "val_fraction"}
 
 

@@ -37,6 +37,7 @@ import numpy as np
 from .bptt import bptt
 from .implicit import equilibrium_gradient
 from .settle import FIXED, Settled, Settling, settle
+from .shards import sharded
 
 __all__ = ["ESTIMATORS", "EP_ESTIMATORS", "Estimate", "estimate", "ep_estimate", "ep_gradients", "draw_sign",
            "symmetric", "one_sided", "random_sign", "bptt_estimate", "implicit_estimate"]
@@ -164,18 +165,19 @@ def draw_sign(rng: np.random.Generator) -> int:
 
 
 def estimate(name, net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False,
-             settling=FIXED) -> Estimate:
-    """Run the estimator ``name`` of :data:`ESTIMATORS` on one batch."""
+             settling=FIXED, shards=1) -> Estimate:
+    """Run the estimator ``name`` of :data:`ESTIMATORS` on one batch; with ``shards`` > 1 on that many
+    contiguous sub-batches in parallel threads, combined by Eq. 4.7 (:func:`~pyeqprop.learning.shards.sharded`)."""
     try:
         fn = ESTIMATORS[name]
     except (KeyError, TypeError):
         raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got {name!r}") from None
-    return fn(net, x, y, beta=beta, T1=T1, T2=T2, sign=sign, free_state=free_state, record=record,
-              settling=settling)
+    return sharded(fn, net, x, y, shards=shards, beta=beta, T1=T1, T2=T2, sign=sign, free_state=free_state,
+                   record=record, settling=settling)
 
 
 def ep_estimate(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rng=None, free_state=None,
-                record=False, settling=FIXED) -> Estimate:
+                record=False, settling=FIXED, shards=1) -> Estimate:
     """Run the free and nudged phases and form the EP estimate (Eqs. 4.1-4.3).
 
     Parameters
@@ -189,6 +191,8 @@ def ep_estimate(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rn
     record : record per-step residuals.
     settling : :class:`~pyeqprop.learning.settle.Settling`, how every phase settles (default: T1
         and T2 synchronous steps).
+    shards : int ≥ 1, contiguous sub-batches settled in parallel threads (host backends), combined
+        by Eq. 4.7; 1: the whole batch in this thread.
 
     Returns
     -------
@@ -199,10 +203,10 @@ def ep_estimate(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rn
     if estimator == "random-sign" and sign is None:
         sign = draw_sign(np.random.default_rng() if rng is None else rng)
     return estimate(estimator, net, x, y, beta=beta, T1=T1, T2=T2, sign=sign, free_state=free_state, record=record,
-                    settling=settling)
+                    settling=settling, shards=shards)
 
 
-def ep_gradients(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rng=None, settling=FIXED):
+def ep_gradients(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rng=None, settling=FIXED, shards=1):
     """EP estimate of ∇_θ of the batch-mean cost, keyed like ``net.params`` (Eqs. 4.1-4.3)."""
     return ep_estimate(net, x, y, beta=beta, T1=T1, T2=T2, estimator=estimator, sign=sign, rng=rng,
-                       settling=settling).grads
+                       settling=settling, shards=shards).grads

@@ -25,6 +25,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from types import MappingProxyType
 
 from ..backend import BACKENDS, DTYPES
+from ..learning.shards import CPU_BACKENDS
 from ..model.readout import READOUTS
 from ..learning.estimators import ESTIMATORS
 from ..learning.settle import CHECK_EVERY, SCHEDULES, Settling
@@ -132,6 +133,9 @@ class TrainConfig:
                                     "T1/T2 steps; 0: exactly T1/T2 steps", ge=0)
     check_every: int = option(CHECK_EVERY, "steps between two residual checks when settle_tol > 0 (one host "
                                            "transfer each, Eq. 3.14)", ge=1)
+    shards: int = option(1, "contiguous sub-batches whose phases settle in parallel threads, one BLAS thread "
+                            "each, combined by Eq. 4.7 (host backends; 2 uses both cores of a 2-core machine); "
+                            "1: the whole batch in one thread", ge=1)
     # optimizer (Eqs. 8.1-8.3)
     epochs: int = option(30, "training epochs of the student", ge=1)
     batch_size: int = option(32, "samples n per mini-batch of the student", ge=1)
@@ -185,6 +189,10 @@ class TrainConfig:
         """
         for opt in OPTIONS.values():
             opt.check(getattr(self, opt.name))
+        if self.shards > 1 and self.backend not in CPU_BACKENDS:
+            raise ConfigError(f"config key 'shards' has value {self.shards!r}; expected 1 with backend "
+                              f"{self.backend!r}, which runs every operation on its device (threads over shards "
+                              f"need a host backend: {', '.join(CPU_BACKENDS)})")
         if self.estimator == "bptt" and self.settle_tol > 0:
             raise ConfigError(f"config key 'settle_tol' has value {self.settle_tol!r}; expected 0 with estimator "
                               "'bptt', which differentiates exactly T1 steps (the implicit estimator gives the "

@@ -102,11 +102,12 @@ def check_params_finite(net, where):
 def batch_estimate(net, xb, yb, cfg, rng) -> Estimate:
     """The gradient estimate of one batch by ``cfg.estimator`` (Eqs. 4.1-4.3, 5.4).
 
-    The random sign of Eq. 4.3 is drawn from ``rng`` (the batch's generator, after augmentation).
+    The random sign of Eq. 4.3 is drawn from ``rng`` (the batch's generator, after augmentation);
+    ``cfg.shards`` sub-batches settle in parallel threads (Eq. 4.7), at most one per sample.
     """
     sign = draw_sign(rng) if cfg.estimator == "random-sign" else None
     return estimate(cfg.estimator, net, xb, yb, beta=cfg.beta, T1=cfg.T1, T2=cfg.T2, sign=sign,
-                    settling=cfg.settling)
+                    settling=cfg.settling, shards=min(cfg.shards, xb.shape[0]))
 
 
 def train_step(net, xb, yb, cfg, rng, *, where=(0, 0)) -> Update:
