@@ -146,7 +146,8 @@ def _cmd_bench(ns):
     if ns.what == "ops":
         from .bench.ops import run_ops_bench
 
-        run_ops_bench(repeats=ns.repeats)
+        run_ops_bench(repeats=ns.repeats, backend=ns.backend, dtype=ns.dtype, quick=ns.quick, peer=ns.peer,
+                      threads=ns.threads)
         return 0
     if ns.what == "ep":
         from .bench.ep import run_ep_bench
@@ -172,6 +173,8 @@ def _cmd_study(ns):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .backend import BACKENDS, DTYPES
+
     parser = argparse.ArgumentParser(prog="pyeqprop", description="Equilibrium Propagation for convolutional CRNNs "
                                      "(reference implementation). Run 'pyeqprop train' for the default job.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -207,10 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_diagnose)
     p = sub.add_parser("bench", help="benchmarks: ops, ep, memory")
     p.add_argument("what", choices=("ops", "ep", "memory"))
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--peer", choices=("none", "torch"), default="none")
-    p.add_argument("--backend", default="numpy")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per contender (after one warm-up); the median "
+                                                          "is reported")
+    p.add_argument("--peer", choices=("none", "torch"), default="none",
+                   help="time the same work in PyTorch, interleaved with ours (torch is imported only then)")
+    p.add_argument("--backend", default="numpy", choices=BACKENDS, help="array backend of our side")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="floating dtype of states and parameters")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="bench ops: limit NumPy's BLAS and torch to N threads (default: as configured); bench ep "
+                        "always reports 1 and 2 threads")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--tol", type=float, default=1e-5, help="bench ep: the tolerance the settling table settles to")
     p.add_argument("--checkpoint", default=None, metavar="NPZ",

@@ -5,17 +5,28 @@ stores every step's state, pre-activation and argmax for the reverse pass (Eqs. 
 its peak grows linearly in T. On NumPy the peak is measured with ``tracemalloc`` (NumPy
 reports its buffers to it); on CuPy with the memory pool's high-water mark... which CuPy does
 not expose directly, so we read ``used_bytes`` after each phase and a fresh pool per run.
+
+Cross-check (host backends, Linux): at the largest T, EP and BPTT each run once more in a fresh
+subprocess, which reports the rise of its peak resident set size (``ru_maxrss``) over its
+resident size just before the call. RSS counts pages, not bytes asked for, and includes the
+allocator's slack, so the two measures agree only roughly; what the cross-check guards is
+that tracemalloc sees the buffers at all (a ratio near 1, not 0.01).
 """
 from __future__ import annotations
 
 import gc
+import json
+import os
+import resource
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
 
 from ..backend import backend_name, get_namespace
 
-__all__ = ["peak_bytes", "run_memory_bench"]
+__all__ = ["peak_bytes", "peak_rss_rise", "run_memory_bench"]
 
 
 def peak_bytes(fn, xp) -> int:
@@ -52,6 +63,50 @@ def peak_bytes(fn, xp) -> int:
     return int(peak - base)
 
 
+def _case(quick):
+    return ("digits", (1, 8, 8), 16) if quick else ("mnist", (1, 28, 28), 32)
+
+
+def _run_one(method, T, quick, dtype):
+    """Build the bench's net and batch, then run one EP estimate or BPTT (the subprocess's work)."""
+    from ..learning.bptt import bptt
+    from ..learning.estimators import ep_estimate
+    from ..model.crnn import CRNN
+
+    arch, shape, batch = _case(quick)
+    net = CRNN(arch, shape, num_classes=10, readout="softmax", activation="half_hard_sigmoid", dtype=dtype)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (batch, *shape)).astype(dtype)
+    y = rng.integers(0, 10, batch)
+    run = (lambda: ep_estimate(net, x, y, beta=0.5, T1=T, T2=max(1, T // 4))) if method == "ep" else \
+        (lambda: bptt(net, x, y, T=T))
+    return run
+
+
+def _rss_bytes() -> int:
+    """This process's resident set size now (Linux /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_rise(method: str, T: int, *, quick: bool, dtype: str) -> int:
+    """Rise of the peak RSS over the RSS just before one run of ``method`` ("ep" or "bptt"), measured in a
+    fresh subprocess (the high-water mark of this process is already set by everything before)."""
+    code = ("import json, sys; from pyeqprop.bench.memory import _child; "
+            f"print(json.dumps(_child({method!r}, {int(T)}, {bool(quick)}, {dtype!r})))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return int(json.loads(out.strip().splitlines()[-1])["rise"])
+
+
+def _child(method, T, quick, dtype) -> dict:
+    run = _run_one(method, T, quick, dtype)
+    gc.collect()
+    before = _rss_bytes()
+    run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"rise": max(0, peak - before)}
+
+
 def run_memory_bench(ns) -> int:
     from ..learning.bptt import bptt
     from ..model.crnn import CRNN
@@ -61,7 +116,7 @@ def run_memory_bench(ns) -> int:
     dtype = getattr(ns, "dtype", "float32")
     quick = getattr(ns, "quick", False)
     xp = get_namespace(backend)
-    arch, shape, batch = ("digits", (1, 8, 8), 16) if quick else ("mnist", (1, 28, 28), 32)
+    arch, shape, batch = _case(quick)
     Ts = (20, 50) if quick else (20, 50, 100, 200)
     net = CRNN(arch, shape, num_classes=10, readout="softmax", activation="half_hard_sigmoid", dtype=dtype, xp=xp)
     rng = np.random.default_rng(0)
@@ -78,4 +133,11 @@ def run_memory_bench(ns) -> int:
     if len(rows) >= 2:
         print(f"EP peak at T={rows[-1][0]} / at T={rows[0][0]}: {rows[-1][1] / max(rows[0][1], 1):.3f}; "
               f"BPTT: {rows[-1][2] / max(rows[0][2], 1):.2f}")
+    if backend_name(xp) != "cupy" and sys.platform.startswith("linux"):
+        T, ep, bp = rows[-1]
+        r_ep = peak_rss_rise("ep", T, quick=quick, dtype=dtype)
+        r_bp = peak_rss_rise("bptt", T, quick=quick, dtype=dtype)
+        print(f"cross-check at T={T}, peak RSS rise in a fresh subprocess: EP {r_ep / 2**20:.2f} MiB "
+              f"(tracemalloc/RSS {ep / max(r_ep, 1):.2f}), BPTT {r_bp / 2**20:.2f} MiB "
+              f"(tracemalloc/RSS {bp / max(r_bp, 1):.2f})")
     return 0
