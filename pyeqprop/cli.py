@@ -157,6 +157,10 @@ def _cmd_bench(ns):
         from .bench.memory import run_memory_bench
 
         return run_memory_bench(ns)
+    if ns.what == "precision":
+        from .bench.precision import run_precision_bench
+
+        return run_precision_bench(ns)
     raise AssertionError(ns.what)
 
 
@@ -208,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     p.set_defaults(func=_cmd_diagnose)
-    p = sub.add_parser("bench", help="benchmarks: ops, ep, memory")
-    p.add_argument("what", choices=("ops", "ep", "memory"))
+    p = sub.add_parser("bench", help="benchmarks: ops, ep, memory, precision")
+    p.add_argument("what", choices=("ops", "ep", "memory", "precision"))
     p.add_argument("--repeats", type=int, default=5, help="timed runs per contender (after one warm-up); the median "
                                                           "is reported")
     p.add_argument("--peer", choices=("none", "torch"), default="none",
