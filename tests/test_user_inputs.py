@@ -216,6 +216,7 @@ def test_a_bad_boolean_is_a_usage_error(capsys):
 
     with pytest.raises(SystemExit) as info:
         build_study_parser().parse_args(["--augment", "maybe"])
-    assert info.value.code == 2 and "'maybe'" in capsys.readouterr().err
+    assert info.value.code == 2
+    assert "argument --augment: expected true or false, got 'maybe'" in capsys.readouterr().err
     assert main(["train", "--augment", "maybe"]) == 2
     assert error_line(capsys) == "error: config key 'augment' has value 'maybe'; expected true or false"

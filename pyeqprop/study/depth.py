@@ -300,10 +300,18 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
     return summary
 
 
+def _boolean(text) -> bool:
+    """A boolean flag's value as ``pyeqprop train`` reads it (true/false, 1/0, yes/no); argparse's error otherwise."""
+    from ..train.config import ConfigError, parse_bool
+
+    try:
+        return parse_bool(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_study_parser() -> argparse.ArgumentParser:
     """The flags of ``pyeqprop study depth``."""
-    from ..train.config import parse_bool
-
     p = argparse.ArgumentParser(prog="pyeqprop study depth")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--arch", default=None, help="one architecture (paper scale, e.g. vgg11) instead of shallow+deep")
@@ -323,9 +331,9 @@ def build_study_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backend", default=None, help="array backend (default: $PYEQPROP_BACKEND, else numpy)")
     # booleans as in `pyeqprop train`: --augment alone is true, --augment true / --augment false say it
-    p.add_argument("--augment", nargs="?", const=True, default=False, type=parse_bool, metavar="BOOL",
+    p.add_argument("--augment", nargs="?", const=True, default=False, type=_boolean, metavar="BOOL",
                    help="augment training batches (random crop and flip)")
-    p.add_argument("--download", nargs="?", const=True, default=False, type=parse_bool, metavar="BOOL",
+    p.add_argument("--download", nargs="?", const=True, default=False, type=_boolean, metavar="BOOL",
                    help="CIFAR: fetch the archive when it is not found")
     p.add_argument("--data-root", default="", help="CIFAR folder or archive location (else $PYEQPROP_DATA)")
     p.add_argument("--settings", default=",".join(SETTINGS))
