@@ -21,6 +21,7 @@
 # per-epoch history that the run folder's `metrics.jsonl` holds.
 
 # %%
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +33,7 @@ from pyeqprop.train.config import TrainConfig
 from pyeqprop.train.loop import train
 
 CI = os.environ.get("PYEQPROP_NOTEBOOK_CI") == "1"  # set by tests/test_notebooks.py
+logging.basicConfig(level=logging.INFO, format="%(message)s")  # show the library's progress lines (logger pyeqprop)
 
 # ---- FULL_JOB: True runs the default job of `pyeqprop train` (30 epochs, T1 = 30, T2 = 10,
 # a 20-epoch teacher; minutes on a laptop). CI runs a 3-epoch version with fewer steps. ----

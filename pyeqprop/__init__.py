@@ -5,11 +5,17 @@ Layers: ``backend`` → ``ops`` (primitives and adjoints) → ``model`` (layers,
 energy, the teacher) → ``learning`` (settling, estimators, BPTT, signals) → the application
 (``data``, ``train``, ``diagnostics``, ``study``, ``bench``, ``conformance``, ``cli``).
 """
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _distribution_version
+
 from . import backend, ops
 from .backend import set_backend, to_numpy
 from .learning import Estimate, bptt, bptt_gradients, ep_estimate, ep_gradients, estimate, settle
 from .model import CRNN, Nudge
 
-__version__ = "0.1.0"
+try:  # one version: pyproject.toml's, as installed (``pyeqprop --version`` prints the same)
+    __version__ = _distribution_version("pyeqprop")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 __all__ = ["CRNN", "Nudge", "settle", "ep_gradients", "ep_estimate", "estimate", "Estimate", "bptt_gradients",
            "bptt", "set_backend", "to_numpy", "backend", "ops"]

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "Array",
     "BACKENDS",
     "DTYPES",
     "BackendError",
@@ -34,10 +36,19 @@ __all__ = [
     "to_numpy",
     "asarray",
     "cupy_available",
+    "default_backend_name",
+    "dtype_name",
+    "ENV_VAR",
 ]
 
 BACKENDS = ("numpy", "cupy", "array_api_strict")  # the names get_namespace / set_backend accept
 DTYPES = ("float32", "float64")  # floating dtypes, by name, that networks (states, parameters) run in
+
+Array = Any
+"""An array of any supported namespace (``numpy.ndarray``, ``cupy.ndarray``, ``array_api_strict`` arrays), in
+annotations: the Array API standard has no one array type to name."""
+
+ENV_VAR = "PYEQPROP_BACKEND"  # the environment variable that names the process default
 
 _default_name: str | None = None
 
@@ -101,10 +112,58 @@ def set_backend(name: str) -> ModuleType:
     return xp
 
 
+def default_backend_name() -> str:
+    """The name of the process default: :func:`set_backend`'s, else ``$PYEQPROP_BACKEND``, else "numpy".
+
+    Raises :class:`BackendError` naming the variable when ``$PYEQPROP_BACKEND`` is not one of
+    :data:`BACKENDS` (whether that backend can be loaded here is :func:`get_namespace`'s concern).
+    """
+    if _default_name:
+        return _default_name
+    name = os.environ.get(ENV_VAR, "").strip()
+    if not name:
+        return "numpy"
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)} (set in ${ENV_VAR})")
+    return name
+
+
 def get_backend() -> ModuleType:
     """The process-default namespace: :func:`set_backend`, else ``$PYEQPROP_BACKEND``, else numpy."""
-    name = _default_name or os.environ.get("PYEQPROP_BACKEND", "numpy") or "numpy"
-    return _load(name)
+    return _load(default_backend_name())
+
+
+def dtype_name(dtype, xp: ModuleType | None = None) -> str:
+    """The name in :data:`DTYPES` of a floating dtype given as a string, a NumPy type or dtype
+    (``np.float32``, ``np.dtype("float64")``) or a dtype of the namespace ``xp`` (``xp.float32``).
+
+    Raises ``ValueError`` naming the value for anything else.
+    """
+    import warnings
+
+    if isinstance(dtype, str) or dtype is None:  # None: np.dtype(None) would be float64
+        name = dtype
+    else:
+        name = None
+        for candidate in DTYPES if xp is not None else ():
+            with warnings.catch_warnings():  # array_api_strict warns when compared with a NumPy dtype
+                warnings.simplefilter("ignore")
+                try:
+                    same = bool(dtype == getattr(xp, candidate))
+                except TypeError:
+                    same = False
+            if same:
+                name = candidate
+                break
+        if name is None:
+            try:
+                name = np.dtype(dtype).name  # np.float32, np.dtype("float64"); cupy.float32 is np.float32
+            except TypeError:
+                pass
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be {' or '.join(map(repr, DTYPES))} (a name, a NumPy dtype or a dtype of "
+                         f"the network's namespace), got {dtype!r}")
+    return name
 
 
 def resolve(xp: ModuleType | str | None) -> ModuleType:
@@ -121,7 +180,8 @@ def resolve(xp: ModuleType | str | None) -> ModuleType:
 def namespace_of(*arrays) -> ModuleType:
     """Namespace shared by ``arrays`` (``None`` entries are ignored).
 
-    Raises ``TypeError`` naming both namespaces when arrays from different libraries are mixed.
+    Raises ``TypeError`` naming the type of an entry that is not an array (a list), or both namespaces
+    when arrays from different libraries are mixed.
     """
     from array_api_compat import array_namespace
 
@@ -131,6 +191,12 @@ def namespace_of(*arrays) -> ModuleType:
     try:
         return array_namespace(*present)
     except TypeError as exc:
+        from array_api_compat import is_array_api_obj
+
+        other = [a for a in present if not is_array_api_obj(a)]
+        if other:
+            raise TypeError(f"expected an array (numpy, cupy or array_api_strict), got {type(other[0]).__name__}; "
+                            "convert it first, e.g. with numpy.asarray or pyeqprop.backend.asarray") from None
         kinds = sorted({type(a).__module__ + "." + type(a).__name__ for a in present})
         raise TypeError(
             f"arrays from different namespaces were mixed in one call: {kinds}; "
@@ -148,7 +214,7 @@ def backend_name(xp: ModuleType) -> str:
     return "numpy"
 
 
-def asarray(a, *, xp: ModuleType | str | None = None, dtype=None):
+def asarray(a, *, xp: ModuleType | str | None = None, dtype=None) -> Array:
     """Move host data (NumPy arrays, lists) onto the namespace ``xp`` (default: process backend)."""
     xp = resolve(xp)
     if dtype is not None and isinstance(dtype, str):
@@ -158,7 +224,7 @@ def asarray(a, *, xp: ModuleType | str | None = None, dtype=None):
     return xp.asarray(a, dtype=dtype)
 
 
-def to_numpy(a) -> np.ndarray:
+def to_numpy(a: Array) -> np.ndarray:
     """Copy any supported array to a host NumPy array (the one way back to host)."""
     if isinstance(a, np.ndarray):
         return a

@@ -8,6 +8,7 @@ with 3, an interrupted one (Ctrl-C) with 130.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 __all__ = ["main"]
@@ -62,10 +63,12 @@ def _add_train_flags(p):
     p.formatter_class = _OptionHelpFormatter
     p.add_argument("--config", metavar="FILE", help="TOML file with any of the keys below")
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its latest checkpoint")
-    group = p.add_argument_group("configuration keys (flags override the config file)")
+    group = p.add_argument_group("configuration keys (flags override the config file; a boolean flag alone "
+                                 "means true: --augment is --augment true)")
     for opt in OPTIONS.values():
+        extra = {"nargs": "?", "const": "true"} if opt.type is bool else {}
         action = group.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.metavar,
-                                    help=opt.help.replace("%", "%%"))
+                                    help=opt.help.replace("%", "%%"), **extra)
         action.option = opt  # read by _OptionHelpFormatter
 
 
@@ -118,9 +121,9 @@ def _cmd_evaluate(ns):
     from .train.evaluate import evaluate_run, gradient_agreement
 
     if ns.gradients:
-        gradient_agreement(ns.path, batches=ns.gradients, dataset=ns.dataset)
+        gradient_agreement(ns.path, batches=ns.gradients, dataset=ns.dataset, backend=ns.backend)
         return 0
-    evaluate_run(ns.path, dataset=ns.dataset)
+    evaluate_run(ns.path, dataset=ns.dataset, backend=ns.backend)
     return 0
 
 
@@ -177,17 +180,23 @@ def _cmd_study(ns):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .backend import BACKENDS, DTYPES
 
     parser = argparse.ArgumentParser(prog="pyeqprop", description="Equilibrium Propagation for convolutional CRNNs "
                                      "(reference implementation). Run 'pyeqprop train' for the default job.")
+    parser.add_argument("--version", action="version", version=f"pyeqprop {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("train", help="train a CRNN with EP (default: digits, symmetric EP + local errors + distillation)")
     _add_train_flags(p)
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("evaluate", help="test accuracy of a run folder or checkpoint")
     p.add_argument("path", metavar="RUN_OR_CHECKPOINT")
-    p.add_argument("--dataset", default=None)
+    p.add_argument("--dataset", default=None, help="data set to score on (default: the run's own); it must have "
+                                                    "the run's input shape and classes")
+    p.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="array backend to evaluate on (default: the run's own); checkpoints hold host arrays, so "
+                        "a run trained on cupy can be evaluated with --backend numpy")
     p.add_argument("--gradients", type=int, default=0, metavar="N",
                    help="instead: the run's gradient estimate against the equilibrium gradient (Eq. 5.7) on its "
                         "first N training batches, cosine and norm ratio per layer")
@@ -239,12 +248,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ConsoleHandler(logging.Handler):
+    """The library's log records as the CLI prints them: INFO as plain lines on stdout, warnings and
+    errors on stderr as ``warning: …``. The streams are looked up at each record (tests swap them)."""
+
+    def emit(self, record):
+        try:
+            msg = self.format(record)
+            if record.levelno >= logging.WARNING:
+                print(f"{record.levelname.lower()}: {msg}", file=sys.stderr, flush=True)
+            else:
+                print(msg, flush=True)
+        except Exception:  # noqa: BLE001 - logging's own convention
+            self.handleError(record)
+
+
+def _console_logging():
+    """Route the ``pyeqprop`` logger to the console for one command; returns a function that undoes it."""
+    logger = logging.getLogger("pyeqprop")
+    handler = _ConsoleHandler()
+    previous = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    def undo():
+        logger.removeHandler(handler)
+        logger.setLevel(previous[0])
+        logger.propagate = previous[1]
+
+    return undo
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     if not getattr(ns, "command", None):
         parser.print_help()
         return EXIT_USAGE
+    undo_logging = _console_logging()
     try:
         return int(ns.func(ns) or 0)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns by itself)
@@ -256,6 +298,8 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        undo_logging()
 
 
 if __name__ == "__main__":

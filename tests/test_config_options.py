@@ -133,15 +133,24 @@ def test_a_value_outside_the_range_is_rejected_and_its_edge_accepted(name, tmp_p
 
 
 @pytest.mark.parametrize("name, value, expected", [
-    ("beta", 0.0, "a number > 0"),
+    ("beta", 0.0, "a finite number > 0"),
     ("T1", 0, "an integer >= 1"),
     ("T_eval", -1, "an integer >= 0"),
     ("test_fraction", 1.0, "a number in (0, 1)"),
     ("momentum", 1.0, "a number in [0, 1)"),
-    ("weight_decay", -1e-9, "a number >= 0"),
-    ("weight_decay", float("nan"), "a number >= 0"),
-    ("lr", [0.1, 0.0], "a number > 0 or a list of such numbers"),
-    ("lr", [], "a number > 0 or a list of such numbers"),
+    ("weight_decay", -1e-9, "a finite number >= 0"),
+    ("weight_decay", float("nan"), "a finite number >= 0"),
+    ("lr", [0.1, 0.0], "a finite number > 0 or a list of such numbers"),
+    ("lr", [], "a finite number > 0 or a list of such numbers"),
+    # issue 15: NaN and inf pass no float option, and these bounds were missing
+    ("beta", float("inf"), "a finite number > 0"),
+    ("lr", [0.1, float("inf")], "a finite number > 0 or a list of such numbers"),
+    ("lr_min", -1.0, "a finite number >= 0"),
+    ("lr_min", float("nan"), "a finite number >= 0"),
+    ("weight_decay", float("inf"), "a finite number >= 0"),
+    ("seed", -1, "an integer >= 0"),
+    ("cosine_epochs", -2, "an integer >= -1"),
+    ("local_grid", 0, "an integer >= 1"),
 ])
 def test_range_messages_read_as_before(name, value, expected):
     with pytest.raises(ConfigError) as info:
@@ -178,7 +187,7 @@ AWKWARD = {
     "local_layers": "1,3", "local_weight": 2.5, "local_grid": 3, "local_loss": "mse", "kd_layers": "none",
     "kd_weight": 0.3333333333333333, "kd_normalisation": "sum", "output_kd_weight": 0.5, "temperature": 1e3,
     "signal_init": "uniform", "teacher_epochs": 0, "teacher_lr": 0.07, "teacher_batch_size": 5,
-    "teacher_weight_scale": 4.0, "teacher": "C:\\teachers\\t.npz", "backend": "array_api_strict", "seed": -12,
+    "teacher_weight_scale": 4.0, "teacher": "C:\\teachers\\t.npz", "backend": "array_api_strict", "seed": 2**40 + 1,
     "out": 'runs/a "b" \\ c\nd\x7f\x01 ß', "progress": "bar", "checkpoint_every": 3,
 }
 
@@ -206,7 +215,7 @@ def test_config_toml_is_flat_commented_and_keeps_the_old_value_lines():
     for i, line in enumerate(lines):
         if not line.startswith("#"):  # the comment right above names the option's help, default and rule
             assert lines[i - 1] == "# " + OPTIONS[line.split(" = ")[0]].describe()
-    assert "# nudging strength β of Eq. 3.6" in text and "(default 0.5; a number > 0)" in text
+    assert "# nudging strength β of Eq. 3.6" in text and "(default 0.5; a finite number > 0)" in text
 
 
 # what the code before OPTIONS wrote into config.toml (flat, no comments): it must still load
@@ -300,12 +309,13 @@ def test_help_lists_every_flag_with_its_help_default_and_allowed_values(command)
     for opt in OPTIONS.values():
         assert opt.flag in entries, opt.flag
         text = entries[opt.flag]
-        assert text.startswith(opt.metavar + " |"), (opt.flag, text)
+        shown = f"[{opt.metavar}]" if opt.type is bool else opt.metavar  # a boolean flag alone means true
+        assert text.startswith(shown + " |"), (opt.flag, text)
         assert opt.help in text, (opt.flag, text)
         assert opt.describe() in text, (opt.flag, text)
     assert "one of " + ", ".join(PADDING_MODES) in entries["--augment-padding-mode"]
     assert "default 'symmetric'; one of symmetric, one-sided, random-sign, bptt" in entries["--estimator"]
-    assert "default 0.05; a number > 0" in entries["--lr"]
+    assert "default 0.05; a finite number > 0" in entries["--lr"]
 
 
 def test_building_the_parser_does_not_import_the_data_package():

@@ -138,6 +138,9 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "EP+KD" in out and "conv2" in out and "teacher: trained 1 epoch(s) on 32 samples" in out
     assert plot.read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(SystemExit, match="unknown setting"):
-        ns = build_parser().parse_args(["diagnose", "--settings", "EP,EP+foo", "--dataset", "synthetic"])
-        ns.func(ns)
+    from pyeqprop.cli import main
+
+    # a usage error: one error line and exit status 2, as everywhere in the CLI (it was a SystemExit, status 1)
+    assert main(["diagnose", "--settings", "EP,EP+foo", "--dataset", "synthetic"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown setting(s) ['EP+foo']") and len(err.splitlines()) == 1, err

@@ -57,6 +57,21 @@ def test_wheel_contains_the_manifest_and_every_vector(wheel):
             assert z.read(f"{VECTORS}/{f}") == (ROOT / VECTORS / f).read_bytes(), f
 
 
+def test_wheel_ships_py_typed_and_no_unused_dependency(wheel):
+    """PEP 561's marker is in the wheel, and its hard requirements are what the package imports (scipy was
+    required and never imported; tqdm draws the progress bars; threadpoolctl gives each batch shard one BLAS
+    thread, Eq. 4.7)."""
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert "pyeqprop/py.typed" in names
+        (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        text = z.read(meta).decode()
+    hard = sorted(line.split(":", 1)[1].split(">")[0].split("<")[0].strip() for line in text.splitlines()
+                  if line.startswith("Requires-Dist:") and "extra ==" not in line and "python_version" not in line)
+    assert hard == ["array-api-compat", "numpy", "threadpoolctl", "tqdm"], hard
+    assert "Provides-Extra: data" in text and "Provides-Extra: mnist5k" in text
+
+
 def test_installed_wheel_runs_conformance(wheel, tmp_path):
     """Installed with ``pip install --target`` (no editable hook, no checkout on the path), the package finds
     its vectors by ``importlib.resources`` and passes every case."""

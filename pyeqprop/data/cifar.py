@@ -181,8 +181,9 @@ def _load(spec: CifarSpec, *, root, download, base_url, md5, timeout, progress) 
         if not download:
             looked = ", ".join(str(p) for p in _candidates(spec, root))
             raise FileNotFoundError(
-                f"{spec.name} not found (looked in: {looked}); pass download=True to fetch {url}, "
-                f"or point ${spec.env} (or root=) at {spec.archive} or the extracted {spec.folder}/ folder")
+                f"{spec.name} not found (looked in: {looked}); to fetch {url}: pyeqprop train --download true "
+                f"(download=True in Python), or point ${spec.env} (or --data-root, root=) at {spec.archive} or the "
+                f"extracted {spec.folder}/ folder")
         dest = data_root(root) / spec.archive
         source = _download(url, dest, md5 or spec.md5, timeout=timeout, progress=progress)
         meta["url"] = url

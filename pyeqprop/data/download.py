@@ -1,25 +1,20 @@
-"""Fetching archives over HTTP(S), with an MD5 check and an atomic rename.
+"""Fetching archives over HTTP(S) with pooch: an MD5 check, a cache and an atomic rename.
 
-:func:`download` streams ``url`` into a temporary file in the destination folder, checks the
-byte count against ``Content-Length`` and the MD5 against the expected value, and only then
-renames the temporary file to ``dest`` (``os.replace``, atomic on one file system). Whatever
-goes wrong, no file is left at ``dest`` and the temporary file is removed, so a later call
-never mistakes half an archive for a cached one.
+:func:`download` hands ``url`` to :func:`pooch.retrieve`, which streams it into a temporary
+file in the destination folder, checks the MD5 against the expected value, and only then moves
+the temporary file to ``dest``. Whatever goes wrong, no file is left at ``dest`` (an older one
+stays as it was) and the temporary file is removed, so a later call never mistakes half an
+archive for a cached one. A body shorter than its ``Content-Length`` is an error (requests
+enforces the length).
 
-A file already at ``dest`` whose MD5 matches is returned as is, without any request.
-
-Only the standard library is used (``urllib.request``); there are no retries: a failure is
-reported with the URL and the reason and the caller decides.
+A file already at ``dest`` whose MD5 matches is returned as is, without any request (pooch's
+cache). There are no retries: a failure is reported with the URL and the reason and the caller
+decides. pooch (and requests, which it uses) come with the ``data`` extra.
 """
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
-import socket
-import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -56,6 +51,29 @@ def md5_of(path: str | os.PathLike, *, chunk_size: int = CHUNK_SIZE) -> str:
     return h.hexdigest()
 
 
+class _Progress:
+    """pooch's progress-bar protocol (``total``, ``update``, ``reset``, ``close``) feeding a
+    ``progress(bytes_so_far, total_or_None)`` callback; pooch counts whole chunks, so the count is
+    clamped to the announced total."""
+
+    def __init__(self, callback):
+        self.callback = callback
+        self.total = None
+        self.done = 0
+
+    def update(self, n):
+        self.done += int(n)
+        total = self.total or None
+        if self.callback is not None:
+            self.callback(min(self.done, total) if total else self.done, total)
+
+    def reset(self):
+        self.done = 0
+
+    def close(self):
+        pass
+
+
 def download(
     url: str,
     dest: str | os.PathLike,
@@ -71,8 +89,8 @@ def download(
     url : the address (``http://`` or ``https://``).
     dest : the final file path; its folder is created when missing.
     md5 : expected hex digest (case-insensitive).
-    timeout : seconds for connecting and for each read (``urlopen``'s timeout).
-    progress : called as ``progress(bytes_so_far, total_or_None)`` after each chunk.
+    timeout : seconds for connecting and for each read (requests' timeout).
+    progress : called as ``progress(bytes_so_far, total_or_None)`` as chunks arrive.
 
     Behaviour
     ---------
@@ -84,63 +102,32 @@ def download(
     * The MD5 differs: :class:`ChecksumError` naming the URL and both digests.
 
     In every failure case the temporary file is deleted and ``dest`` is untouched.
+    Needs pooch (``pip install pooch``, in the ``data`` extra): an ``ImportError`` saying so otherwise.
     """
+    try:
+        import pooch
+        import requests
+    except ImportError as exc:
+        raise ImportError(f"downloading {url} needs pooch: pip install pooch (it is in the 'data' extra: "
+                          f"pip install 'pyeqprop[data]')") from exc
     dest = Path(dest)
     expected = md5.strip().lower()
-    if dest.is_file() and md5_of(dest) == expected:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
+    bar = _Progress(progress)
+    fetch = pooch.HTTPDownloader(progressbar=bar, timeout=timeout, chunk_size=CHUNK_SIZE)
     try:
-        with os.fdopen(fd, "wb") as out:
-            got_md5, received, total = _stream(url, out, timeout=timeout, progress=progress)
-        if total is not None and received != total:
-            raise DownloadError(
-                f"incomplete download from {url}: received {received} of {total} bytes "
-                "(the server closed the connection early); nothing was saved"
-            )
-        if got_md5 != expected:
-            raise ChecksumError(
-                f"MD5 mismatch for {url}: expected {expected}, got {got_md5} "
-                f"({received} bytes); the file was discarded"
-            )
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dest
-
-
-def _stream(url, out, *, timeout, progress) -> tuple[str, int, int | None]:
-    """Copy the body of ``url`` into the open file ``out``; return (md5, bytes, Content-Length)."""
-    h = hashlib.md5()
-    received = 0
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length is not None and length.isdigit() else None
-            while True:
-                chunk = resp.read(CHUNK_SIZE)
-                if not chunk:
-                    break
-                out.write(chunk)
-                h.update(chunk)
-                received += len(chunk)
-                if progress is not None:
-                    progress(received, total)
-    except urllib.error.HTTPError as exc:
-        raise DownloadError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
-    except urllib.error.URLError as exc:
-        raise DownloadError(f"download of {url} failed: {exc.reason}") from exc
-    except http.client.IncompleteRead as exc:
-        raise DownloadError(
-            f"incomplete download from {url}: received {received + len(exc.partial)} bytes, "
-            f"{exc.expected} more were announced; nothing was saved"
-        ) from exc
-    except (http.client.HTTPException, socket.timeout, ConnectionError) as exc:
-        raise DownloadError(
-            f"download of {url} failed after {received} bytes: {type(exc).__name__}: {exc}"
-        ) from exc
-    return h.hexdigest(), received, total
+        got = pooch.retrieve(url, known_hash=f"md5:{expected}", fname=dest.name, path=dest.parent,
+                             downloader=fetch)
+    except ValueError as exc:  # pooch: the hash of the downloaded file differs
+        if "hash" not in str(exc):
+            raise
+        raise ChecksumError(f"MD5 mismatch for {url}: {exc}; the file was discarded") from None
+    except requests.exceptions.HTTPError as exc:
+        resp = exc.response
+        raise DownloadError(f"download of {url} failed: HTTP {resp.status_code} {resp.reason}") from None
+    except requests.exceptions.ChunkedEncodingError as exc:  # the body ended before Content-Length
+        announced = f"of {bar.total} announced bytes " if bar.total else ""
+        raise DownloadError(f"incomplete download from {url}: the server closed the connection before all "
+                            f"{announced}arrived ({exc}); nothing was saved") from None
+    except requests.exceptions.RequestException as exc:
+        raise DownloadError(f"download of {url} failed: {type(exc).__name__}: {exc}") from None
+    return Path(got)

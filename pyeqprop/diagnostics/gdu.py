@@ -328,7 +328,7 @@ def run_gdu_cli(args) -> int:
     except ValueError:
         shape = ()
     if len(shape) != 3:
-        raise SystemExit(f"--input-shape must be c,h,w, got {args.input_shape!r}")
+        raise ValueError(f"--input-shape must be three integers c,h,w, got {args.input_shape!r}")
 
     def make(scale):
         return CRNN(args.arch, shape, num_classes=args.num_classes, readout=args.readout,

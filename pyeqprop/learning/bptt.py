@@ -33,9 +33,14 @@ and a sweep's per-step quantities are the sums of its two blocks' terms (μ of b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from ..backend import Array
 from .costs import mean_cost_gradients
 from .settle import SCHEDULES, residual, sweep
+
+if TYPE_CHECKING:
+    from ..model.crnn import CRNN
 
 __all__ = ["BPTTResult", "bptt", "bptt_gradients"]
 
@@ -50,7 +55,8 @@ class BPTTResult:
     residual: float = float("nan")
 
 
-def bptt(net, x, y, *, T, per_step=False, schedule="synchronous") -> BPTTResult:
+def bptt(net: CRNN, x: Array, y: Array, *, T: int, per_step: bool = False,
+         schedule: str = "synchronous") -> BPTTResult:
     """Exact gradient of the batch-mean cost after T free steps from zero (Eqs. 5.1-5.4, 5.6).
 
     Parameters
@@ -141,6 +147,6 @@ def _bptt_gauss_seidel(net, x, y, T, per_step) -> BPTTResult:
     return BPTTResult(grads, loss, theta_steps, state_steps, sT, last_res)
 
 
-def bptt_gradients(net, x, y, *, T):
+def bptt_gradients(net: CRNN, x: Array, y: Array, *, T: int) -> dict[str, Array]:
     """∂/∂θ of (1/n) Σ_n C(s_T) after T free steps from zero, keyed like ``net.params`` (Eq. 5.1-5.4)."""
     return bptt(net, x, y, T=T).grads

@@ -30,14 +30,20 @@ enter Φ^β as −β ∂C/∂θ, so the same formulas give them ∂C/∂θ at th
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..backend import Array
 from .bptt import bptt
 from .implicit import equilibrium_gradient
 from .settle import FIXED, Settled, Settling, settle
 from .shards import sharded
+
+if TYPE_CHECKING:
+    from ..model.crnn import CRNN
 
 __all__ = ["ESTIMATORS", "EP_ESTIMATORS", "Estimate", "estimate", "ep_estimate", "ep_gradients", "draw_sign",
            "symmetric", "one_sided", "random_sign", "bptt_estimate", "implicit_estimate"]
@@ -65,12 +71,16 @@ class Estimate:
         return [self.free, *self.nudged]
 
 
-def _check(beta, T1, T2):
-    if not (isinstance(beta, (int, float)) and beta > 0 and np.isfinite(beta)):
+def _check(beta, T1, T2) -> float:
+    """β as a Python float (a NumPy scalar such as ``np.float64(0.5)`` would promote a float32 network's
+    gradients to float64), after checking it and the step counts."""
+    if not (isinstance(beta, numbers.Real) and not isinstance(beta, (bool, np.bool_)) and beta > 0
+            and np.isfinite(beta)):
         raise ValueError(f"beta must be a positive finite number (its sign is set by the estimator), got {beta!r}")
     for name, T in (("T1", T1), ("T2", T2)):
         if int(T) != T or T < 1:
             raise ValueError(f"{name} must be a positive integer, got {T!r}")
+    return float(beta)
 
 
 def _free_phase(net, x, y, T1, free_state, record, settling):
@@ -87,7 +97,7 @@ def _free_phase(net, x, y, T1, free_state, record, settling):
 def symmetric(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False, settling=FIXED) -> Estimate:
     """g = −1/(2βn) [∂Φ^β/∂θ(s^β) − ∂Φ^{−β}/∂θ(s^{−β})] (Eq. 4.2), the difference formed before the
     reductions (Eq. 4.6); error O(β²) (Eq. 4.4)."""
-    _check(beta, T1, T2)
+    beta = _check(beta, T1, T2)
     nudge, free = _free_phase(net, x, y, T1, free_state, record, settling)
     n = x.shape[0]
     plus = settle(net, x, T2, nudge=nudge.at(beta), state=free.state, record=record, settling=settling)
@@ -109,13 +119,13 @@ def _one_sided_at(net, x, y, b, T1, T2, free_state, record, settling) -> Estimat
 def one_sided(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False, settling=FIXED) -> Estimate:
     """g = −1/(βn) [∂Φ^β/∂θ(s^β) − ∂Φ/∂θ(s^0)] (Eq. 4.1), the difference formed before the reductions
     (Eq. 4.6); error O(β) (Eq. 4.4)."""
-    _check(beta, T1, T2)
+    beta = _check(beta, T1, T2)
     return _one_sided_at(net, x, y, beta, T1, T2, free_state, record, settling)
 
 
 def random_sign(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False, settling=FIXED) -> Estimate:
     """Eq. 4.1 at β' = sign·β (Eq. 4.3); ``sign`` (+1 or −1) is drawn by the caller (:func:`draw_sign`)."""
-    _check(beta, T1, T2)
+    beta = _check(beta, T1, T2)
     if sign not in (1, -1):
         raise ValueError(f"the random-sign estimator needs sign +1 or -1 (draw it with draw_sign), got {sign!r}")
     return _one_sided_at(net, x, y, beta if sign == 1 else -beta, T1, T2, free_state, record, settling)
@@ -164,8 +174,9 @@ def draw_sign(rng: np.random.Generator) -> int:
     return 1 if rng.random() < 0.5 else -1
 
 
-def estimate(name, net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False,
-             settling=FIXED, shards=1) -> Estimate:
+def estimate(name: str, net: CRNN, x: Array, y: Array, *, beta: float | None, T1: int, T2: int | None,
+             sign: int | None = None, free_state: list[Array] | None = None, record: bool = False,
+             settling: Settling = FIXED, shards: int = 1) -> Estimate:
     """Run the estimator ``name`` of :data:`ESTIMATORS` on one batch; with ``shards`` > 1 on that many
     contiguous sub-batches in parallel threads, combined by Eq. 4.7 (:func:`~pyeqprop.learning.shards.sharded`)."""
     try:
@@ -176,8 +187,10 @@ def estimate(name, net, x, y, *, beta, T1, T2, sign=None, free_state=None, recor
                    record=record, settling=settling)
 
 
-def ep_estimate(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rng=None, free_state=None,
-                record=False, settling=FIXED, shards=1) -> Estimate:
+def ep_estimate(net: CRNN, x: Array, y: Array, *, beta: float, T1: int, T2: int, estimator: str = "symmetric",
+                sign: int | None = None, rng: np.random.Generator | None = None,
+                free_state: list[Array] | None = None, record: bool = False,
+                settling: Settling = FIXED, shards: int = 1) -> Estimate:
     """Run the free and nudged phases and form the EP estimate (Eqs. 4.1-4.3).
 
     Parameters
@@ -206,7 +219,9 @@ def ep_estimate(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rn
                     settling=settling, shards=shards)
 
 
-def ep_gradients(net, x, y, *, beta, T1, T2, estimator="symmetric", sign=None, rng=None, settling=FIXED, shards=1):
+def ep_gradients(net: CRNN, x: Array, y: Array, *, beta: float, T1: int, T2: int, estimator: str = "symmetric",
+                 sign: int | None = None, rng: np.random.Generator | None = None,
+                 settling: Settling = FIXED, shards: int = 1) -> dict[str, Array]:
     """EP estimate of ∇_θ of the batch-mean cost, keyed like ``net.params`` (Eqs. 4.1-4.3)."""
     return ep_estimate(net, x, y, beta=beta, T1=T1, T2=T2, estimator=estimator, sign=sign, rng=rng,
                        settling=settling, shards=shards).grads

@@ -16,8 +16,12 @@ sweep, odd layers then even layers (Eq. 3.13). :class:`Settling` says which, and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ..backend import to_numpy
+from ..backend import Array, to_numpy
+
+if TYPE_CHECKING:
+    from ..model.crnn import CRNN, Nudge
 
 __all__ = ["SCHEDULES", "CHECK_EVERY", "Settling", "Settled", "settle", "sweep", "residual", "predict",
            "gauss_seidel_blocks"]
@@ -103,7 +107,8 @@ def sweep(net, x, s, nudge, schedule: str):
     return s2, [(first, s, d1), (second, s1, d2)]
 
 
-def settle(net, x, T, *, nudge=None, state=None, record=False, settling: Settling = FIXED) -> Settled:
+def settle(net: CRNN, x: Array, T: int, *, nudge: Nudge | None = None, state: list[Array] | None = None,
+           record: bool = False, settling: Settling = FIXED) -> Settled:
     """Settle ``net`` on input ``x``: steps of s ← ρ(∂Φ^β/∂s) by ``settling`` (Eqs. 3.8, 3.13, 3.14).
 
     Parameters

@@ -28,11 +28,14 @@ neighbouring layers, which makes its Hessian in s symmetric (used by BPTT, Eq. 5
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
-from ..backend import DTYPES, backend_name, device_of, namespace_of, resolve
+from ..backend import Array, backend_name, device_of, dtype_name, namespace_of, resolve, to_numpy
 from ..ops.activations import get_activation
 from .arch import parse_arch
 from .layers import make_layers, param_specs
@@ -40,6 +43,9 @@ from .params import init_params
 from .readout import make_readout
 
 __all__ = ["CRNN", "Drive", "Nudge"]
+
+DType = Any
+"""A floating dtype: "float32"/"float64", a NumPy type or dtype, or a dtype of the network's namespace."""
 
 
 @dataclass
@@ -98,7 +104,7 @@ class CRNN:
         ``mse``: s_L is a dynamical output layer, C = ½‖s_L − onehot(y)‖² (Eq. 3.3);
         ``softmax``: C = CE(softmax(W_out vec(s_L) + b_out), y), not dynamical (Eq. 3.4).
     activation : "hard_sigmoid" | "half_hard_sigmoid"
-    dtype : "float32" | "float64"
+    dtype : "float32" | "float64", or the same as a NumPy type or dtype (``np.float32``) or the namespace's own
     xp : namespace, backend name or None (process default).
     seed : int
         Initialisation seed (Eq. 3.10): every weight and bias is drawn uniform in
@@ -119,11 +125,12 @@ class CRNN:
         The readout first, then any intermediate-signal terms (``add_cost_term``).
     """
 
-    def __init__(self, arch, input_shape, *, num_classes=10, readout="mse", activation="hard_sigmoid",
-                 dtype="float32", xp=None, seed=0, weight_scale=1.0):
+    def __init__(self, arch: str, input_shape: Sequence[int], *, num_classes: int = 10, readout: str = "mse",
+                 activation: str = "hard_sigmoid", dtype: DType = "float32", xp: ModuleType | str | None = None,
+                 seed: int = 0, weight_scale: float = 1.0) -> None:
         self.xp = resolve(xp)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be {' or '.join(map(repr, DTYPES))}, got {dtype!r}")
+        self.check_arguments(arch, input_shape)
+        dtype = dtype_name(dtype, self.xp)
         self.dtype_name = dtype
         self.dtype = getattr(self.xp, dtype)
         self.arch = parse_arch(arch, input_shape, num_classes, readout)
@@ -152,14 +159,14 @@ class CRNN:
         self.params.update(init_params(specs, rng, dtype=self.dtype_name, xp=self.xp, device=self.device,
                                        weight_scale=self.weight_scale))
 
-    def add_cost_term(self, term, weight: float, *, seed: int | None = None):
+    def add_cost_term(self, term: Any, weight: float, *, seed: int | None = None) -> Any:
         """Add an intermediate cost term C_k with weight w_k (Eq. 3.5) and initialise its parameters."""
         rng = np.random.default_rng(self.seed + 1000 + len(self.cost_terms) if seed is None else seed)
         self._init_params(term.param_specs(), rng)
         self.cost_terms.append((float(weight), term))
         return term
 
-    def network_param_names(self):
+    def network_param_names(self) -> list[str]:
         """Names of the parameters that appear in Φ (not only in the cost)."""
         return [s.name for s in param_specs(self.layers)]
 
@@ -180,25 +187,36 @@ class CRNN:
         """0-based indices of the convolutional neuron layers, in order (what ``--local-layers 1,3`` counts)."""
         return [l for l, layer in enumerate(self.layers) if layer.kind == "conv"]
 
-    def state_shapes(self, batch: int):
+    def state_shapes(self, batch: int) -> list[tuple[int, ...]]:
         return [(batch, *shape) for shape in self.arch.state_shapes]
 
-    def init_state(self, batch: int):
+    def init_state(self, batch: int) -> list[Array]:
         """Zero states s_1 … s_L for a batch (the start of every free phase, Eq. 3.8)."""
         return [self.xp.zeros(shape, dtype=self.dtype, device=self.device) for shape in self.state_shapes(batch)]
 
     # ------------------------------------------------------------------ checks
-    def check_input(self, x):
-        """Raise unless x is (n, c, h, w) of the network's input shape, namespace and dtype."""
+    @staticmethod
+    def check_arguments(arch, input_shape) -> None:
+        """Raise a ``TypeError`` naming the value unless ``arch`` is a string and ``input_shape`` a sequence
+        (their contents are :func:`~pyeqprop.model.arch.parse_arch`'s to check)."""
+        if not isinstance(arch, str):
+            raise TypeError(f"arch must be a spec string such as 'c16m-c32m' or a preset name, got {arch!r}")
+        if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__len__"):
+            raise TypeError(f"input_shape must be a sequence (c, h, w) of three integers, got {input_shape!r}")
+
+    def check_input(self, x: Array) -> None:
+        """Raise unless x is a non-empty (n, c, h, w) batch of the network's input shape, namespace and dtype."""
         xp = namespace_of(x)
         if backend_name(xp) != backend_name(self.xp):
             raise TypeError(f"x lives in namespace {backend_name(xp)!r} but the network in {backend_name(self.xp)!r}")
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"x must have shape (n, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); a batch needs at least one sample")
         if x.dtype != self.dtype:
             raise ValueError(f"x has dtype {x.dtype} but the network uses {self.dtype_name}")
 
-    def check_state(self, state, n):
+    def check_state(self, state: list[Array], n: int) -> None:
         """Raise unless ``state`` is a list of L arrays of the state shapes for a batch of n."""
         shapes = self.state_shapes(n)
         if len(state) != len(shapes):
@@ -207,23 +225,35 @@ class CRNN:
             if tuple(s.shape) != shape:
                 raise ValueError(f"state layer {l + 1} must have shape {shape}, got {tuple(s.shape)}")
 
-    def check_labels(self, y, n):
-        """Raise unless y is (n,) integer class labels (their range is not checked here: that costs a host
-        transfer per batch; the teacher checks it)."""
+    def check_labels(self, y: Array, n: int) -> None:
+        """Raise unless y is (n,) integer class labels in 0 … num_classes − 1, in the network's namespace.
+
+        The range check reads the smallest and largest label back to the host: one small transfer
+        per batch, next to the settling's T1 + T2 steps.
+        """
         xp = namespace_of(y)
+        if backend_name(xp) != backend_name(self.xp):
+            raise TypeError(f"y lives in namespace {backend_name(xp)!r} but the network in {backend_name(self.xp)!r}")
         if y.ndim != 1 or y.shape[0] != n:
             raise ValueError(f"y must have shape ({n},), got {tuple(y.shape)}")
         if not xp.isdtype(y.dtype, "integral"):
             raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+        if n == 0:
+            return
+        lo, hi = (int(v) for v in to_numpy(xp.stack([xp.min(y), xp.max(y)])))
+        if lo < 0 or hi >= self.num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"y holds the label {bad}, outside 0 … {self.num_classes - 1} "
+                             f"(the network has num_classes={self.num_classes})")
 
     # ------------------------------------------------------------------ the nudge of a batch
-    def prepare(self, x, y):
+    def prepare(self, x: Array, y: Array | None) -> list:
         """Per-batch cost context: one entry per cost term (one-hot targets, teacher features)."""
         if y is not None:
             self.check_labels(y, x.shape[0])
         return [term.prepare(self.params, x, y) for _, term in self.cost_terms]
 
-    def input_drive(self, x, prep=None):
+    def input_drive(self, x: Array, prep=None) -> tuple:
         """B_1(x) and its argmax: constant while x is, so a batch computes it once (Eq. 3.1)."""
         return self.layers[0].bottom_up(self.params, x, prep)
 
@@ -231,7 +261,7 @@ class CRNN:
         """Each layer's operator built once from the current parameters (:meth:`ConvMap.prepare`)."""
         return tuple(layer.prepare(self.params) for layer in self.layers)
 
-    def nudge(self, x, y=None, beta: float = 0.0) -> Nudge:
+    def nudge(self, x: Array, y: Array | None = None, beta: float = 0.0) -> Nudge:
         """The :class:`Nudge` of a batch: checks x (and y), prepares the cost context, computes B_1(x).
 
         ``y`` may be None for the free dynamics (β = 0); a nudged evaluation needs it.
@@ -248,7 +278,8 @@ class CRNN:
         return self.nudge(x) if nudge is None else nudge
 
     # ------------------------------------------------------------------ Φ and its state gradient
-    def drive(self, x, state, nudge: Nudge | None = None, *, layers=None, known=None) -> Drive:
+    def drive(self, x: Array, state: list[Array], nudge: Nudge | None = None, *, layers: Iterable[int] | None = None,
+              known: dict | None = None) -> Drive:
         """u_l = ∂Φ^β/∂s_l (Eq. 3.7) with the argmaxes used; β from ``nudge`` (0 when None).
 
         ``layers``: the 0-based layers whose u_l is wanted (default all; the others are None in
@@ -294,16 +325,17 @@ class CRNN:
             if w_k != 0.0 and (layers is None or term.layer in layers):
                 yield w_k, term.state_grads(self.params, state, c)
 
-    def dphi_ds(self, x, state, nudge: Nudge | None = None):
+    def dphi_ds(self, x: Array, state: list[Array], nudge: Nudge | None = None) -> list[Array]:
         """∂Φ^β/∂s_l for l = 1 … L, per sample (Eq. 3.7)."""
         return self.drive(x, state, nudge).u
 
-    def step(self, x, state, nudge: Nudge | None = None):
+    def step(self, x: Array, state: list[Array], nudge: Nudge | None = None) -> list[Array]:
         """One synchronous update of every layer, s_l ← ρ(∂Φ^β/∂s_l) (Eq. 3.8)."""
         d = self.drive(x, state, nudge)
         return [self.act.fn(u) for u in d.u]
 
-    def update(self, x, state, nudge: Nudge | None = None, *, layers, known=None):
+    def update(self, x: Array, state: list[Array], nudge: Nudge | None = None, *, layers: Iterable[int],
+               known: dict | None = None) -> tuple[list[Array], Drive]:
         """s_l ← ρ(∂Φ^β/∂s_l) for the 0-based ``layers`` only, the others kept: a block update (Eq. 3.13).
 
         Returns (new state, the drive used); ``known`` as in :meth:`drive`.
@@ -311,7 +343,7 @@ class CRNN:
         d = self.drive(x, state, nudge, layers=layers, known=known)
         return [s if u is None else self.act.fn(u) for s, u in zip(state, d.u)], d
 
-    def cost(self, x, state, nudge: Nudge):
+    def cost(self, x: Array, state: list[Array], nudge: Nudge) -> Array:
         """Total cost C = Σ_k w_k C_k per sample, shape (n,) (Eq. 3.5); needs a nudge built with targets."""
         if nudge is None or nudge.ctx is None:
             raise ValueError("the cost needs targets y")
@@ -323,7 +355,7 @@ class CRNN:
             total = v if total is None else total + v
         return total
 
-    def phi(self, x, state, nudge: Nudge | None = None):
+    def phi(self, x: Array, state: list[Array], nudge: Nudge | None = None) -> Array:
         """Φ^β(x, s; θ) per sample, shape (n,) (Eqs. 3.2, 3.6)."""
         xp = self.xp
         nudge = self._free(x, nudge)
@@ -348,7 +380,7 @@ class CRNN:
     def _accumulate(out, name, g):
         out[name] = g if name not in out else out[name] + g
 
-    def dphi_dtheta(self, x, state, nudge: Nudge | None = None):
+    def dphi_dtheta(self, x: Array, state: list[Array], nudge: Nudge | None = None) -> dict[str, Array]:
         """Σ_batch ∂Φ^β/∂θ at ``state`` for every parameter, keyed like ``params`` (Eq. 3.9).
 
         Cost-only parameters (readout, heads, maps) get −β w_k ∂C_k/∂θ; zero at β = 0.
@@ -374,7 +406,8 @@ class CRNN:
                 out[name] = xp.zeros_like(self.params[name])
         return {k: out[k] for k in self.params}
 
-    def dphi_dtheta_diff(self, x, state, nudge, state2, nudge2):
+    def dphi_dtheta_diff(self, x: Array, state: list[Array], nudge: Nudge, state2: list[Array],
+                         nudge2: Nudge) -> dict[str, Array]:
         """Σ_batch [∂Φ^β/∂θ(s) − ∂Φ^{β2}/∂θ(s2)], the differences formed before the reductions (Eq. 4.6).
 
         What an EP estimator subtracts (Eqs. 4.1-4.3): the two terms are up to 10⁷ times their
@@ -405,7 +438,7 @@ class CRNN:
         return {k: out[k] for k in self.params}
 
     # ------------------------------------------------------------------ frozen-argmax linear parts (BPTT)
-    def hessian_vector(self, mu, indices):
+    def hessian_vector(self, mu: list[Array | None], indices: list) -> list[Array | None]:
         """H μ = ∂²Φ/∂s² · μ at frozen argmaxes ``indices`` (Eq. 5.3).
 
         (H μ)_l = P_l(conv(μ_{l−1}; W_l)) + T_l(μ_{l+1}), with μ_0 = 0 and P_l the selection at
@@ -430,7 +463,8 @@ class CRNN:
             out.append(term)
         return out
 
-    def dphi_dtheta_tangent(self, x, state, mu, indices):
+    def dphi_dtheta_tangent(self, x: Array, state: list[Array], mu: list[Array | None],
+                            indices: list) -> dict[str, Array]:
         """D_s(Σ_batch ∂Φ/∂θ)(s) · μ at frozen argmaxes (Eq. 5.4), keyed by the network's parameters.
 
         By the product rule on Eq. 3.9: ∂/∂W_l ← conv2d_weight_grad(s_{l−1}, P*_l(μ_l)) +
@@ -449,11 +483,11 @@ class CRNN:
         return out
 
     # ------------------------------------------------------------------ inference
-    def logits(self, state):
+    def logits(self, state: list[Array]) -> Array:
         """Readout of a settled state: s_L (mse) or W_out vec(s_L) + b_out (softmax)."""
         return self.readout_term.logits(self.params, state)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"CRNN({self.arch_name!r}, input_shape={self.input_shape}, num_classes={self.num_classes}, "
                 f"readout={self.readout!r}, activation={self.activation!r}, dtype={self.dtype_name!r}, "
                 f"backend={backend_name(self.xp)!r})")

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import DTYPES, asarray, backend_name, device_of, namespace_of, resolve, to_numpy
+from ..backend import asarray, backend_name, device_of, dtype_name, namespace_of, resolve, to_numpy
 from ..ops.activations import get_activation
 from ..ops.softmax import log_softmax, onehot
 from .arch import parse_arch
@@ -106,8 +106,7 @@ class Teacher:
                  xp=None, seed=0, weight_scale=1.0):
         self.xp = resolve(xp)
         self.weight_scale = float(weight_scale)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be {' or '.join(map(repr, DTYPES))}, got {dtype!r}")
+        dtype = dtype_name(dtype, self.xp)
         self.dtype_name = dtype
         self.dtype = getattr(self.xp, dtype)
         self.arch = parse_arch(arch, input_shape, num_classes, "softmax")
@@ -288,8 +287,9 @@ class Teacher:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         correct = 0
         for i in range(0, n, int(batch_size)):
-            xb = self._to_backend(x[i:i + batch_size, ...], self.dtype_name)
-            yb = self._to_backend(y[i:i + batch_size], "int64")
+            hi = min(i + int(batch_size), n)  # the standard leaves an out-of-range slice stop unspecified
+            xb = self._to_backend(x[i:hi, ...], self.dtype_name)
+            yb = self._to_backend(y[i:hi], "int64")
             pred = self.predict(xb)
             correct += int(self.xp.sum(self.xp.astype(pred == self.xp.astype(yb, pred.dtype), self.xp.int64)))
         return correct / n

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..learning.signals import SIGNAL_INITS
 
-__all__ = ["SETTINGS", "run_depth_study", "run_study_cli", "conv_gradient_curve", "summarise"]
+__all__ = ["SETTINGS", "run_depth_study", "run_study_cli", "build_study_parser", "conv_gradient_curve", "summarise"]
 
 # setting -> overrides of TrainConfig
 SETTINGS = {
@@ -300,9 +300,18 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
     return summary
 
 
-def run_study_cli(ns) -> int:
-    from ..train.config import TrainConfig, config_from_mapping
+def _boolean(text) -> bool:
+    """A boolean flag's value as ``pyeqprop train`` reads it (true/false, 1/0, yes/no); argparse's error otherwise."""
+    from ..train.config import ConfigError, parse_bool
 
+    try:
+        return parse_bool(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_study_parser() -> argparse.ArgumentParser:
+    """The flags of ``pyeqprop study depth``."""
     p = argparse.ArgumentParser(prog="pyeqprop study depth")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--arch", default=None, help="one architecture (paper scale, e.g. vgg11) instead of shallow+deep")
@@ -320,9 +329,12 @@ def run_study_cli(ns) -> int:
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--lr", default="0.05")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--backend", default="numpy")
-    p.add_argument("--augment", action="store_true")
-    p.add_argument("--download", action="store_true", help="CIFAR: fetch the archive when it is not found")
+    p.add_argument("--backend", default=None, help="array backend (default: $PYEQPROP_BACKEND, else numpy)")
+    # booleans as in `pyeqprop train`: --augment alone is true, --augment true / --augment false say it
+    p.add_argument("--augment", nargs="?", const=True, default=False, type=_boolean, metavar="BOOL",
+                   help="augment training batches (random crop and flip)")
+    p.add_argument("--download", nargs="?", const=True, default=False, type=_boolean, metavar="BOOL",
+                   help="CIFAR: fetch the archive when it is not found")
     p.add_argument("--data-root", default="", help="CIFAR folder or archive location (else $PYEQPROP_DATA)")
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds; the table gives mean ± std over them")
@@ -332,7 +344,13 @@ def run_study_cli(ns) -> int:
                    help="how heads and maps start (Eq. 6.7; default zeros)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, in worker processes (default 1)")
     p.add_argument("--out", default="study-depth")
-    a = p.parse_args(ns.rest)
+    return p
+
+
+def run_study_cli(ns) -> int:
+    from ..train.config import TrainConfig, config_from_mapping
+
+    a = build_study_parser().parse_args(ns.rest)
     archs = DEFAULT_ARCHS.get(a.dataset.lower(), DEFAULT_ARCHS["digits"])
     if a.arch:
         depths = {"deep": a.arch}
@@ -355,7 +373,8 @@ def run_study_cli(ns) -> int:
         signals["kd_weight"] = a.kd_weight
     base = config_from_mapping({**signals, "dataset": a.dataset, "epochs": a.epochs, "teacher_epochs": a.teacher_epochs,
                                 "T1": a.T1, "T2": a.T2, "beta": a.beta, "lr": a.lr, "batch_size": a.batch_size,
-                                "backend": a.backend, "augment": a.augment, "progress": "none",
+                                **({"backend": a.backend} if a.backend else {}), "augment": a.augment,
+                                "progress": "none",
                                 "download": a.download, "data_root": a.data_root,
                                 "weight_scale": a.weight_scale, "teacher_weight_scale": a.teacher_weight_scale},
                                TrainConfig())

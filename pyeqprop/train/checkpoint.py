@@ -209,6 +209,19 @@ def save_checkpoint(path, *, params: dict, optimizer_state: dict | None = None, 
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, OSError, UnicodeDecodeError)
 
 
+def _check_magic(path) -> None:
+    """A file that is neither a zip (.npz) nor a .npy is not a checkpoint at all: say so, before NumPy
+    guesses it is pickled data. An empty or one-byte file is left to the read (truncated)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return  # reported by the read below
+    if len(head) >= 2 and not head.startswith((b"PK", b"\x93NUMPY")):
+        raise CheckpointError(f"{path} is not a pyeqprop checkpoint: it is not an .npz archive (it begins with "
+                              f"{head!r})")
+
+
 def load_checkpoint(path) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
@@ -224,6 +237,7 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} is a directory, not a file")
+    _check_magic(path)
     try:
         obj = np.load(path, allow_pickle=False)
         if not isinstance(obj, np.lib.npyio.NpzFile):

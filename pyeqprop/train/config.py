@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
+import os
 import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from types import MappingProxyType
 
-from ..backend import BACKENDS, DTYPES
+from ..backend import BACKENDS, DTYPES, ENV_VAR
 from ..learning.shards import CPU_BACKENDS
 from ..model.readout import READOUTS
 from ..learning.estimators import ESTIMATORS
@@ -34,7 +36,7 @@ from ..ops.activations import ACTIVATIONS
 from .progress import PROGRESS_MODES
 
 __all__ = ["TrainConfig", "Option", "OPTIONS", "Imported", "option", "declarations", "ConfigError", "load_toml",
-           "config_from_mapping", "dump_toml"]
+           "config_from_mapping", "dump_toml", "parse_bool"]
 
 
 class ConfigError(ValueError):
@@ -62,8 +64,9 @@ def option(default, help: str, *, choices=None, gt=None, ge=None, lt=None, le=No
 
     Parameters
     ----------
-    default : bool, int, float, str or list of float
-        The default value (a list is copied for every new config).
+    default : bool, int, float, str, list of float, or a function returning one
+        The default value (a list is copied for every new config; a function is called for every
+        new config, e.g. to read an environment variable).
     help : str
         One line: what the option does, its unit or meaning, and its symbol and equation in
         SPEC.md where it has one ("β of Eq. 3.6").
@@ -78,9 +81,16 @@ def option(default, help: str, *, choices=None, gt=None, ge=None, lt=None, le=No
         The field, with the declaration in its ``metadata``.
     """
     metadata = {"help": help, "choices": choices, "gt": gt, "ge": ge, "lt": lt, "le": le}
+    if callable(default):  # read when each config is made (an environment variable)
+        return field(default_factory=default, metadata=metadata)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _default_backend() -> str:
+    """``$PYEQPROP_BACKEND`` when set (checked against the choices by :meth:`TrainConfig.validate`), else numpy."""
+    return os.environ.get(ENV_VAR, "").strip() or "numpy"
 
 
 @dataclass
@@ -143,14 +153,14 @@ class TrainConfig:
                                      "with one per layer (neuron layers, then the readout; Eq. 8.3)", gt=0)
     momentum: float = option(0.9, "momentum μ of SGD (Eq. 8.1); the teacher's SGD uses it too", ge=0, lt=1)
     weight_decay: float = option(5e-4, "weight decay wd of Eq. 8.1, added to the gradient", ge=0)
-    lr_min: float = option(1e-5, "final learning rate η_min of the cosine schedule (Eq. 8.2)")
+    lr_min: float = option(1e-5, "final learning rate η_min of the cosine schedule (Eq. 8.2)", ge=0)
     cosine_epochs: int = option(0, "epochs E of the cosine schedule (Eq. 8.2); 0: all epochs; "
-                                   "-1: constant learning rate")
+                                   "-1: constant learning rate", ge=-1)
     # intermediate signals (Eq. 6.1)
     local_layers: str = option("all", "layers A with a local error head (Eq. 6.1): all (every conv layer), "
                                       "none, or 1-based conv layer numbers such as 1,3")
     local_weight: float = option(0.1, "weight λ_l of every local error cost (Eq. 6.1)", ge=0)
-    local_grid: int = option(2, "pooling grid g of a local error head (Eq. 6.2)")
+    local_grid: int = option(2, "pooling grid g of a local error head (Eq. 6.2)", ge=1)
     local_loss: str = option("ce", "local error cost C^loc_l (Eq. 6.3): cross-entropy (ce) or squared error (mse)",
                              choices=LOCAL_LOSSES)
     kd_layers: str = option("all", "layers D distilled from the teacher (Eq. 6.1): all (every conv layer), "
@@ -170,9 +180,10 @@ class TrainConfig:
                                               "deep teachers with clipped activations need > 1 to train", gt=0)
     teacher: str = option("", "path of a saved teacher (.npz); empty: train one and cache it in the run folder")
     # run
-    backend: str = option("numpy", "array backend the job runs on", choices=BACKENDS)
+    backend: str = option(_default_backend, "array backend the job runs on; the default is $PYEQPROP_BACKEND "
+                                            "when it is set, else numpy", choices=BACKENDS)
     seed: int = option(0, "seed of the initial parameters (Eq. 3.10), the split, the batch order "
-                          "and the augmentation")
+                          "and the augmentation", ge=0)
     out: str = option("", "run folder; empty: runs/<dataset>-<date>-<time>")
     progress: str = option("auto", "progress bar on stderr: auto (when it is a terminal), bar (always) "
                                    "or none", choices=PROGRESS_MODES)
@@ -188,7 +199,12 @@ class TrainConfig:
             value and what was expected.
         """
         for opt in OPTIONS.values():
-            opt.check(getattr(self, opt.name))
+            try:
+                opt.check(getattr(self, opt.name))
+            except ConfigError as exc:
+                if opt.name == "backend" and self.backend == _default_backend() != "numpy":
+                    raise ConfigError(f"{exc} (the value comes from ${ENV_VAR})") from None
+                raise
         if self.shards > 1 and self.backend not in CPU_BACKENDS:
             raise ConfigError(f"config key 'shards' has value {self.shards!r}; expected 1 with backend "
                               f"{self.backend!r}, which runs every operation on its device (threads over shards "
@@ -276,6 +292,8 @@ class Option:
         if lower is None and upper is None:
             return None
         noun = "an integer" if self.type is int else "a number"
+        if self.type is not int and upper is None:  # inf would pass a lower bound alone: say it must be finite
+            noun = "a finite number"
         if lower and upper:
             text = f"{noun} in {lower[0]}{lower[2]:g}, {upper[2]:g}{upper[0]}"
         else:
@@ -295,6 +313,8 @@ class Option:
         return f"{self.help} (default {shown}" + (f"; {rule})" if rule else ")")
 
     def _in_range(self, v) -> bool:
+        if self.type is not int and not math.isfinite(v):  # NaN and ±inf: no float option allows them
+            return False
         return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
                 and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
 
@@ -321,11 +341,10 @@ class Option:
 
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if self.type is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            raise bad("true or false")
+            try:
+                return parse_bool(value)
+            except ConfigError:
+                raise bad("true or false") from None
         if self.type is list:
             if is_number:
                 return [float(value)]
@@ -374,6 +393,23 @@ class Option:
         if self.type is int:
             return repr(int(value))
         return _toml_string(str(value))
+
+
+def parse_bool(text) -> bool:
+    """A boolean written as on the command line or in TOML: true/false, 1/0, yes/no (any case).
+
+    The one spelling of booleans for every subcommand: ``--flag`` alone is true (argparse's
+    ``nargs="?", const=True``), ``--flag true`` and ``--flag false`` say it. Raises
+    :class:`ConfigError` for anything else.
+    """
+    if isinstance(text, bool):
+        return text
+    if isinstance(text, str) and text.strip().lower() in _TRUE + _FALSE:
+        return text.strip().lower() in _TRUE
+    raise ConfigError(f"expected true or false, got {text!r}")
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 def declarations(cls) -> Mapping[str, Option]:

@@ -1,9 +1,12 @@
 """The training data of a job: loaded, normalised on the host (unless augmenting) and moved to the device once."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 __all__ = ["Data", "prepare_data"]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,8 +30,12 @@ class Data:
     y_val: object = None
 
 
-def prepare_data(cfg, xp, dataset=None) -> Data:
-    """Load ``dataset`` (default ``cfg.dataset``), normalise on host (unless augmenting), move it to ``xp`` once."""
+def prepare_data(cfg, xp, dataset=None, *, training: bool = True) -> Data:
+    """Load ``dataset`` (default ``cfg.dataset``), normalise on host (unless augmenting), move it to ``xp`` once.
+
+    With ``training``, a batch size larger than the training split is logged as a warning (every epoch
+    is then one batch of the whole split).
+    """
     import numpy as np
 
     from ..data import load_dataset
@@ -47,6 +54,11 @@ def prepare_data(cfg, xp, dataset=None) -> Data:
         x_va = normalize(xp.asarray(x_host[va], dtype=dtype), ds.mean, ds.std)
         y_va = xp.asarray(y_host[va])
         x_host, y_host = x_host[tr], y_host[tr]
+    if training:
+        for key in ("batch_size",) + (("teacher_batch_size",) if cfg.teacher_epochs > 0 else ()):
+            if getattr(cfg, key) > x_host.shape[0]:
+                _log.warning(f"{key} {getattr(cfg, key)} is larger than the training split ({x_host.shape[0]} "
+                             f"samples of {ds.name}): every epoch is a single batch of {x_host.shape[0]}")
     x_tr = xp.asarray(x_host, dtype=dtype)
     x_te = normalize(xp.asarray(ds.x_test, dtype=dtype), ds.mean, ds.std)
     if not cfg.augment:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from ..backend import BackendError, get_namespace, to_numpy
@@ -11,6 +12,39 @@ from .errors import TrainingError
 from .student import build_network
 
 __all__ = ["accuracy_and_loss", "evaluate_run", "gradient_agreement"]
+
+_log = logging.getLogger(__name__)
+
+
+def _namespace(cfg, backend):
+    """The namespace to evaluate on: ``backend`` when given, else the run's own (``cfg.backend``)."""
+    name = backend or cfg.backend
+    try:
+        return get_namespace(name)
+    except BackendError as exc:
+        hint = "" if backend else "; evaluate on another with --backend (e.g. --backend numpy)"
+        raise TrainingError(f"{exc}{hint}") from None
+
+
+def _load_into(net, ckpt, cfg, data, dataset, path):
+    """Copy the checkpoint's parameters into ``net`` (built for ``data``), naming the data set when another
+    one than the run's does not fit them."""
+    from .checkpoint import CheckpointError, check_compatible
+
+    xp = net.xp
+    try:
+        check_compatible({k: ckpt.params[k] for k in net.params if k in ckpt.params}, net.params)
+    except CheckpointError:
+        if dataset is None or dataset == cfg.dataset:
+            raise
+        detail = next((f"; parameter {k!r} is {tuple(ckpt.params[k].shape)} in the checkpoint, "
+                       f"{tuple(net.params[k].shape)} for {data.name!r}" for k in net.params
+                       if k in ckpt.params and tuple(ckpt.params[k].shape) != tuple(net.params[k].shape)), "")
+        raise CheckpointError(f"{path} was trained on {cfg.dataset!r}; data set {data.name!r} (input "
+                              f"{tuple(data.input_shape)}, {data.num_classes} classes) does not fit its parameters"
+                              f"{detail}; evaluate it on a data set with the run's input shape and classes") from None
+    for k in net.params:
+        net.params[k] = xp.asarray(ckpt.params[k], dtype=net.dtype)
 
 
 def accuracy_and_loss(net, x, y, T, batch_size=256, *, settling=FIXED):
@@ -23,7 +57,8 @@ def accuracy_and_loss(net, x, y, T, batch_size=256, *, settling=FIXED):
     correct, loss = 0, 0.0
     term = net.readout_term
     for lo in range(0, n, batch_size):
-        xb, yb = x[lo:lo + batch_size, ...], y[lo:lo + batch_size]
+        hi = min(lo + batch_size, n)  # the standard leaves an out-of-range slice stop unspecified
+        xb, yb = x[lo:hi, ...], y[lo:hi]
         st = settle(net, xb, T, settling=settling).state
         pred = xp.argmax(net.logits(st), axis=1)
         correct += int(to_numpy(xp.sum(xp.astype(pred == yb, xp.int64))))
@@ -31,10 +66,17 @@ def accuracy_and_loss(net, x, y, T, batch_size=256, *, settling=FIXED):
     return correct / max(n, 1), loss / max(n, 1)
 
 
-def evaluate_run(path, *, dataset=None, log=print):
+def evaluate_run(path, *, dataset: str | None = None, backend: str | None = None, log=None) -> float:
     """Test accuracy of a run folder's best.npz (chosen on the validation split), else its latest.npz,
-    or of a checkpoint file; the log line names the checkpoint, its epoch and the split it scores."""
-    from .checkpoint import CheckpointError, check_compatible, load_checkpoint
+    or of a checkpoint file; the log line names the checkpoint, its epoch and the split it scores.
+
+    ``dataset``: score on another data set of the same input shape and classes; ``backend``: evaluate
+    on another backend than the run's (checkpoints hold host arrays). ``log``: where the line goes
+    (default: this module's logger, at INFO).
+    """
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    log = log or _log.info
     from .config import config_from_mapping
 
     p = Path(path)
@@ -51,16 +93,11 @@ def evaluate_run(path, *, dataset=None, log=print):
     if not ckpt.config:
         raise CheckpointError(f"{p} has no training configuration; it is not a student checkpoint")
     cfg = config_from_mapping({k: v for k, v in ckpt.config.items()})
-    try:
-        xp = get_namespace(cfg.backend)
-    except BackendError as exc:
-        raise TrainingError(str(exc)) from None
-    data = prepare_data(cfg, xp, dataset)
-    net = build_network(cfg, data.input_shape, data.num_classes, xp)
-    sub = {k: ckpt.params[k] for k in net.params if k in ckpt.params}
-    check_compatible(sub, net.params)
-    for k in net.params:
-        net.params[k] = xp.asarray(ckpt.params[k], dtype=net.dtype)
+    xp = _namespace(cfg, backend)
+    data = prepare_data(cfg, xp, dataset, training=False)
+    net = build_network(dataclasses.replace(cfg, backend=backend or cfg.backend), data.input_shape,
+                        data.num_classes, xp)
+    _load_into(net, ckpt, cfg, data, dataset, p)
     acc, loss = accuracy_and_loss(net, data.x_test, data.y_test, cfg.eval_steps, settling=cfg.settling)
     which = {"best.npz": "best on the validation split", "latest.npz": "the latest"}.get(p.name, "checkpoint")
     log(f"{p} ({which}, epoch {ckpt.epoch}): {data.name} test accuracy {100 * acc:.2f}% on the test split "
@@ -68,7 +105,8 @@ def evaluate_run(path, *, dataset=None, log=print):
     return acc
 
 
-def gradient_agreement(path, *, batches=5, dataset=None, log=print) -> list[dict]:
+def gradient_agreement(path, *, batches: int = 5, dataset: str | None = None, backend: str | None = None,
+                       log=None) -> list[dict]:
     """The run's own gradient estimate against the equilibrium gradient (Eq. 5.7) of the same cost.
 
     At the parameters of ``path`` (a run folder's latest.npz, or a checkpoint), for each of the first
@@ -76,7 +114,8 @@ def gradient_agreement(path, *, batches=5, dataset=None, log=print) -> list[dict
     estimator, β, T1, T2, settling and dtype, signals included) and the equilibrium gradient of the
     same total cost computed in float64 at the free phase settled to 1e-9 (at most 3000 steps of the
     run's schedule). Returns one dict per batch: per layer weight the cosine and norm ratio, and
-    whether the reference's free phase and solve converged.
+    whether the reference's free phase and solve converged. ``dataset``, ``backend`` and ``log`` as in
+    :func:`evaluate_run`.
     """
     import numpy as np
 
@@ -93,9 +132,10 @@ def gradient_agreement(path, *, batches=5, dataset=None, log=print) -> list[dict
     p = Path(path)
     run = p if p.is_dir() else p.parent
     ckpt = load_checkpoint(p / "latest.npz" if p.is_dir() else p)
+    log = log or _log.info
     cfg = config_from_mapping(dict(ckpt.config))
-    xp = get_namespace(cfg.backend)
-    data = prepare_data(cfg, xp, dataset)
+    xp = _namespace(cfg, backend)
+    data = prepare_data(cfg, xp, dataset, training=False)
     signals = make_signal_config(cfg)
     teacher = get_teacher(cfg, data, xp, run, log=lambda *a: None) if signals.needs_teacher() else None
     nets = {}

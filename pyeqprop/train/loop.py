@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import signal
 import threading
@@ -345,13 +346,15 @@ def _start(cfg, xp, run, ckpt, resume, log) -> _Job:
     return _Job(run, data, net, opt, teacher_acc)
 
 
-def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=print, max_batches=None) -> RunResult:
+def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=None, max_batches=None) -> RunResult:
     """Run (or resume) a training job described by ``cfg``; returns the history and final accuracies.
 
     ``max_batches`` stops after that many batches in total (a test hook that behaves like Ctrl-C).
     On resume, ``cfg`` may change ``epochs``, the learning rates and other settings; the
-    parameters, momentum buffers, position and history come from RUN/latest.npz.
+    parameters, momentum buffers, position and history come from RUN/latest.npz. ``log`` receives
+    each progress line (default: the ``pyeqprop.train.loop`` logger at INFO; the CLI prints it).
     """
+    log = log or logging.getLogger(__name__).info
     cfg.validate()
     try:
         xp = get_namespace(cfg.backend)
@@ -360,6 +363,11 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
     run, ckpt, prog = _open_run(cfg, resume)
     _ensure_writable(run)
     job = _start(cfg, xp, run, ckpt, resume, log)
+    if ckpt is not None and prog.epoch >= cfg.epochs and prog.batch == 0:  # checked like any resume; nothing left
+        log(f"{run} is already complete ({prog.epoch} of {cfg.epochs} epochs); nothing to resume. To train "
+            f"longer: pyeqprop train --resume {run} --epochs N with N > {prog.epoch}")
+        done = prog.history[-1]["test_acc"] if prog.history else float("nan")
+        return RunResult(run, prog.history, test_acc=done, teacher_test_acc=job.teacher_acc)
     if ckpt is not None:
         log(f"resumed from {run / 'latest.npz'} at epoch {prog.epoch + 1}, batch {prog.batch}")
     # the run folder is written only once the job is known to start: a failed resume leaves it as it was

@@ -1,11 +1,26 @@
 """The EP student of a training job: the CRNN a config describes, its intermediate signals and its rates."""
 from __future__ import annotations
 
+import math
+import os
+
+from ..backend import backend_name
 from ..learning.signals import SignalConfig, attach_signals
+from ..model.arch import parse_arch
 from ..model.crnn import CRNN
+from ..model.layers import make_layers, param_specs
+from ..model.readout import make_readout
+from .config import ConfigError
 from .optim import per_layer_lrs
 
-__all__ = ["make_signal_config", "build_network", "build_student", "learning_rates"]
+__all__ = ["make_signal_config", "build_network", "build_student", "learning_rates", "memory_estimate",
+           "check_memory", "STATE_COPIES", "PARAM_COPIES"]
+
+PARAM_COPIES = 4
+"""Parameter-sized arrays a training step holds: θ, the momentum buffer, the estimate and its scaled copy."""
+STATE_COPIES = 9
+"""State-sized arrays per sample a training step holds: three phases (free, ±β), each its state s, its drive u
+and the bottom-up terms B_l (Eq. 3.7)."""
 
 
 def make_signal_config(cfg) -> SignalConfig:
@@ -16,10 +31,70 @@ def make_signal_config(cfg) -> SignalConfig:
                         temperature=cfg.temperature, init=cfg.signal_init)
 
 
+def memory_estimate(cfg, input_shape, num_classes) -> dict:
+    """Bytes a training step of ``cfg`` needs, from the architecture's shapes alone (nothing is allocated).
+
+    Returns ``{"params": …, "states": …, "total": …}``: :data:`PARAM_COPIES` copies of the parameters
+    (plus the float64 draw of the largest tensor at initialisation, Eq. 3.10) and :data:`STATE_COPIES`
+    copies of the states s_1 … s_L of one batch of ``cfg.batch_size``. An estimate of the order of
+    magnitude, for refusing a job that cannot fit before it starts.
+    """
+    arch = parse_arch(cfg.arch, input_shape, num_classes, cfg.readout)
+    specs = param_specs(make_layers(arch.layers)) + make_readout(cfg.readout, arch, num_classes).param_specs()
+    itemsize = 4 if cfg.dtype == "float32" else 8
+    sizes = [math.prod(spec.shape) for spec in specs]
+    params = PARAM_COPIES * itemsize * sum(sizes) + 8 * max(sizes, default=0)
+    states = STATE_COPIES * itemsize * cfg.batch_size * sum(math.prod(shape) for shape in arch.state_shapes)
+    return {"params": params, "states": states, "total": params + states}
+
+
+def _memory_available(xp) -> int | None:
+    """Total memory of the device ``xp`` computes on (the GPU's for CuPy, RAM otherwise); None if unknown."""
+    try:
+        if backend_name(xp) == "cupy":
+            import cupy
+
+            return int(cupy.cuda.Device().mem_info[1])
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ImportError, AttributeError, ValueError, OSError):
+        return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def check_memory(cfg, input_shape, num_classes, xp) -> None:
+    """Raise :class:`~pyeqprop.train.config.ConfigError` naming the sizes when :func:`memory_estimate`
+    exceeds the device's total memory (a ``MemoryError`` deep inside the first allocation otherwise)."""
+    need = memory_estimate(cfg, input_shape, num_classes)
+    have = _memory_available(xp)
+    if have is not None and need["total"] > have:
+        raise ConfigError(f"arch {cfg.arch!r} needs about {_size(need['total'])} to train at batch size "
+                          f"{cfg.batch_size} in {cfg.dtype} (parameters {_size(need['params'])}, states "
+                          f"{_size(need['states'])}), more than the {_size(have)} of memory on this "
+                          f"{'GPU' if backend_name(xp) == 'cupy' else 'machine'}; choose a smaller --arch or "
+                          "--batch-size")
+
+
 def build_network(cfg, input_shape, num_classes, xp) -> CRNN:
-    """The bare CRNN of ``cfg`` (layers and readout, Eq. 3.10), before any intermediate signal is attached."""
-    return CRNN(cfg.arch, input_shape, num_classes=num_classes, readout=cfg.readout, activation=cfg.activation,
-                dtype=cfg.dtype, xp=xp, seed=cfg.seed, weight_scale=cfg.weight_scale)
+    """The bare CRNN of ``cfg`` (layers and readout, Eq. 3.10), before any intermediate signal is attached.
+
+    Checked first: that it fits in memory (:func:`check_memory`) and that ``cfg.lr`` has one rate or
+    one per layer (Eq. 8.3), so a job fails before its teacher trains, not after.
+    """
+    check_memory(cfg, input_shape, num_classes, xp)
+    net = CRNN(cfg.arch, input_shape, num_classes=num_classes, readout=cfg.readout, activation=cfg.activation,
+               dtype=cfg.dtype, xp=xp, seed=cfg.seed, weight_scale=cfg.weight_scale)
+    try:
+        per_layer_lrs(net.params, cfg.lr, layer_of=net.param_owners())
+    except ValueError as exc:
+        raise ConfigError(f"config key 'lr' has value {cfg.lr!r}: {exc}") from None
+    return net
 
 
 def build_student(cfg, input_shape, num_classes, xp, teacher=None) -> CRNN:

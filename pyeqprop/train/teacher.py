@@ -2,6 +2,7 @@
 ``pyeqprop teacher`` command."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from .errors import TrainingError
 
 __all__ = ["train_teacher", "build_teacher", "get_teacher", "run_teacher_cli"]
 
+_log = logging.getLogger(__name__)
+
 
 def train_teacher(teacher, x, y, *, epochs, lr, momentum=0.9, batch_size=32, seed=0, weight_decay=0.0,
-                  augment=None, mean=None, std=None, lr_min=1e-5, log=print):
+                  augment=None, mean=None, std=None, lr_min=1e-5, log=_log.info, progress="none"):
     """Train ``teacher`` in place by hand-derived backprop (Eq. 7.3) with SGD + momentum (Eq. 8.1).
 
     x, y : the training split on the teacher's backend (x normalised unless ``augment``, a dict
@@ -24,11 +27,15 @@ def train_teacher(teacher, x, y, *, epochs, lr, momentum=0.9, batch_size=32, see
     then normalised with ``mean``/``std``). The learning
     rate follows the cosine schedule (Eq. 8.2) over ``epochs``. Batch order: epoch e uses
     ``default_rng([seed, 10_000 + e])``. Returns the per-epoch mean training loss.
+
+    ``log``: receives about five progress lines (None: silent); ``progress``: a
+    :class:`~pyeqprop.train.progress.ProgressBar` mode for a bar per epoch on stderr.
     """
     from ..data.augment import augment as augment_batch
     from ..data.augment import normalize
     from ..data.batches import iterate_batches
     from .optim import SGD
+    from .progress import ProgressBar
 
     opt = SGD(teacher.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     losses = []
@@ -37,13 +44,16 @@ def train_teacher(teacher, x, y, *, epochs, lr, momentum=0.9, batch_size=32, see
         rng = np.random.default_rng([seed, 10_000 + epoch])
         total, seen = 0.0, 0
         t0 = time.perf_counter()
-        for xb, yb in iterate_batches(x, y, batch_size, shuffle=True, rng=rng, xp=teacher.xp):
+        bar = ProgressBar(-(-x.shape[0] // batch_size), desc=f"teacher epoch {epoch + 1}/{epochs}", mode=progress)
+        for b, (xb, yb) in enumerate(iterate_batches(x, y, batch_size, shuffle=True, rng=rng, xp=teacher.xp)):
             if augment:
                 xb = normalize(augment_batch(xb, rng, **augment), mean, std)
             loss, grads = teacher.loss_and_grads(xb, yb)
             opt.step(grads)
             total += float(loss) * xb.shape[0]
             seen += xb.shape[0]
+            bar.update(b + 1, loss=total / seen)
+        bar.close()
         losses.append(total / max(seen, 1))
         if log is not None and (epoch + 1 == epochs or (epoch + 1) % max(1, epochs // 5) == 0):
             log(f"teacher epoch {epoch + 1}/{epochs}: train loss {losses[-1]:.4f} ({time.perf_counter() - t0:.1f}s)")
@@ -51,7 +61,11 @@ def train_teacher(teacher, x, y, *, epochs, lr, momentum=0.9, batch_size=32, see
 
 
 def build_teacher(cfg, data, xp) -> Teacher:
-    """The untrained teacher of ``cfg``: the student's architecture, feed-forward (Eq. 7.1)."""
+    """The untrained teacher of ``cfg``: the student's architecture, feed-forward (Eq. 7.1); refused before
+    any allocation when it cannot fit in memory (:func:`~pyeqprop.train.student.check_memory`)."""
+    from .student import check_memory
+
+    check_memory(cfg, data.input_shape, data.num_classes, xp)
     return Teacher(cfg.arch, data.input_shape, num_classes=data.num_classes, activation=cfg.activation,
                    dtype=cfg.dtype, xp=xp, seed=cfg.seed, weight_scale=cfg.teacher_weight_scale)
 
@@ -61,12 +75,13 @@ def _teacher_record(cfg, data) -> dict:
             "activation": cfg.activation, "seed": cfg.seed}
 
 
-def get_teacher(cfg, data, xp, run: Path, log=print) -> Teacher:
+def get_teacher(cfg, data, xp, run: Path, log=None) -> Teacher:
     """The job's teacher: ``cfg.teacher`` or ``run/teacher.npz`` when it exists, else trained and saved there.
 
     A saved teacher must fit the data (input shape, classes) and ``cfg.arch``; otherwise a
     :class:`~pyeqprop.train.errors.TrainingError` names the file and what to do.
     """
+    log = log or _log.info
     path = Path(cfg.teacher) if cfg.teacher else Path(run) / "teacher.npz"
     teacher = build_teacher(cfg, data, xp)
     if path.exists():
@@ -87,7 +102,8 @@ def get_teacher(cfg, data, xp, run: Path, log=print) -> Teacher:
     t0 = time.perf_counter()
     train_teacher(teacher, data.x_train, data.y_train, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
                   momentum=cfg.momentum, batch_size=cfg.teacher_batch_size, seed=cfg.seed,
-                  augment=cfg.augment_options if cfg.augment else None, mean=data.mean, std=data.std, log=log)
+                  augment=cfg.augment_options if cfg.augment else None, mean=data.mean, std=data.std, log=log,
+                  progress=cfg.progress)
     save_teacher(path, teacher, _teacher_record(cfg, data))
     log(f"teacher: trained by backprop in {time.perf_counter() - t0:.1f}s, saved to {path}")
     return teacher
@@ -103,7 +119,7 @@ def run_teacher_cli(cfg, save_path) -> int:
     train_teacher(teacher, data.x_train, data.y_train, epochs=max(cfg.teacher_epochs, 1), lr=cfg.teacher_lr,
                   momentum=cfg.momentum, batch_size=cfg.teacher_batch_size, seed=cfg.seed,
                   augment=cfg.augment_options if cfg.augment else None,
-                  mean=data.mean, std=data.std)
+                  mean=data.mean, std=data.std, progress=cfg.progress)
     acc = teacher.accuracy(data.x_test, data.y_test)
     save_teacher(save_path, teacher, _teacher_record(cfg, data))
     print(f"teacher test accuracy {100 * acc:.2f}%; saved to {save_path}")
