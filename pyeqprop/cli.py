@@ -63,8 +63,8 @@ def _add_train_flags(p):
 
     p.formatter_class = _OptionHelpFormatter
     p.add_argument("--config", metavar="FILE", help="TOML file with any of the keys below")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its latest checkpoint (a run that "
-                   "has none starts again); its config.toml and resumes.toml give the settings, flags override")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its latest checkpoint (a run "
+                   "that has none starts again); its config.toml and resumes.toml give the settings, flags override")
     group = p.add_argument_group("configuration keys (flags override the config file)")
     for opt in OPTIONS.values():
         action = group.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.metavar,
@@ -104,7 +104,7 @@ def _cmd_train(ns):
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     if res.interrupted:
-        return 128 + int(res.signal) if res.signal else EXIT_INTERRUPTED
+        return 128 + int(res.signal) if res.signal else EXIT_INTERRUPTED  # EXIT_INTERRUPTED or EXIT_TERMINATED
     line = f"test accuracy: EP student {100 * res.test_acc:.2f}%"
     if res.teacher_test_acc is not None:
         line += f" | backprop teacher (same architecture, feed-forward) {100 * res.teacher_test_acc:.2f}%"

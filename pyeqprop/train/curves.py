@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .errors import TrainingError
 
-__all__ = ["MATPLOTLIB_MISSING", "have_matplotlib", "figure_title", "curves_figure", "plot_curves", "read_metrics", "plot_run"]
+__all__ = ["MATPLOTLIB_MISSING", "have_matplotlib", "figure_title", "curves_figure", "plot_curves", "read_metrics",
+           "plot_run"]
 
 MATPLOTLIB_MISSING = ("curves.png skipped: matplotlib is not installed; pip install 'pyeqprop[plot]' (or "
                       "matplotlib), then draw it with: pyeqprop plot {run}")

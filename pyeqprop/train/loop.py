@@ -60,9 +60,9 @@ from .errors import TrainingDiverged, TrainingError
 from .evaluate import accuracy_and_loss
 from .optim import SGD
 from .progress import ProgressBar
+from .runfolder import (changed_keys, check_can_create, check_fresh, claim_run_dir, record_resume,
+                        recorded_config)
 from .step import check_params_finite, step_metrics, train_step
-from .runfolder import (changed_keys, check_can_create, check_fresh, claim_run_dir, recorded_config,
-                        record_resume)
 from .student import build_network, learning_rates, make_signal_config
 from .teacher import build_teacher, get_teacher
 
