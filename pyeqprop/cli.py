@@ -1,9 +1,10 @@
-"""The ``pyeqprop`` command line: train, evaluate, teacher, gdu-check, diagnose, bench, conformance, study.
+"""The ``pyeqprop`` command line: train, evaluate, plot, teacher, gdu-check, diagnose, bench, conformance, study.
 
 The CLI is the application layer: it imports the library, never the other way round.
 Known errors (bad config, missing or unwritable files, unavailable backends, missing optional
 packages) print one ``error:`` line and exit with status 2; no traceback. A diverged run exits
-with 3, an interrupted one (Ctrl-C) with 130.
+with 3, an interrupted one with 128 + the signal's number: 130 after Ctrl-C (SIGINT), 143 after
+SIGTERM (both save latest.npz first).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 def _known_errors():
@@ -62,7 +64,8 @@ def _add_train_flags(p):
 
     p.formatter_class = _OptionHelpFormatter
     p.add_argument("--config", metavar="FILE", help="TOML file with any of the keys below")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its latest checkpoint (a run "
+                   "that has none starts again); its config.toml and resumes.toml give the settings, flags override")
     group = p.add_argument_group("configuration keys (flags override the config file; a boolean flag alone "
                                  "means true: --augment is --augment true)")
     for opt in OPTIONS.values():
@@ -79,20 +82,15 @@ def _overrides(ns):
 
 
 def _config_for(ns):
-    from pathlib import Path
-
     from .train.config import config_from_mapping, load_toml
 
     if getattr(ns, "resume", None):
-        path = Path(ns.resume) / "config.toml"
-        if not path.exists():
-            from .train.errors import TrainingError
+        from .train.runfolder import recorded_config
 
-            raise TrainingError(f"cannot resume: {path} does not exist (is {ns.resume!r} a run folder?)")
-        base = config_from_mapping(load_toml(path))
+        base = recorded_config(ns.resume)  # config.toml, then what each earlier resume changed
     else:
         base = None
-    # defaults (or the run's config.toml on resume) < --config FILE < flags
+    # defaults (or the run's recorded configuration on resume) < --config FILE < flags
     if getattr(ns, "config", None):
         base = config_from_mapping(load_toml(ns.config), base)
     return config_from_mapping(_overrides(ns), base)
@@ -109,7 +107,7 @@ def _cmd_train(ns):
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     if res.interrupted:
-        return EXIT_INTERRUPTED
+        return 128 + int(res.signal) if res.signal else EXIT_INTERRUPTED  # EXIT_INTERRUPTED or EXIT_TERMINATED
     line = f"test accuracy: EP student {100 * res.test_acc:.2f}%"
     if res.teacher_test_acc is not None:
         line += f" | backprop teacher (same architecture, feed-forward) {100 * res.teacher_test_acc:.2f}%"
@@ -124,6 +122,13 @@ def _cmd_evaluate(ns):
         gradient_agreement(ns.path, batches=ns.gradients, dataset=ns.dataset, backend=ns.backend)
         return 0
     evaluate_run(ns.path, dataset=ns.dataset, backend=ns.backend)
+    return 0
+
+
+def _cmd_plot(ns):
+    from .train.curves import plot_run
+
+    print(f"wrote {plot_run(ns.run, ns.out)}")
     return 0
 
 
@@ -201,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the run's gradient estimate against the equilibrium gradient (Eq. 5.7) on its "
                         "first N training batches, cosine and norm ratio per layer")
     p.set_defaults(func=_cmd_evaluate)
+    p = sub.add_parser("plot", help="draw a run's curves.png (loss on a log scale, accuracy) from its metrics.jsonl")
+    p.add_argument("run", metavar="RUN", help="the run folder")
+    p.add_argument("--out", metavar="PNG", default=None, help="where to write the figure (default: RUN/curves.png)")
+    p.set_defaults(func=_cmd_plot)
     p = sub.add_parser("teacher", help="train the backprop teacher only and save it")
     p.add_argument("--save", metavar="FILE", default="teacher.npz")
     _add_train_flags(p)

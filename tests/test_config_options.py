@@ -189,6 +189,7 @@ AWKWARD = {
     "signal_init": "uniform", "teacher_epochs": 0, "teacher_lr": 0.07, "teacher_batch_size": 5,
     "teacher_weight_scale": 4.0, "teacher": "C:\\teachers\\t.npz", "backend": "array_api_strict", "seed": 2**40 + 1,
     "out": 'runs/a "b" \\ c\nd\x7f\x01 ß', "progress": "bar", "checkpoint_every": 3,
+    "checkpoint_batches": 17, "checkpoint_minutes": 0.5,
 }
 
 
@@ -279,8 +280,10 @@ def test_a_config_toml_of_the_earlier_format_still_loads(tmp_path):
     # the key = value lines are written as before; options added since (settling, Eq. 3.14; shards, Eq. 4.7) take
     # their defaults
     assert [line for line in new_value_lines if line.split(" = ")[0] in old_keys] == OLD_CONFIG_TOML.splitlines()
-    assert {line.split(" = ")[0] for line in new_value_lines} - old_keys == {"schedule", "settle_tol", "check_every", "shards",
-                                                                                     "val_fraction"}
+    assert {line.split(" = ")[0] for line in new_value_lines} - old_keys == {"schedule", "settle_tol", "check_every",
+                                                                                     "shards", "val_fraction",
+                                                                                     "checkpoint_batches",
+                                                                                     "checkpoint_minutes"}
 
 
 # ---------------------------------------------------------------------- (d) --help

@@ -188,6 +188,10 @@ class TrainConfig:
     progress: str = option("auto", "progress bar on stderr: auto (when it is a terminal), bar (always) "
                                    "or none", choices=PROGRESS_MODES)
     checkpoint_every: int = option(1, "save latest.npz every this many epochs (and after the last)", ge=1)
+    checkpoint_batches: int = option(0, "also save latest.npz within an epoch after every this many batches "
+                                        "since the last save; 0: off", ge=0)
+    checkpoint_minutes: float = option(0.0, "also save latest.npz within an epoch once this many minutes have "
+                                            "passed since the last save (checked after each batch); 0: off", ge=0)
 
     def validate(self) -> "TrainConfig":
         """Check every value against its declaration; returns ``self``.

@@ -1,13 +1,20 @@
 """The training loop: epochs, metrics, checkpoints and resume around :func:`~pyeqprop.train.step.train_step`.
 
-``train(cfg)`` runs one job into a run folder::
+``train(cfg)`` runs one job into a run folder (:mod:`pyeqprop.train.runfolder`: how it is named and
+claimed, and what each file is)::
 
-    RUN/config.toml        the effective configuration
+    RUN/config.toml        the configuration the run was started with
+    RUN/resumes.toml       what each resume changed (only when one did)
     RUN/metrics.jsonl      one JSON object per epoch (keys: METRIC_KEYS)
-    RUN/latest.npz         checkpoint after the last epoch (or at Ctrl-C, mid-epoch)
+    RUN/latest.npz         checkpoint after the last epoch, every checkpoint_batches batches or
+                           checkpoint_minutes minutes mid-epoch, and at Ctrl-C or SIGTERM
     RUN/best.npz           checkpoint with the best validation accuracy (none without a validation split)
     RUN/teacher.npz        the backprop teacher (trained once, then reused)
-    RUN/curves.png         loss and accuracy per epoch (when matplotlib is installed)
+    RUN/curves.png         loss (log scale) and accuracy per epoch (with matplotlib; else one line says
+                           it was skipped, and ``pyeqprop plot RUN`` draws it later)
+
+Nothing is created until the job is known to start: the configuration is checked, the data loaded
+and the network (with its intermediate signals) built first, so a bad ``--arch`` leaves no folder.
 
 metrics.jsonl keys: ``epoch`` (1-based), ``train_loss``/``train_acc`` (running mean over the
 epoch's batches at the free state), ``val_loss``/``val_acc`` (after the epoch, on the validation
@@ -23,11 +30,12 @@ resume exactly where an uninterrupted run would be. The checkpoint's ``progress`
 that position, the running sums of the unfinished epoch, the metrics history and the best validation
 accuracy so far.
 
-Ctrl-C (SIGINT, in the main thread) is deferred to the next batch boundary, where the
-position (epoch, batch) and the parameters agree; latest.npz is saved there. A second
-Ctrl-C stops at once: latest.npz is saved too, unless it arrived while the parameters and
-the position were being updated (then the previous checkpoint is kept, as a mixed state
-would not resume exactly).
+Ctrl-C (SIGINT) and SIGTERM, in the main thread, are deferred to the next batch boundary, where the
+position (epoch, batch) and the parameters agree; latest.npz is saved there (``RunResult.signal``
+says which signal; the CLI exits with 128 + its number: 130, 143). A second one stops at once:
+latest.npz is saved too, unless it arrived while the parameters and the position were being updated
+(then the previous checkpoint is kept, as a mixed state would not resume exactly). Before the epochs
+start (data, teacher) both act as they do by default.
 """
 from __future__ import annotations
 
@@ -46,15 +54,18 @@ import numpy as np
 from ..backend import BackendError, get_namespace
 from ..learning.signals import attach_signals
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
-from .config import TrainConfig, dump_toml
+from .config import TrainConfig
+from .curves import MATPLOTLIB_MISSING, figure_title, have_matplotlib, plot_curves
 from .data import prepare_data
 from .errors import TrainingDiverged, TrainingError
 from .evaluate import accuracy_and_loss
 from .optim import SGD
 from .progress import ProgressBar
+from .runfolder import (changed_keys, check_can_create, check_fresh, claim_run_dir, record_resume,
+                        recorded_config)
 from .step import check_params_finite, step_metrics, train_step
 from .student import build_network, learning_rates, make_signal_config
-from .teacher import get_teacher
+from .teacher import build_teacher, get_teacher
 
 __all__ = ["train", "RunResult", "METRIC_KEYS"]
 
@@ -73,6 +84,7 @@ class RunResult:
     teacher_test_acc: float | None = None
     interrupted: bool = False
     seconds: float = 0.0
+    signal: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM); None: max_batches or none
 
 
 @dataclass
@@ -169,53 +181,15 @@ def _anneal(opt, cfg, epoch):
     return max(opt.lrs.values())
 
 
-def _run_dir(cfg: TrainConfig) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
-    return Path("runs") / f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def _ensure_writable(run: Path):
+    """An existing run folder (on resume) can be written: a probe file, created and removed."""
     try:
-        run.mkdir(parents=True, exist_ok=True)
         probe = run / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise TrainingError(f"output folder {str(run)!r} is not writable ({exc.strerror or exc}); "
-                            "choose another with --out") from None
-
-
-def _plot_curves(run: Path, history):
-    """Draw curves.png with an object-oriented Figure: the global matplotlib backend is left alone."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    ep = [h["epoch"] for h in history]
-    fig = Figure(figsize=(9, 3.4))
-    FigureCanvasAgg(fig)
-    a1, a2 = fig.subplots(1, 2)
-    a1.plot(ep, [h["train_loss"] for h in history], label="train")
-    if any(h.get("val_loss") is not None for h in history):
-        a1.plot(ep, [h.get("val_loss") for h in history], label="validation")
-    a1.plot(ep, [h["test_loss"] for h in history], label="test")
-    a1.set_xlabel("epoch")
-    a1.set_ylabel("readout cost at the free state")
-    a1.legend()
-    a2.plot(ep, [100 * h["train_acc"] for h in history], label="train")
-    if any(h.get("val_acc") is not None for h in history):
-        a2.plot(ep, [100 * h["val_acc"] for h in history], label="validation")
-    a2.plot(ep, [100 * h["test_acc"] for h in history], label="test")
-    a2.set_xlabel("epoch")
-    a2.set_ylabel("accuracy (%)")
-    a2.legend()
-    fig.tight_layout()
-    tmp = run / ".curves.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, run / "curves.png")
-    return True
+        raise TrainingError(f"run folder {str(run)!r} is not writable ({exc.strerror or exc}); "
+                            "make it writable or copy it elsewhere and resume that") from None
 
 
 class _Stop(Exception):
@@ -223,37 +197,46 @@ class _Stop(Exception):
 
 
 class _DeferredInterrupt:
-    """While active, the first SIGINT only sets ``requested``; a second one raises KeyboardInterrupt at once.
+    """While active, the first SIGINT or SIGTERM only sets ``requested`` (and ``signum``); a second one
+    raises KeyboardInterrupt at once.
 
-    Installed only in the main thread and only over Python's default SIGINT handler, so an
-    embedding application that handles SIGINT itself keeps its handler.
+    Installed only in the main thread and only over the default handlers (Python's
+    ``default_int_handler`` for SIGINT, ``SIG_DFL`` for SIGTERM), so an embedding application that
+    handles either signal itself keeps its handler.
     """
+
+    _WORDS = {"SIGINT": ("interrupt", "Ctrl-C again"), "SIGTERM": ("terminated (SIGTERM)", "SIGTERM again")}
 
     def __init__(self, log):
         self.log = log
         self.requested = False
-        self.finishing = False  # set while the final checkpoint is written: SIGINT is then ignored
-        self._previous = None
+        self.signum = None
+        self.finishing = False  # set while the final checkpoint is written: the signals are then ignored
+        self._previous = {}
 
     def _handler(self, signum, frame):
         if self.finishing:
             return
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        self.log("\ninterrupt: stopping after the current batch and saving latest.npz (Ctrl-C again to stop "
-                 "at once)")
+        self.requested, self.signum = True, signum
+        what, again = self._WORDS.get(signal.Signals(signum).name, ("signal", "again"))
+        self.log(f"\n{what}: stopping after the current batch and saving latest.npz ({again} to stop at once)")
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+        if threading.current_thread() is threading.main_thread():
+            defaults = [(signal.SIGINT, signal.default_int_handler)]
+            if hasattr(signal, "SIGTERM"):
+                defaults.append((signal.SIGTERM, signal.SIG_DFL))
+            for signum, default in defaults:
+                if signal.getsignal(signum) is default:
+                    self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
         return False
 
 
@@ -271,14 +254,6 @@ def _write_metrics(run: Path, history):
     os.replace(tmp, run / "metrics.jsonl")
 
 
-def _check_fresh(run: Path):
-    """A new run must not mix its files with an earlier run's."""
-    for name in ("latest.npz", "metrics.jsonl"):
-        if (run / name).exists():
-            raise TrainingError(f"output folder {str(run)!r} already holds a run ({name}); continue it with "
-                                f"--resume {run} or choose another --out")
-
-
 @dataclass
 class _Job:
     """What a started job trains: its data, network, optimizer and run folder."""
@@ -290,17 +265,25 @@ class _Job:
     teacher_acc: float | None
 
 
-def _open_run(cfg, resume):
-    """The run folder, its latest checkpoint (on resume) and the progress to continue from."""
-    run = Path(resume) if resume is not None else _run_dir(cfg)
-    if resume is None:
-        _check_fresh(run)
-        return run, None, Progress()
+def _open_run(resume):
+    """On resume: the run folder, its latest checkpoint (None: the run stopped before its first one and
+    starts again from the beginning) and the progress to continue from."""
+    run = Path(resume)
     latest = run / "latest.npz"
-    if not latest.exists():
-        raise TrainingError(f"cannot resume: {latest} does not exist")
-    ckpt = load_checkpoint(latest)
-    return run, ckpt, Progress.of_checkpoint(ckpt)
+    if latest.exists():
+        ckpt = load_checkpoint(latest)
+        return run, ckpt, Progress.of_checkpoint(ckpt)
+    if (run / "config.toml").exists():
+        return run, None, Progress()
+    raise TrainingError(f"cannot resume: {latest} does not exist (is {str(run)!r} a run folder?)")
+
+
+def _check_signals(cfg, data, xp, signals) -> None:
+    """Attach the intermediate signals to a throwaway network (and an untrained teacher, which has the
+    trained one's shapes), so that a bad --local-layers, --kd-layers or --local-grid fails before the run
+    folder is created or the teacher trained."""
+    net = build_network(cfg, data.input_shape, data.num_classes, xp)
+    attach_signals(net, signals, build_teacher(cfg, data, xp) if signals.needs_teacher() else None)
 
 
 def _restore_optimizer(opt, ckpt, cfg, run):
@@ -317,19 +300,27 @@ def _restore_optimizer(opt, ckpt, cfg, run):
     opt.momentum, opt.weight_decay = cfg.momentum, cfg.weight_decay
 
 
-def _start(cfg, xp, run, ckpt, resume, log) -> _Job:
-    """Load the data, build the student once (checked against the checkpoint), get the teacher, attach the
-    signals and the optimizer, and restore the checkpoint's parameters and optimizer state."""
+def _start(cfg, xp, run, ckpt, log) -> _Job:
+    """Load the data, build the student once (checked against the checkpoint) and check its signals; only
+    then create the run folder (``run`` None: a new run) or check it is writable. Then get the teacher,
+    attach the signals and the optimizer, and restore the checkpoint's parameters and optimizer state."""
     data = prepare_data(cfg, xp)
     log(f"data: {data.name}, {data.x_train.shape[0]} train / {data.x_test.shape[0]} test, input {data.input_shape}, "
-        f"{data.num_classes} classes; backend {cfg.backend}, {cfg.dtype}; run folder {run}")
+        f"{data.num_classes} classes; backend {cfg.backend}, {cfg.dtype}")
     net = build_network(cfg, data.input_shape, data.num_classes, xp)
     if ckpt is not None:  # the student's own layers first, so a wrong --arch is named as such
         check_compatible({k: ckpt.params[k] for k in ckpt.params if k in net.params}, net.params)
-    teacher, teacher_acc = None, None
     signals = make_signal_config(cfg)
     needs_teacher = signals.needs_teacher()
-    if needs_teacher or (cfg.teacher_epochs > 0 and resume is None) or (run / "teacher.npz").exists():
+    _check_signals(cfg, data, xp, signals)
+    fresh = ckpt is None  # a new run, or one that stopped before its first checkpoint
+    if run is None:
+        run = claim_run_dir(cfg)  # the job starts: from here on it has a folder
+    else:
+        _ensure_writable(run)
+    log(f"run folder {run}")
+    teacher, teacher_acc = None, None
+    if needs_teacher or (cfg.teacher_epochs > 0 and fresh) or (run / "teacher.npz").exists():
         if needs_teacher or cfg.teacher_epochs > 0 or cfg.teacher:
             teacher = get_teacher(cfg, data, xp, run, log)
             teacher_acc = teacher.accuracy(data.x_test, data.y_test)
@@ -351,8 +342,12 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=None
 
     ``max_batches`` stops after that many batches in total (a test hook that behaves like Ctrl-C).
     On resume, ``cfg`` may change ``epochs``, the learning rates and other settings; the
-    parameters, momentum buffers, position and history come from RUN/latest.npz. ``log`` receives
-    each progress line (default: the ``pyeqprop.train.loop`` logger at INFO; the CLI prints it).
+    parameters, momentum buffers, position and history come from RUN/latest.npz. A run folder without
+    latest.npz (the run stopped before its first checkpoint) starts again from the beginning.
+    The changes a resume makes to the run's recorded configuration (config.toml and the earlier
+    resumes) are appended to RUN/resumes.toml once the resumed job has saved its first checkpoint;
+    config.toml itself is never rewritten (:mod:`pyeqprop.train.runfolder`). ``log`` receives each
+    progress line (default: the ``pyeqprop.train.loop`` logger at INFO; the CLI prints it).
     """
     log = log or logging.getLogger(__name__).info
     cfg.validate()
@@ -360,24 +355,42 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=None
         xp = get_namespace(cfg.backend)
     except BackendError as exc:
         raise TrainingError(str(exc)) from None
-    run, ckpt, prog = _open_run(cfg, resume)
-    _ensure_writable(run)
-    job = _start(cfg, xp, run, ckpt, resume, log)
+    changed = None
+    if resume is None:  # fail early, before the data is loaded, on a folder that cannot become this run's
+        run, ckpt, prog = None, None, Progress()
+        if cfg.out:
+            check_fresh(Path(cfg.out))
+        check_can_create(Path(cfg.out or "runs"))
+    else:
+        run, ckpt, prog = _open_run(resume)
+        if (run / "config.toml").exists():
+            changed = changed_keys(cfg, recorded_config(run))
+        if ckpt is None:
+            log(f"{run} has no checkpoint yet (the run stopped before its first one): starting it again from "
+                "the beginning")
+    job = _start(cfg, xp, run, ckpt, log)
     if ckpt is not None and prog.epoch >= cfg.epochs and prog.batch == 0:  # checked like any resume; nothing left
-        log(f"{run} is already complete ({prog.epoch} of {cfg.epochs} epochs); nothing to resume. To train "
-            f"longer: pyeqprop train --resume {run} --epochs N with N > {prog.epoch}")
+        log(f"{job.run} is already complete ({prog.epoch} of {cfg.epochs} epochs); nothing to resume. To train "
+            f"longer: pyeqprop train --resume {job.run} --epochs N with N > {prog.epoch}")
         done = prog.history[-1]["test_acc"] if prog.history else float("nan")
-        return RunResult(run, prog.history, test_acc=done, teacher_test_acc=job.teacher_acc)
+        return RunResult(job.run, prog.history, test_acc=done, teacher_test_acc=job.teacher_acc)
     if ckpt is not None:
-        log(f"resumed from {run / 'latest.npz'} at epoch {prog.epoch + 1}, batch {prog.batch}")
-    # the run folder is written only once the job is known to start: a failed resume leaves it as it was
-    (run / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")  # its comments use SPEC.md symbols
-    _write_metrics(run, prog.history)
-    return _run_epochs(cfg, job, prog, log, max_batches)
+        log(f"resumed from {job.run / 'latest.npz'} at epoch {prog.epoch + 1}, batch {prog.batch}")
+    pending = (changed, prog.epoch, prog.batch) if changed else None
+    _write_metrics(job.run, prog.history)
+    return _run_epochs(cfg, job, prog, log, max_batches, pending)
 
 
-def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
-    """The epochs of a started job, from ``prog`` on, with Ctrl-C deferred to batch boundaries."""
+def _epoch_end_saves(cfg, epochs_done: int) -> bool:
+    """Whether latest.npz is saved at the end of the epoch that makes ``epochs_done``."""
+    return epochs_done % cfg.checkpoint_every == 0 or epochs_done == cfg.epochs
+
+
+def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches, pending=None) -> RunResult:
+    """The epochs of a started job, from ``prog`` on, with Ctrl-C and SIGTERM deferred to batch boundaries.
+
+    ``pending``: (changed keys, epoch, batch) of this resume, recorded in resumes.toml after the first
+    successful save of latest.npz."""
     from ..data.augment import augment, normalize
     from ..data.batches import iterate_batches
 
@@ -388,20 +401,47 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
     t_start = time.perf_counter()
     total_batches = 0
 
+    saved = {"batches": 0, "at": time.monotonic()}  # batches and time since latest.npz was last saved
+    resume_record = [pending]
+
     def save(path, epoch, batch, acc):
         rec = Progress(epoch, batch, acc, prog.history, prog.best).record()
         try:
             save_checkpoint(path, params=net.params, optimizer_state=opt.state_dict(), epoch=epoch,
                             rng_state={"seed": cfg.seed, "epoch": epoch, "batch": batch}, config=cfg.to_dict(),
                             progress=rec)
+            if path.name == "latest.npz":
+                saved["batches"], saved["at"] = 0, time.monotonic()
+                if resume_record[0] is not None:  # the resumed job has started cleanly: record what it changed
+                    record_resume(run, *resume_record[0])
+                    resume_record[0] = None
         except OSError as exc:  # disk full, quota, file-size limit: the write is atomic, the old file stays
             kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
             raise TrainingError(f"cannot write checkpoint {path} ({exc.strerror or exc}); {kept}") from None
 
+    def periodic_save_due(epoch, batch) -> bool:
+        """checkpoint_batches / checkpoint_minutes since the last save of latest.npz, unless an epoch-end
+        save follows at once."""
+        if batch == n_batches and _epoch_end_saves(cfg, epoch + 1):
+            return False
+        return ((cfg.checkpoint_batches > 0 and saved["batches"] >= cfg.checkpoint_batches)
+                or (cfg.checkpoint_minutes > 0 and time.monotonic() - saved["at"] >= 60 * cfg.checkpoint_minutes))
+
+    plot = {"ok": None}  # matplotlib found? (asked once, said once)
+
+    def draw_curves():
+        if plot["ok"] is None:
+            plot["ok"] = have_matplotlib()
+            if not plot["ok"]:
+                log(MATPLOTLIB_MISSING.format(run=run))
+        if plot["ok"]:
+            plot_curves(run / "curves.png", prog.history, figure_title(run, cfg))
+
     def note_checkpoint():
         latest = run / "latest.npz"
         if not latest.exists():
-            return "no checkpoint had been written yet"
+            return (f"no checkpoint had been written yet (pyeqprop train --resume {run} starts the run again, "
+                    "with any flags changed)")
         try:
             pos = load_checkpoint(latest).progress["position"]
             return f"the last good checkpoint {latest} ({_where(pos['epoch'], pos['batch'])}) is kept"
@@ -440,6 +480,12 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
                         total_batches += 1
                         prog.batch = b + 1
                         busy = False
+                        saved["batches"] += 1
+                        if periodic_save_due(epoch, prog.batch):
+                            now = time.perf_counter()
+                            acc["time"] += now - t0
+                            t0 = now
+                            save(run / "latest.npz", prog.epoch, prog.batch, acc)
                         bar.update(b + 1, loss=acc["loss"] / acc["seen"], acc=acc["correct"] / acc["seen"],
                                    residual=m.residual_free)
                     bar.close()
@@ -458,12 +504,12 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
                     if val is not None and val[0] > prog.best:  # chosen on validation, never on test
                         prog.best = val[0]
                         save(run / "best.npz", prog.epoch, 0, None)
-                    if prog.epoch % cfg.checkpoint_every == 0 or prog.epoch == cfg.epochs:
+                    if _epoch_end_saves(cfg, prog.epoch):
                         save(run / "latest.npz", prog.epoch, 0, None)
-                    _plot_curves(run, prog.history)
+                    draw_curves()
         except (_Stop, KeyboardInterrupt) as exc:  # KeyboardInterrupt: a second Ctrl-C, or no handler installed
             stop.finishing = True  # further Ctrl-C must not break off the final save
-            result.interrupted = True
+            result.interrupted, result.signal = True, stop.signum
             if isinstance(exc, KeyboardInterrupt) and busy:  # a half-done update must not be saved
                 hint = f" Resume with: pyeqprop train --resume {run}" if (run / "latest.npz").exists() else ""
                 log(f"\naborted during an update without saving; {note_checkpoint()}.{hint}")
@@ -471,7 +517,8 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
                 if prog.accum is not None:
                     prog.accum["time"] += time.perf_counter() - t0
                 save(run / "latest.npz", prog.epoch, prog.batch, prog.accum)
-                log(f"\ninterrupted ({_where(prog.epoch, prog.batch)}); checkpoint saved to {run / 'latest.npz'}. "
+                log(f"\n{'terminated' if stop.signum == signal.SIGTERM else 'interrupted'} "
+                    f"({_where(prog.epoch, prog.batch)}); checkpoint saved to {run / 'latest.npz'}. "
                     f"Resume with: pyeqprop train --resume {run}")
             result.seconds = time.perf_counter() - t_start
             return result
