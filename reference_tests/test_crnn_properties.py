@@ -596,8 +596,8 @@ def _beta_decades(rel_floor):
     β ≤ 1e-5 stayed inside; the scan used to end at 1e-6 and found two). So the scan has no fixed
     end: it stops where the floor would let a relative error of 100 % pass, below which EP and
     BPTT cannot be told apart. An example with no three consecutive β in the piece above that
-    lies within round-off reach of a kink and is rejected (probability O(δ) as for the finite
-    differences)."""
+    lies within round-off reach of a kink and is rejected (probability O(β_end) for the last β
+    scanned, like the finite differences' O(h))."""
     k = 1
     while SLOPE_MARGIN * rel_floor(10.0 ** -k) < 1.0:
         yield 10.0 ** -k
