@@ -50,10 +50,11 @@ from .data import prepare_data
 from .errors import TrainingDiverged, TrainingError
 from .evaluate import accuracy_and_loss
 from .optim import SGD
+from .parallel import DataParallel, on_root
 from .progress import ProgressBar
-from .step import check_params_finite, step_metrics, train_step
+from .step import check_params_finite, step_metrics
 from .student import build_network, learning_rates, make_signal_config
-from .teacher import get_teacher
+from .teacher import get_teacher, rebuild_teacher
 
 __all__ = ["train", "RunResult", "METRIC_KEYS"]
 
@@ -316,10 +317,11 @@ def _restore_optimizer(opt, ckpt, cfg, run):
     opt.momentum, opt.weight_decay = cfg.momentum, cfg.weight_decay
 
 
-def _start(cfg, xp, run, ckpt, resume, log) -> _Job:
+def _start(cfg, xp, run, ckpt, resume, log, dp) -> _Job:
     """Load the data, build the student once (checked against the checkpoint), get the teacher, attach the
     signals and the optimizer, and restore the checkpoint's parameters and optimizer state."""
     data = prepare_data(cfg, xp)
+    dp.check_data(data, cfg.batch_size)
     log(f"data: {data.name}, {data.x_train.shape[0]} train / {data.x_test.shape[0]} test, input {data.input_shape}, "
         f"{data.num_classes} classes; backend {cfg.backend}, {cfg.dtype}; run folder {run}")
     net = build_network(cfg, data.input_shape, data.num_classes, xp)
@@ -328,9 +330,9 @@ def _start(cfg, xp, run, ckpt, resume, log) -> _Job:
     teacher, teacher_acc = None, None
     signals = make_signal_config(cfg)
     needs_teacher = signals.needs_teacher()
-    if needs_teacher or (cfg.teacher_epochs > 0 and resume is None) or (run / "teacher.npz").exists():
-        if needs_teacher or cfg.teacher_epochs > 0 or cfg.teacher:
-            teacher = get_teacher(cfg, data, xp, run, log)
+    if needs_teacher or (cfg.teacher_epochs > 0 and resume is None) or dp.exists(run / "teacher.npz"):
+        if needs_teacher or cfg.teacher_epochs > 0 or cfg.teacher:  # trained on rank 0, broadcast
+            teacher = dp.teacher(lambda: get_teacher(cfg, data, xp, run, log), lambda s: rebuild_teacher(s, xp))
             teacher_acc = teacher.accuracy(data.x_test, data.y_test)
             log(f"teacher: test accuracy {100 * teacher_acc:.2f}%")
     attach_signals(net, signals, teacher if needs_teacher else None)
@@ -345,30 +347,52 @@ def _start(cfg, xp, run, ckpt, resume, log) -> _Job:
     return _Job(run, data, net, opt, teacher_acc)
 
 
-def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=print, max_batches=None) -> RunResult:
+def _open_writable(cfg, resume):
+    run, ckpt, prog = _open_run(cfg, resume)
+    _ensure_writable(run)
+    return run, ckpt, prog
+
+
+def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=print, max_batches=None,
+          comm=None) -> RunResult:
     """Run (or resume) a training job described by ``cfg``; returns the history and final accuracies.
 
     ``max_batches`` stops after that many batches in total (a test hook that behaves like Ctrl-C).
     On resume, ``cfg`` may change ``epochs``, the learning rates and other settings; the
     parameters, momentum buffers, position and history come from RUN/latest.npz.
+    ``comm``: the :class:`~pyeqprop.train.comm.Comm` of a data-parallel job (default
+    :func:`~pyeqprop.train.comm.world`: the MPI ranks under ``mpiexec -n N``, else this process);
+    see :mod:`pyeqprop.train.parallel`.
     """
+    from .comm import world
+
     cfg.validate()
+    dp = DataParallel(world() if comm is None else comm)
+    dp.check_config(cfg, resume)
+    if not dp.is_root:
+        log = _quiet
     try:
         xp = get_namespace(cfg.backend)
     except BackendError as exc:
         raise TrainingError(str(exc)) from None
-    run, ckpt, prog = _open_run(cfg, resume)
-    _ensure_writable(run)
-    job = _start(cfg, xp, run, ckpt, resume, log)
+    run, ckpt, prog = on_root(dp.comm, lambda: _open_writable(cfg, resume))  # rank 0 reads, the others are told
+    if dp.size > 1:
+        log(f"data-parallel over {dp.comm.describe()}; each takes its contiguous shard of every batch")
+    job = _start(cfg, xp, run, ckpt, resume, log, dp)
     if ckpt is not None:
         log(f"resumed from {run / 'latest.npz'} at epoch {prog.epoch + 1}, batch {prog.batch}")
-    # the run folder is written only once the job is known to start: a failed resume leaves it as it was
-    (run / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")  # its comments use SPEC.md symbols
-    _write_metrics(run, prog.history)
-    return _run_epochs(cfg, job, prog, log, max_batches)
+    prog.accum = dp.own_share(prog.accum)
+    if dp.is_root:  # the run folder is written only once the job is known to start: a failed resume leaves it
+        (run / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")  # its comments use SPEC.md symbols
+        _write_metrics(run, prog.history)
+    return _run_epochs(cfg, job, prog, log, max_batches, dp)
 
 
-def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
+def _quiet(*args, **kwargs):
+    """The log of ranks other than 0."""
+
+
+def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches, dp) -> RunResult:
     """The epochs of a started job, from ``prog`` on, with Ctrl-C deferred to batch boundaries."""
     from ..data.augment import augment, normalize
     from ..data.batches import iterate_batches
@@ -381,6 +405,9 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
     total_batches = 0
 
     def save(path, epoch, batch, acc):
+        acc = dp.epoch_sums(acc)  # every rank: the loss and correct counts added over ranks
+        if not dp.is_root:
+            return
         rec = Progress(epoch, batch, acc, prog.history, prog.best).record()
         try:
             save_checkpoint(path, params=net.params, optimizer_state=opt.state_dict(), epoch=epoch,
@@ -414,16 +441,19 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
                     epoch, acc = prog.epoch, prog.accum
                     lr_now = _anneal(opt, cfg, epoch)
                     perm_rng = np.random.default_rng([cfg.seed, epoch])
-                    bar = ProgressBar(n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", mode=cfg.progress)
+                    bar = ProgressBar(n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                      mode=cfg.progress if dp.is_root else "none")
                     batches = iterate_batches(data.x_train, data.y_train, cfg.batch_size, shuffle=True, rng=perm_rng,
                                               xp=xp)
                     for b, (xb, yb) in enumerate(itertools.islice(batches, prog.batch, None), start=prog.batch):
-                        if stop.requested or (max_batches is not None and total_batches >= max_batches):
+                        if dp.should_stop(stop.requested) or (max_batches is not None and total_batches >= max_batches):
                             raise _Stop
                         rng = np.random.default_rng([cfg.seed, epoch, b])
                         if cfg.augment:
                             xb = normalize(augment(xb, rng, **cfg.augment_options), data.mean, data.std)
-                        upd = train_step(net, xb, yb, cfg, rng, where=(epoch + 1, b + 1))
+                        # this rank's shard of the batch; the update of the whole batch (one collective)
+                        upd, xb, yb = dp.train_step(net, xb, yb, cfg, rng, where=(epoch + 1, b + 1),
+                                                    stop=stop.requested)
                         busy = True
                         opt.step(upd.grads)
                         check_params_finite(net, (epoch + 1, b + 1))
@@ -435,16 +465,17 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
                         bar.update(b + 1, loss=acc["loss"] / acc["seen"], acc=acc["correct"] / acc["seen"],
                                    residual=m.residual_free)
                     bar.close()
-                    if stop.requested:  # before the test evaluation, which can take a while
+                    if dp.should_stop(stop.requested):  # before the test evaluation, which can take a while
                         raise _Stop
                     acc["time"] += time.perf_counter() - t0
-                    row = _evaluate_epoch(cfg, net, data, acc, epoch + 1, lr_now)
+                    row = _evaluate_epoch(cfg, net, data, dp.epoch_sums(acc), epoch + 1, lr_now)
                     busy = True
                     prog.history.append(row)
                     prog.epoch, prog.batch, prog.accum = epoch + 1, 0, None  # the epoch is done: the position moves on
                     busy = False
-                    with open(run / "metrics.jsonl", "a") as fh:
-                        fh.write(json.dumps(row) + "\n")
+                    if dp.is_root:
+                        with open(run / "metrics.jsonl", "a") as fh:
+                            fh.write(json.dumps(row) + "\n")
                     log(_epoch_line(row, cfg.epochs))
                     val = None if row["val_acc"] is None else (row["val_acc"], row["val_loss"])
                     if val is not None and val[0] > prog.best:  # chosen on validation, never on test
@@ -452,8 +483,11 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches) -> RunResult:
                         save(run / "best.npz", prog.epoch, 0, None)
                     if prog.epoch % cfg.checkpoint_every == 0 or prog.epoch == cfg.epochs:
                         save(run / "latest.npz", prog.epoch, 0, None)
-                    _plot_curves(run, prog.history)
+                    if dp.is_root:
+                        _plot_curves(run, prog.history)
         except (_Stop, KeyboardInterrupt) as exc:  # KeyboardInterrupt: a second Ctrl-C, or no handler installed
+            if isinstance(exc, KeyboardInterrupt) and dp.size > 1:
+                raise  # on one rank only: the job is aborted (run_on_ranks), the last checkpoint is kept
             stop.finishing = True  # further Ctrl-C must not break off the final save
             result.interrupted = True
             if isinstance(exc, KeyboardInterrupt) and busy:  # a half-done update must not be saved
