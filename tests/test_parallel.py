@@ -202,7 +202,8 @@ def _resumed_equals_reference(run, tmp_path):
     """Resume ``run`` in one process for one more epoch; it equals the one-process run of that length."""
     pos = load_checkpoint(run / "latest.npz").progress["position"]
     epochs = pos["epoch"] + 1
-    res = train(TrainConfig(**{**TINY, "epochs": epochs}, shards=2, cosine_epochs=-1, out=str(run)), resume=run, log=quiet)
+    res = train(TrainConfig(**{**TINY, "epochs": epochs}, shards=2, cosine_epochs=-1, out=str(run)), resume=run,
+                log=quiet)
     assert not res.interrupted and len(res.history) == epochs
     ref = tmp_path / "ref"
     train(TrainConfig(**{**TINY, "epochs": epochs}, shards=2, cosine_epochs=-1, out=str(ref)), log=quiet)

@@ -1,10 +1,10 @@
 """``pyeqprop bench scaling``: throughput of one data-parallel EP step at N = 1 and 2 MPI ranks.
 
-One step = what ``mpiexec -n N pyeqprop train`` does per batch (:meth:`pyeqprop.train.parallel.DataParallel.train_step`):
-each rank settles its contiguous shard of the global batch (free T1, two nudged T2, symmetric EP,
-Eq. 4.2) and one ``MPI_Allgather`` combines the estimates (Eq. 4.7). Every rank runs with one
-BLAS thread (``OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=MKL_NUM_THREADS=1`` in its environment), so
-N ranks use N cores.
+One step = what ``mpiexec -n N pyeqprop train`` does per batch
+(:meth:`pyeqprop.train.parallel.DataParallel.train_step`): each rank settles its contiguous shard of
+the global batch (free T1, two nudged T2, symmetric EP, Eq. 4.2) and one ``MPI_Allgather``
+combines the estimates (Eq. 4.7). Every rank runs with one BLAS thread
+(``OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=MKL_NUM_THREADS=1`` in its environment), so N ranks use N cores.
 
 Each measurement is a fresh job (``mpiexec -n N python -m pyeqprop.bench.scaling``; N = 1 runs
 the same worker without MPI); the jobs alternate N = 1, 2, 1, 2, … (``--repeats`` rounds), so that

@@ -23,6 +23,9 @@ resume exactly where an uninterrupted run would be. The checkpoint's ``progress`
 that position, the running sums of the unfinished epoch, the metrics history and the best validation
 accuracy so far.
 
+Under ``mpiexec -n N`` the job is data-parallel (:mod:`pyeqprop.train.parallel`): every rank runs this
+loop on its shard of each batch, rank 0 alone writes the run folder and logs.
+
 Ctrl-C (SIGINT, in the main thread) is deferred to the next batch boundary, where the
 position (epoch, batch) and the parameters agree; latest.npz is saved there. A second
 Ctrl-C stops at once: latest.npz is saved too, unless it arrived while the parameters and
@@ -377,7 +380,8 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
         raise TrainingError(str(exc)) from None
     run, ckpt, prog = on_root(dp.comm, lambda: _open_writable(cfg, resume))  # rank 0 reads, the others are told
     if dp.size > 1:
-        log(f"data-parallel over {dp.comm.describe()}; each takes its contiguous shard of every batch")
+        ranks = dp.comm.describe()  # a collective: on every rank
+        log(f"data-parallel over {ranks}; each takes its contiguous shard of every batch")
     job = _start(cfg, xp, run, ckpt, resume, log, dp)
     if ckpt is not None:
         log(f"resumed from {run / 'latest.npz'} at epoch {prog.epoch + 1}, batch {prog.batch}")

@@ -86,14 +86,12 @@ def _portable(exc: BaseException) -> BaseException:
 def everywhere(comm: Comm, fn):
     """``fn()`` on every rank; if it raised on any rank, every rank raises the first such rank's exception
     (its message prefixed by the rank when not every rank failed). One collective."""
+    if comm.size == 1:
+        return fn()
     try:
         value, err = fn(), None
     except Exception as exc:  # noqa: BLE001 - every exception is shared, then raised
         value, err = None, _portable(exc)
-    if comm.size == 1:
-        if err is not None:
-            raise err
-        return value
     errs = comm.allgather(err)
     failed = [r for r, e in enumerate(errs) if e is not None]
     if failed:
