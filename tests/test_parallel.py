@@ -267,6 +267,13 @@ def test_configurations_differing_between_ranks_are_refused(tmp_path):
     assert not run.exists()
 
 
+def test_a_bad_flag_is_reported_once_and_every_rank_exits_2(tmp_path):
+    rc, out, err = mpirun(2, "--beta", "-1", "--out", str(tmp_path / "run"))
+    assert rc == 2, (out, err)
+    assert [ln for ln in err.splitlines() if ln.strip()] == ["error: config key 'beta' has value -1.0; expected a "
+                                                            "number > 0"], err
+
+
 def test_more_ranks_than_samples_in_a_batch_are_refused(tmp_path):
     rc, out, err = mpirun(2, "--batch-size", "91", "--out", str(tmp_path / "run"))  # 183 = 2·91 + 1
     assert rc == 2, (out, err)

@@ -19,16 +19,21 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from functools import lru_cache
 
 import numpy as np
 
 from .errors import TrainingError
 
-__all__ = ["Comm", "SingleProcess", "MPIComm", "world", "launcher_size", "LAUNCHER_SIZE_VARS"]
+__all__ = ["Comm", "SingleProcess", "MPIComm", "world", "launcher_size", "LAUNCHER_SIZE_VARS", "ABORT_GRACE_S"]
 
 LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 """Environment variables in which MPI launchers announce the number of processes of the job."""
+
+
+ABORT_GRACE_S = 1.0
+"""Seconds :meth:`MPIComm.abort` waits after flushing, so that the launcher forwards the error message first."""
 
 
 class Comm:
@@ -115,6 +120,7 @@ class MPIComm(Comm):
     def abort(self, code):
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)  # MPICH's launcher drops output it has not forwarded when the job is aborted
         self.comm.Abort(int(code))
         raise SystemExit(int(code))  # MPICH's MPI_Abort may return before the launcher ends this process
 
