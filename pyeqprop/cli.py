@@ -96,18 +96,43 @@ def _config_for(ns):
     return config_from_mapping(_overrides(ns), base)
 
 
+def _exit_code(exc) -> int:
+    """The exit status the command line gives an exception (see the module docstring)."""
+    from .train.errors import TrainingDiverged
+
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, TrainingDiverged):
+        return EXIT_DIVERGED
+    if isinstance(exc, (*_known_errors(), ValueError)):
+        return EXIT_USAGE
+    return 1
+
+
 def _cmd_train(ns):
+    from .train.comm import world
+    from .train.parallel import run_on_ranks
+
+    comm = world()  # the MPI ranks under mpiexec -n N: every rank runs this command (pyeqprop.train.parallel)
+    return run_on_ranks(comm, lambda: _train_job(ns, comm), _exit_code)
+
+
+def _train_job(ns, comm):
     from .train.errors import TrainingDiverged
     from .train.loop import train
+    from .train.parallel import everywhere
 
-    cfg = _config_for(ns)
+    cfg = everywhere(comm, lambda: _config_for(ns))
     try:
-        res = train(cfg, resume=ns.resume)
+        res = train(cfg, resume=ns.resume, comm=comm)
     except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if comm.is_root:
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     if res.interrupted:
         return 128 + int(res.signal) if res.signal else EXIT_INTERRUPTED  # EXIT_INTERRUPTED or EXIT_TERMINATED
+    if not comm.is_root:
+        return 0
     line = f"test accuracy: EP student {100 * res.test_acc:.2f}%"
     if res.teacher_test_acc is not None:
         line += f" | backprop teacher (same architecture, feed-forward) {100 * res.teacher_test_acc:.2f}%"
@@ -169,6 +194,10 @@ def _cmd_bench(ns):
         from .bench.precision import run_precision_bench
 
         return run_precision_bench(ns)
+    if ns.what == "scaling":
+        from .bench.scaling import run_scaling_bench
+
+        return run_scaling_bench(ns)
     raise AssertionError(ns.what)
 
 
@@ -230,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     p.set_defaults(func=_cmd_diagnose)
-    p = sub.add_parser("bench", help="benchmarks: ops, ep, memory, precision")
-    p.add_argument("what", choices=("ops", "ep", "memory", "precision"))
+    p = sub.add_parser("bench", help="benchmarks: ops, ep, memory, precision, scaling")
+    p.add_argument("what", choices=("ops", "ep", "memory", "precision", "scaling"))
     p.add_argument("--repeats", type=int, default=5, help="timed runs per contender (after one warm-up); the median "
                                                           "is reported")
     p.add_argument("--peer", choices=("none", "torch"), default="none",
@@ -242,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bench ops: limit NumPy's BLAS and torch to N threads (default: as configured); bench ep "
                         "always reports 1 and 2 threads")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.add_argument("--case", choices=("digits", "laborieux"), default="digits",
+                   help="bench scaling: the EP step timed at 1 and 2 MPI ranks (--repeats: alternating rounds)")
     p.add_argument("--tol", type=float, default=1e-5, help="bench ep: the tolerance the settling table settles to")
     p.add_argument("--checkpoint", default=None, metavar="NPZ",
                    help="bench ep: settle a trained digits net (a run's latest.npz) instead of the initial one")

@@ -25,3 +25,14 @@ def test_the_readme_python_examples_run_in_order():
         ran += 1
     assert ran >= 2
     assert ns["r"].free.converged and set(ns["g_star"]) == set(ns["net"].params)
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    """README's test command (after "what `.ci/run` runs") is .ci/run's last line, word for word, and it
+    installs the mpi extra that tests/test_parallel.py needs."""
+    text = README.read_text(encoding="utf-8")
+    after = text.split("what `.ci/run` runs", 1)[1]
+    command = re.search(r"\n\n    (.+)\n", after).group(1)
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
+    assert command == ci
+    assert '".[test,mpi]"' in ci

@@ -30,6 +30,9 @@ resume exactly where an uninterrupted run would be. The checkpoint's ``progress`
 that position, the running sums of the unfinished epoch, the metrics history and the best validation
 accuracy so far.
 
+Under ``mpiexec -n N`` the job is data-parallel (:mod:`pyeqprop.train.parallel`): every rank runs this
+loop on its shard of each batch, rank 0 alone writes the run folder and logs.
+
 Ctrl-C (SIGINT) and SIGTERM, in the main thread, are deferred to the next batch boundary, where the
 position (epoch, batch) and the parameters agree; latest.npz is saved there (``RunResult.signal``
 says which signal; the CLI exits with 128 + its number: 130, 143). A second one stops at once:
@@ -60,12 +63,13 @@ from .data import prepare_data
 from .errors import TrainingDiverged, TrainingError
 from .evaluate import accuracy_and_loss
 from .optim import SGD
+from .parallel import DataParallel, on_root
 from .progress import ProgressBar
 from .runfolder import (changed_keys, check_can_create, check_fresh, claim_run_dir, record_resume,
                         recorded_config)
-from .step import check_params_finite, step_metrics, train_step
+from .step import check_params_finite, step_metrics
 from .student import build_network, learning_rates, make_signal_config
-from .teacher import build_teacher, get_teacher
+from .teacher import build_teacher, get_teacher, rebuild_teacher
 
 __all__ = ["train", "RunResult", "METRIC_KEYS"]
 
@@ -300,11 +304,12 @@ def _restore_optimizer(opt, ckpt, cfg, run):
     opt.momentum, opt.weight_decay = cfg.momentum, cfg.weight_decay
 
 
-def _start(cfg, xp, run, ckpt, log) -> _Job:
+def _start(cfg, xp, run, ckpt, log, dp) -> _Job:
     """Load the data, build the student once (checked against the checkpoint) and check its signals; only
     then create the run folder (``run`` None: a new run) or check it is writable. Then get the teacher,
     attach the signals and the optimizer, and restore the checkpoint's parameters and optimizer state."""
     data = prepare_data(cfg, xp)
+    dp.check_data(data, cfg.batch_size)
     log(f"data: {data.name}, {data.x_train.shape[0]} train / {data.x_test.shape[0]} test, input {data.input_shape}, "
         f"{data.num_classes} classes; backend {cfg.backend}, {cfg.dtype}")
     net = build_network(cfg, data.input_shape, data.num_classes, xp)
@@ -315,14 +320,14 @@ def _start(cfg, xp, run, ckpt, log) -> _Job:
     _check_signals(cfg, data, xp, signals)
     fresh = ckpt is None  # a new run, or one that stopped before its first checkpoint
     if run is None:
-        run = claim_run_dir(cfg)  # the job starts: from here on it has a folder
+        run = on_root(dp.comm, lambda: claim_run_dir(cfg))  # the job starts: from here on it has a folder
     else:
-        _ensure_writable(run)
+        on_root(dp.comm, lambda: _ensure_writable(run))
     log(f"run folder {run}")
     teacher, teacher_acc = None, None
-    if needs_teacher or (cfg.teacher_epochs > 0 and fresh) or (run / "teacher.npz").exists():
-        if needs_teacher or cfg.teacher_epochs > 0 or cfg.teacher:
-            teacher = get_teacher(cfg, data, xp, run, log)
+    if needs_teacher or (cfg.teacher_epochs > 0 and fresh) or dp.exists(run / "teacher.npz"):
+        if needs_teacher or cfg.teacher_epochs > 0 or cfg.teacher:  # trained on rank 0, broadcast
+            teacher = dp.teacher(lambda: get_teacher(cfg, data, xp, run, log), lambda s: rebuild_teacher(s, xp))
             teacher_acc = teacher.accuracy(data.x_test, data.y_test)
             log(f"teacher: test accuracy {100 * teacher_acc:.2f}%")
     attach_signals(net, signals, teacher if needs_teacher else None)
@@ -337,7 +342,28 @@ def _start(cfg, xp, run, ckpt, log) -> _Job:
     return _Job(run, data, net, opt, teacher_acc)
 
 
-def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=None, max_batches=None) -> RunResult:
+def _open(cfg, resume, log):
+    """A new run: checks that create nothing (its folder is claimed once the job starts); a resume: the run
+    folder, its checkpoint, the progress and the keys this resume changes. On rank 0 only."""
+    if resume is None:  # fail early, before the data is loaded, on a folder that cannot become this run's
+        if cfg.out:
+            check_fresh(Path(cfg.out))
+        check_can_create(Path(cfg.out or "runs"))
+        return None, None, Progress(), None
+    run, ckpt, prog = _open_run(resume)
+    changed = changed_keys(cfg, recorded_config(run)) if (run / "config.toml").exists() else None
+    if ckpt is None:
+        log(f"{run} has no checkpoint yet (the run stopped before its first one): starting it again from "
+            "the beginning")
+    return run, ckpt, prog, changed
+
+
+def _quiet(*args, **kwargs):
+    """The log of ranks other than 0."""
+
+
+def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=None, max_batches=None,
+          comm=None) -> RunResult:
     """Run (or resume) a training job described by ``cfg``; returns the history and final accuracies.
 
     ``max_batches`` stops after that many batches in total (a test hook that behaves like Ctrl-C).
@@ -348,27 +374,27 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=None
     resumes) are appended to RUN/resumes.toml once the resumed job has saved its first checkpoint;
     config.toml itself is never rewritten (:mod:`pyeqprop.train.runfolder`). ``log`` receives each
     progress line (default: the ``pyeqprop.train.loop`` logger at INFO; the CLI prints it).
+    ``comm``: the :class:`~pyeqprop.train.comm.Comm` of a data-parallel job (default
+    :func:`~pyeqprop.train.comm.world`: the MPI ranks under ``mpiexec -n N``, else this process);
+    see :mod:`pyeqprop.train.parallel`.
     """
+    from .comm import world
+
     log = log or logging.getLogger(__name__).info
     cfg.validate()
+    dp = DataParallel(world() if comm is None else comm)
+    dp.check_config(cfg, resume)
+    if not dp.is_root:
+        log = _quiet
     try:
         xp = get_namespace(cfg.backend)
     except BackendError as exc:
         raise TrainingError(str(exc)) from None
-    changed = None
-    if resume is None:  # fail early, before the data is loaded, on a folder that cannot become this run's
-        run, ckpt, prog = None, None, Progress()
-        if cfg.out:
-            check_fresh(Path(cfg.out))
-        check_can_create(Path(cfg.out or "runs"))
-    else:
-        run, ckpt, prog = _open_run(resume)
-        if (run / "config.toml").exists():
-            changed = changed_keys(cfg, recorded_config(run))
-        if ckpt is None:
-            log(f"{run} has no checkpoint yet (the run stopped before its first one): starting it again from "
-                "the beginning")
-    job = _start(cfg, xp, run, ckpt, log)
+    run, ckpt, prog, changed = on_root(dp.comm, lambda: _open(cfg, resume, log))  # rank 0 reads, the others are told
+    if dp.size > 1:
+        ranks = dp.comm.describe()  # a collective: on every rank
+        log(f"data-parallel over {ranks}; each takes its contiguous shard of every batch")
+    job = _start(cfg, xp, run, ckpt, log, dp)
     if ckpt is not None and prog.epoch >= cfg.epochs and prog.batch == 0:  # checked like any resume; nothing left
         log(f"{job.run} is already complete ({prog.epoch} of {cfg.epochs} epochs); nothing to resume. To train "
             f"longer: pyeqprop train --resume {job.run} --epochs N with N > {prog.epoch}")
@@ -377,8 +403,10 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=None
     if ckpt is not None:
         log(f"resumed from {job.run / 'latest.npz'} at epoch {prog.epoch + 1}, batch {prog.batch}")
     pending = (changed, prog.epoch, prog.batch) if changed else None
-    _write_metrics(job.run, prog.history)
-    return _run_epochs(cfg, job, prog, log, max_batches, pending)
+    prog.accum = dp.own_share(prog.accum)
+    if dp.is_root:
+        _write_metrics(job.run, prog.history)
+    return _run_epochs(cfg, job, prog, log, max_batches, dp, pending)
 
 
 def _epoch_end_saves(cfg, epochs_done: int) -> bool:
@@ -386,7 +414,7 @@ def _epoch_end_saves(cfg, epochs_done: int) -> bool:
     return epochs_done % cfg.checkpoint_every == 0 or epochs_done == cfg.epochs
 
 
-def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches, pending=None) -> RunResult:
+def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches, dp, pending=None) -> RunResult:
     """The epochs of a started job, from ``prog`` on, with Ctrl-C and SIGTERM deferred to batch boundaries.
 
     ``pending``: (changed keys, epoch, batch) of this resume, recorded in resumes.toml after the first
@@ -405,13 +433,17 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches, pending=None) 
     resume_record = [pending]
 
     def save(path, epoch, batch, acc):
+        acc = dp.epoch_sums(acc)  # every rank: the loss and correct counts added over ranks
+        if path.name == "latest.npz":
+            saved["batches"], saved["at"] = 0, time.monotonic()
+        if not dp.is_root:
+            return
         rec = Progress(epoch, batch, acc, prog.history, prog.best).record()
         try:
             save_checkpoint(path, params=net.params, optimizer_state=opt.state_dict(), epoch=epoch,
                             rng_state={"seed": cfg.seed, "epoch": epoch, "batch": batch}, config=cfg.to_dict(),
                             progress=rec)
             if path.name == "latest.npz":
-                saved["batches"], saved["at"] = 0, time.monotonic()
                 if resume_record[0] is not None:  # the resumed job has started cleanly: record what it changed
                     record_resume(run, *resume_record[0])
                     resume_record[0] = None
@@ -424,12 +456,17 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches, pending=None) 
         save follows at once."""
         if batch == n_batches and _epoch_end_saves(cfg, epoch + 1):
             return False
-        return ((cfg.checkpoint_batches > 0 and saved["batches"] >= cfg.checkpoint_batches)
-                or (cfg.checkpoint_minutes > 0 and time.monotonic() - saved["at"] >= 60 * cfg.checkpoint_minutes))
+        due = ((cfg.checkpoint_batches > 0 and saved["batches"] >= cfg.checkpoint_batches)
+               or (cfg.checkpoint_minutes > 0 and time.monotonic() - saved["at"] >= 60 * cfg.checkpoint_minutes))
+        if cfg.checkpoint_minutes > 0 and dp.size > 1:  # the clocks of the ranks differ: rank 0's decides
+            due = dp.comm.bcast(due)
+        return due
 
     plot = {"ok": None}  # matplotlib found? (asked once, said once)
 
     def draw_curves():
+        if not dp.is_root:
+            return
         if plot["ok"] is None:
             plot["ok"] = have_matplotlib()
             if not plot["ok"]:
@@ -462,16 +499,19 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches, pending=None) 
                     epoch, acc = prog.epoch, prog.accum
                     lr_now = _anneal(opt, cfg, epoch)
                     perm_rng = np.random.default_rng([cfg.seed, epoch])
-                    bar = ProgressBar(n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", mode=cfg.progress)
+                    bar = ProgressBar(n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                      mode=cfg.progress if dp.is_root else "none")
                     batches = iterate_batches(data.x_train, data.y_train, cfg.batch_size, shuffle=True, rng=perm_rng,
                                               xp=xp)
                     for b, (xb, yb) in enumerate(itertools.islice(batches, prog.batch, None), start=prog.batch):
-                        if stop.requested or (max_batches is not None and total_batches >= max_batches):
+                        if dp.should_stop(stop.requested) or (max_batches is not None and total_batches >= max_batches):
                             raise _Stop
                         rng = np.random.default_rng([cfg.seed, epoch, b])
                         if cfg.augment:
                             xb = normalize(augment(xb, rng, **cfg.augment_options), data.mean, data.std)
-                        upd = train_step(net, xb, yb, cfg, rng, where=(epoch + 1, b + 1))
+                        # this rank's shard of the batch; the update of the whole batch (one collective)
+                        upd, xb, yb = dp.train_step(net, xb, yb, cfg, rng, where=(epoch + 1, b + 1),
+                                                    stop=stop.requested)
                         busy = True
                         opt.step(upd.grads)
                         check_params_finite(net, (epoch + 1, b + 1))
@@ -489,16 +529,17 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches, pending=None) 
                         bar.update(b + 1, loss=acc["loss"] / acc["seen"], acc=acc["correct"] / acc["seen"],
                                    residual=m.residual_free)
                     bar.close()
-                    if stop.requested:  # before the test evaluation, which can take a while
+                    if dp.should_stop(stop.requested):  # before the test evaluation, which can take a while
                         raise _Stop
                     acc["time"] += time.perf_counter() - t0
-                    row = _evaluate_epoch(cfg, net, data, acc, epoch + 1, lr_now)
+                    row = _evaluate_epoch(cfg, net, data, dp.epoch_sums(acc), epoch + 1, lr_now)
                     busy = True
                     prog.history.append(row)
                     prog.epoch, prog.batch, prog.accum = epoch + 1, 0, None  # the epoch is done: the position moves on
                     busy = False
-                    with open(run / "metrics.jsonl", "a") as fh:
-                        fh.write(json.dumps(row) + "\n")
+                    if dp.is_root:
+                        with open(run / "metrics.jsonl", "a") as fh:
+                            fh.write(json.dumps(row) + "\n")
                     log(_epoch_line(row, cfg.epochs))
                     val = None if row["val_acc"] is None else (row["val_acc"], row["val_loss"])
                     if val is not None and val[0] > prog.best:  # chosen on validation, never on test
@@ -508,6 +549,8 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches, pending=None) 
                         save(run / "latest.npz", prog.epoch, 0, None)
                     draw_curves()
         except (_Stop, KeyboardInterrupt) as exc:  # KeyboardInterrupt: a second Ctrl-C, or no handler installed
+            if isinstance(exc, KeyboardInterrupt) and dp.size > 1:
+                raise  # on one rank only: the job is aborted (run_on_ranks), the last checkpoint is kept
             stop.finishing = True  # further Ctrl-C must not break off the final save
             result.interrupted, result.signal = True, stop.signum
             if isinstance(exc, KeyboardInterrupt) and busy:  # a half-done update must not be saved

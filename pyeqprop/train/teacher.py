@@ -13,7 +13,7 @@ from .checkpoint import CheckpointError, check_compatible, load_teacher, save_te
 from .data import prepare_data
 from .errors import TrainingError
 
-__all__ = ["train_teacher", "build_teacher", "get_teacher", "run_teacher_cli"]
+__all__ = ["train_teacher", "build_teacher", "get_teacher", "rebuild_teacher", "run_teacher_cli"]
 
 _log = logging.getLogger(__name__)
 
@@ -124,3 +124,10 @@ def run_teacher_cli(cfg, save_path) -> int:
     save_teacher(save_path, teacher, _teacher_record(cfg, data))
     print(f"teacher test accuracy {100 * acc:.2f}%; saved to {save_path}")
     return 0
+
+
+def rebuild_teacher(spec: dict, xp) -> Teacher:
+    """An untrained teacher of ``spec`` (:meth:`~pyeqprop.model.teacher.Teacher.spec`) on ``xp``, to receive the
+    parameters a data-parallel job's rank 0 broadcasts."""
+    spec = dict(spec)
+    return Teacher(spec.pop("arch"), tuple(spec.pop("input_shape")), xp=xp, **spec)
