@@ -29,8 +29,8 @@ REFERENCE_BATCH = 4
 """Samples in the reference state ŝ of Eq. (3.16)."""
 
 INPUT_GAIN = 0.5
-"""The first layer's weight rows have root-mean-square norm INPUT_GAIN · a (a the width of ρ's linear piece, Eq. 3.16): a
-unit-variance input then moves the pre-activation by a/2 per standard deviation, centre to kink."""
+"""The first layer's weight rows have root-mean-square norm INPUT_GAIN · a (a the width of ρ's linear piece,
+Eq. 3.16): a unit-variance input then moves the pre-activation by a/2 per standard deviation, centre to kink."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _rows_rms_one(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
 def orthogonal_weight(shape, rng: np.random.Generator, *, delta: bool = False) -> np.ndarray:
     """An orthogonal weight of ``shape`` (Eq. 3.16): fc (out, in) semi-orthogonal; conv (o, c, k, k) either the
     (o, c·k·k) semi-orthogonal matrix reshaped, or (``delta``) zero but for the centre tap, a semi-orthogonal
-    (o, c) matrix: the convolution is then an isometry of the channels at every position. A matrix with more
+    (o, c) matrix: the convolution then maps the channels at every position isometrically (up to a factor). A matrix with more
     rows than columns is multiplied by √(rows/cols), so that in every shape its rows (a unit's incoming weights)
     have root-mean-square norm 1."""
     shape = tuple(int(v) for v in shape)
