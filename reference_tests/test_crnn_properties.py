@@ -35,7 +35,8 @@ fixed by the argmax of every max pool and the side of every activation kink each
 pre-activation lies on (:func:`_piece`). Finite differences and the β → 0 expansions hold
 within a piece; the tests detect when a perturbation leaves its piece and then either
 reject the example (probability O(h) for a finite-difference step h) or, for the EP limit,
-use the largest β range that stays inside (the limit statement is local).
+use the largest β range that stays inside (the limit statement is local; that range depends on
+how close s^0 lies to a kink, so β is scanned down by decades, :func:`_beta_decades`).
 """
 from __future__ import annotations
 
@@ -104,9 +105,14 @@ def _global_norm(d: dict) -> float:
     return math.sqrt(sum(float(np.sum(_h(v) ** 2)) for v in d.values()))
 
 
+def _distance(g: dict, ref: dict) -> float:
+    """‖g − ref‖ in the global L2 norm over all parameters."""
+    return math.sqrt(sum(float(np.sum((_h(g[k]) - _h(ref[k])) ** 2)) for k in ref))
+
+
 def _rel_error(g: dict, ref: dict) -> float:
     """Relative error in the global L2 norm over all parameters."""
-    return math.sqrt(sum(float(np.sum((_h(g[k]) - _h(ref[k])) ** 2)) for k in ref)) / _global_norm(ref)
+    return _distance(g, ref) / _global_norm(ref)
 
 
 class _params_set:
@@ -575,7 +581,27 @@ def _ep_errors_in_piece(net, x, y, free, piece0, betas, *, window=3):
     return out
 
 
-BETA_SCAN = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+BETA_MAX = 1e-1  # the first β of every scan (the contraction bound includes its nudge)
+BETA_SCAN = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # the scan where no relative floor exists (zero BPTT gradient)
+
+
+def _beta_decades(rel_floor):
+    """β = 1e-1, 1e-2, … while SLOPE_MARGIN · rel_floor(β) < 1 (``rel_floor``: the round-off floor
+    relative to the reference, ∝ 1/β).
+
+    How small β must be for the nudged states to stay in the piece of s^0 depends on the example,
+    not on the code: a pre-activation at distance δ from a kink that the nudge moves at rate v
+    crosses it for β > δ/|v|, and δ is as small as the draw makes it (a drawn 1-conv net had an
+    output unit at u = −9.8e-5 below the kink at 0 of half_hard_sigmoid, pushed up at v = 1, so only
+    β ≤ 1e-5 stayed inside; the scan used to end at 1e-6 and found two). So the scan has no fixed
+    end: it stops where the floor would let a relative error of 100 % pass, below which EP and
+    BPTT cannot be told apart. An example with no three consecutive β in the piece above that
+    lies within round-off reach of a kink and is rejected (probability O(β_end) for the last β
+    scanned, like the finite differences' O(h))."""
+    k = 1
+    while SLOPE_MARGIN * rel_floor(10.0 ** -k) < 1.0:
+        yield 10.0 ** -k
+        k += 1
 
 
 @_examples(4)
@@ -593,18 +619,27 @@ def test_ep_tends_to_bptt_as_beta_vanishes(cfg):
     Locality. The expansion in β holds while s^{±β} stays in the piece of s^0 (same argmaxes,
     same side of every activation kink). A unit whose free pre-activation lies within
     β·|∂u/∂β| of a kink crosses it, and the error then jumps (e.g. mse + hard_sigmoid,
-    one-sided 2.5e-1, 3.6e-2, 2.1e-3 for β = 1e-1, 1e-2, 1e-3). So β runs down the sequence
-    1e-1, 1e-2, … 1e-6 until three consecutive β stay in the piece (usually {1e-1, 1e-2, 1e-3}),
-    and the rates are asserted on those three; the scan must find them.
+    one-sided 2.5e-1, 3.6e-2, 2.1e-3 for β = 1e-1, 1e-2, 1e-3). That distance is drawn, so β
+    runs down the decades 1e-1, 1e-2, … until three consecutive β stay in the piece (usually
+    {1e-1, 1e-2, 1e-3}) and the rates are asserted on those three; the scan ends where the
+    floor reaches the error scale (:func:`_beta_decades`), and an example with no three β in
+    the piece above that is rejected.
 
-    Rates. The relative error (global L2 over all parameters) against BPTT must fall by
-    10^0.9 (one-sided) and 10^1.8 (symmetric) per decade of β while it is above 10× its
-    float64 floor (:func:`_ep_floor` + :func:`_bptt_floor`, relative to ‖∇BPTT‖: the round-off
-    of ∂Φ/∂θ at a settled state, ~γ_d·Σ|terms|, divided by β n). At β = 1e-3 (when in the
+    Rates. With g(β) the one-sided estimate and g(0⁺) = ∇BPTT its limit, g(β) − g(0⁺) =
+    β a + β² c + O(β³): the symmetric estimate ½[g(β) + g(−β)] keeps the even part, error
+    β² c + O(β⁴), and one-sided − symmetric = ½[g(β) − g(−β)] is the odd part, β a + O(β³).
+    The one-sided error is their sum, whose slope per decade is 1 only up to O(β): at β = 0.1
+    the even part can cancel a third of the odd one (a measured case in
+    :func:`test_gdu_per_step_ep_updates_tend_to_bptt`). So the two parts are asserted: the
+    symmetric error against BPTT must fall by 10^1.8 and the odd part (relative to ‖∇BPTT‖)
+    by 10^0.9 per decade of β while above 10× their float64 floors (:func:`_ep_floor` +
+    :func:`_bptt_floor`, resp. the two EP floors, relative to ‖∇BPTT‖: the round-off of
+    ∂Φ/∂θ at a settled state, ~γ_d·Σ|terms|, divided by β n); one-sided error ≤ odd part +
+    symmetric error then falls as O(β). At β = 1e-3 (when in the
     piece) the symmetric error must be ≤ 1e-4. A zero BPTT gradient (every output unit
     saturated) must give an EP estimate at its round-off floor for every β in the piece.
     """
-    net = _contracting_net(cfg, beta_max=max(BETA_SCAN))
+    net = _contracting_net(cfg, beta_max=BETA_MAX)
     rng = cfg.rng()
     xh, yh = cfg.data(rng)
     x, y = _dev(xh, net), _dev(yh, net)
@@ -613,7 +648,18 @@ def test_ep_tends_to_bptt_as_beta_vanishes(cfg):
     ref = pyeqprop.bptt(net, x, y, T=T_SETTLE, per_step=True)
     gnorm = _global_norm(ref.grads)
     bfloor = _bptt_floor(net, xh, _mu_norms(ref))
-    scan = _ep_errors_in_piece(net, x, y, free, _piece(net, x, free.state), BETA_SCAN)
+
+    known = {}
+
+    def rel_floors(b):
+        """Floors of the asserted quantities relative to ‖∇BPTT‖ (gnorm > 0)."""
+        if b not in known:
+            f_one, f_sym = _ep_floor(net, xh, b, "one-sided"), _ep_floor(net, xh, b, "symmetric")
+            known[b] = {"symmetric": (f_sym + bfloor) / gnorm, "odd": (f_one + f_sym) / gnorm}
+        return known[b]
+
+    betas = BETA_SCAN if gnorm == 0.0 else _beta_decades(lambda b: max(rel_floors(b).values()))
+    scan = _ep_errors_in_piece(net, x, y, free, _piece(net, x, free.state), betas)
     for beta, (res, inside) in scan.items():
         for est, r in res.items():
             for ph, b in zip(r.nudged, r.betas):
@@ -626,11 +672,12 @@ def test_ep_tends_to_bptt_as_beta_vanishes(cfg):
     betas = list(scan)
     inside = [scan[b][1] for b in betas]
     errors = {est: [_rel_error(scan[b][0][est].grads, ref.grads) for b in betas] for est in ("one-sided", "symmetric")}
-    floors = {est: [(_ep_floor(net, xh, b, est) + bfloor) / gnorm for b in betas] for est in errors}
+    errors["odd"] = [_distance(scan[b][0]["one-sided"].grads, scan[b][0]["symmetric"].grads) / gnorm for b in betas]
+    floors = {est: [rel_floors(b)[est] for b in betas] for est in ("symmetric", "odd")}
     note = f"{cfg}: betas {betas}, in piece {inside}, errors {errors}, floors {floors}"
-    assert len(inside) >= 3 and all(inside[-3:]), f"no three consecutive beta stay in the free piece. {note}"
+    assume(len(inside) >= 3 and all(inside[-3:]))  # s^0 within round-off reach of a kink (_beta_decades)
     window = slice(len(betas) - 3, len(betas))
-    _assert_rate(errors["one-sided"][window], floors["one-sided"][window], 0.9, f"one-sided. {note}")
+    _assert_rate(errors["odd"][window], floors["odd"][window], 0.9, f"odd part (one-sided − symmetric). {note}")
     _assert_rate(errors["symmetric"][window], floors["symmetric"][window], 1.8, f"symmetric. {note}")
     if 1e-3 in scan and scan[1e-3][1]:
         assert errors["symmetric"][betas.index(1e-3)] <= 1e-4, f"symmetric error at beta=1e-3 > 1e-4. {note}"
@@ -686,7 +733,8 @@ def test_random_sign_draws_both_signs():
 # =========================================================================== (4) GDU
 def _gdu_deltas(net, x, y, free_state, b, K, names, piece0):
     """ΔEP_θ(b, t)/n and ΔEP_s(b, t)/n for t < K (Eq. 4.5), stepping the nudged dynamics one step
-    at a time from s^0, and whether every step's drive stayed in the piece of s^0."""
+    at a time from s^0, and whether every step's drive stayed in the piece of s^0 and the
+    argmaxes of ∂Φ/∂θ(s^b_K) are those of s^0."""
     n = x.shape[0]
     s = list(free_state)
     G = net.dphi_dtheta(x, s)
@@ -698,6 +746,7 @@ def _gdu_deltas(net, x, y, free_state, b, K, names, piece0):
         d_theta.append({k: (_h(G_new[k]) - _h(G[k])) / (b * n) for k in names})
         d_s.append([(_h(a) - _h(c)) / (b * n) for a, c in zip(s_new, s)])
         s, G = s_new, G_new
+    inside = inside and _same_piece(([], _piece(net, x, s)[1]), ([], piece0[1]))  # ρ′ at s_K is not used
     return d_theta, d_s, inside
 
 
@@ -718,14 +767,21 @@ def test_gdu_per_step_ep_updates_tend_to_bptt(cfg):
 
     EP deltas are divided by n because BPTT differentiates the batch mean (Eq. 5.1). The nudged
     phase is stepped with ``net.step`` one step at a time. Convergence, locality and rates as
-    in :func:`test_ep_tends_to_bptt_as_beta_vanishes`: β runs down 1e-1 … 1e-6 until three
-    consecutive β keep every nudged step's drive in the piece of s^0; on those, the relative
-    error (global L2 over t < K and all network parameters, resp. all neurons) must fall by
-    10^0.9 per decade one-sided and 10^1.8 symmetric (½[ΔEP(β) + ΔEP(−β)]) while above 10×
-    the floor: per step, two ∂Φ/∂θ evaluations (resp. states) with round-off and a free
-    residual r, divided by β n, over √K steps, plus the BPTT round-off.
+    in :func:`test_ep_tends_to_bptt_as_beta_vanishes`: β runs down the decades from 1e-1
+    (:func:`_beta_decades`, to where the θ floor reaches the error scale) until three
+    consecutive β keep every nudged step's drive in the piece of s^0 (an example with none is
+    rejected: s^0 lies within round-off reach of a kink); on those, the relative error of the
+    symmetric ½[ΔEP(β) + ΔEP(−β)] (global L2 over t < K and all network parameters, resp. all
+    neurons) must fall by 10^1.8 per decade, and the odd part ½[ΔEP(β) − ΔEP(−β)] = one-sided
+    − symmetric (relative to the same norm) by 10^0.9, while above 10× the floor: per step, two
+    ∂Φ/∂θ evaluations (resp. states) with round-off and a free residual r, divided by β n,
+    over √K steps, plus the BPTT round-off. The one-sided error itself (odd + even part) need
+    not show slope 0.9 from β = 0.1: on a drawn 3-conv softmax net (config seed 2733) the θ odd
+    part was 1.628e-3, 1.626e-4, 1.626e-5 (slope 1.000) and the symmetric error 4.94e-4, 4.94e-6,
+    4.94e-8 (slope 2.000) at β = 1e-1, 1e-2, 1e-3, but partly cancelling, the one-sided error
+    1.244e-3, 1.585e-4, 1.622e-5 has slope 0.895 over the first decade.
     """
-    net = _contracting_net(cfg, beta_max=max(BETA_SCAN))
+    net = _contracting_net(cfg, beta_max=BETA_MAX)
     xh, yh = cfg.data()
     x, y = _dev(xh, net), _dev(yh, net)
     n = cfg.n
@@ -740,27 +796,38 @@ def test_gdu_per_step_ep_updates_tend_to_bptt(cfg):
     bfloor, eps_mu = _bptt_floor(net, xh, _mu_norms(ref), per_step_mu=True)
     piece0 = _piece(net, x, free.state)
     units = math.sqrt(n * sum(int(np.prod(sh)) for sh in net.arch.state_shapes))
+    floors = {}
+
+    def floor(beta):
+        """(θ floor, state floor) at β, relative to the BPTT reference."""
+        if beta not in floors:
+            e_s = max(_state_error(net, xh, beta), _state_error(net, xh, -beta)) + free.residual * units
+            f_theta = (math.sqrt(K_GDU) * 2.0 * _dphi_dtheta_error(net, xh, e_s) / (beta * n) + bfloor) / nt
+            f_s = (math.sqrt(K_GDU) * 2.0 * e_s / (beta * n) + math.sqrt(sum(e * e for e in eps_mu[:K_GDU]))) / ns
+            floors[beta] = (f_theta, f_s)
+        return floors[beta]
+
     rows, run = [], 0
-    for beta in BETA_SCAN:
+    for beta in _beta_decades(lambda b: floor(b)[0]):
         plus = _gdu_deltas(net, x, y, free.state, beta, K_GDU, names, piece0)
         minus = _gdu_deltas(net, x, y, free.state, -beta, K_GDU, names, piece0)
-        e_s = max(_state_error(net, xh, beta), _state_error(net, xh, -beta)) + free.residual * units
-        f_theta = (math.sqrt(K_GDU) * 2.0 * _dphi_dtheta_error(net, xh, e_s) / (beta * n) + bfloor) / nt
-        f_s = (math.sqrt(K_GDU) * 2.0 * e_s / (beta * n) + math.sqrt(sum(e * e for e in eps_mu[:K_GDU]))) / ns
-        ep_t = {"one-sided": _stack_theta(plus[0], names),
-                "symmetric": 0.5 * (_stack_theta(plus[0], names) + _stack_theta(minus[0], names))}
-        ep_s = {"one-sided": _stack_states(plus[1]),
-                "symmetric": 0.5 * (_stack_states(plus[1]) + _stack_states(minus[1]))}
+        f_theta, f_s = floor(beta)
+        tp, tm = _stack_theta(plus[0], names), _stack_theta(minus[0], names)
+        sp, sm = _stack_states(plus[1]), _stack_states(minus[1])
         rows.append((beta, plus[2] and minus[2],
-                     {e: float(np.linalg.norm(v - b_theta)) / nt for e, v in ep_t.items()},
-                     {e: float(np.linalg.norm(v - b_s)) / ns for e, v in ep_s.items()}, f_theta, f_s))
+                     {"one-sided": float(np.linalg.norm(tp - b_theta)) / nt,
+                      "symmetric": float(np.linalg.norm(0.5 * (tp + tm) - b_theta)) / nt,
+                      "odd": float(np.linalg.norm(0.5 * (tp - tm))) / nt},
+                     {"one-sided": float(np.linalg.norm(sp - b_s)) / ns,
+                      "symmetric": float(np.linalg.norm(0.5 * (sp + sm) - b_s)) / ns,
+                      "odd": float(np.linalg.norm(0.5 * (sp - sm))) / ns}, f_theta, f_s))
         run = run + 1 if rows[-1][1] else 0
         if run == 3:
             break
     note = f"{cfg}: rows (beta, in piece, theta errors, state errors, floors) {rows}"
-    assert run == 3, f"no three consecutive beta keep the nudged steps in the free piece. {note}"
+    assume(run == 3)  # s^0 within round-off reach of a kink (_beta_decades)
     window = rows[-3:]
-    for est, slope in (("one-sided", 0.9), ("symmetric", 1.8)):
+    for est, slope in (("odd", 0.9), ("symmetric", 1.8)):  # one-sided = odd + even part (see the EP test)
         _assert_rate([r[2][est] for r in window], [r[4] for r in window], slope, f"theta, {est}. {note}")
         if ns > 0.0:
             _assert_rate([r[3][est] for r in window], [r[5] for r in window], slope, f"states, {est}. {note}")

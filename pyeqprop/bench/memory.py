@@ -7,8 +7,8 @@ reports its buffers to it); on CuPy with the memory pool's high-water mark... wh
 not expose directly, so we read ``used_bytes`` after each phase and a fresh pool per run.
 
 Cross-check (host backends, Linux): at the largest T, EP and BPTT each run once more in a fresh
-subprocess, which reports the rise of its peak resident set size (``ru_maxrss``) over its
-resident size just before the call. RSS counts pages, not bytes asked for, and includes the
+subprocess, which resets its peak resident set size after the set-up (``/proc/self/clear_refs``)
+and reports the rise of the peak (VmHWM) over its resident size just before the call. RSS counts pages, not bytes asked for, and includes the
 allocator's slack, so the two measures agree only roughly; what the cross-check guards is
 that tracemalloc sees the buffers at all (a ratio near 1, not 0.01).
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import tracemalloc
@@ -83,15 +82,18 @@ def _run_one(method, T, quick, dtype):
     return run
 
 
-def _rss_bytes() -> int:
-    """This process's resident set size now (Linux /proc/self/statm)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(key: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS: resident now; VmHWM: its high-water mark), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {key}")
 
 
 def peak_rss_rise(method: str, T: int, *, quick: bool, dtype: str) -> int:
     """Rise of the peak RSS over the RSS just before one run of ``method`` ("ep" or "bptt"), measured in a
-    fresh subprocess (the high-water mark of this process is already set by everything before)."""
+    fresh subprocess whose high-water mark is reset after the set-up (Linux: ``5 > /proc/self/clear_refs``)."""
     code = ("import json, sys; from pyeqprop.bench.memory import _child; "
             f"print(json.dumps(_child({method!r}, {int(T)}, {bool(quick)}, {dtype!r})))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
@@ -101,10 +103,11 @@ def peak_rss_rise(method: str, T: int, *, quick: bool, dtype: str) -> int:
 def _child(method, T, quick, dtype) -> dict:
     run = _run_one(method, T, quick, dtype)
     gc.collect()
-    before = _rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux ≥ 4.0)
+        f.write("5")
+    before = _status_bytes("VmRSS")
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"rise": max(0, peak - before)}
+    return {"rise": max(0, _status_bytes("VmHWM") - before)}
 
 
 def run_memory_bench(ns) -> int:

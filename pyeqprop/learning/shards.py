@@ -88,10 +88,11 @@ def sharded(fn, net, x, y, *, shards: int, free_state=None, **kw):
     Estimate: grads = Σ_j (n_j/n) g_j in shard order (Eq. 4.7); each phase merged by
     :func:`merge_settled`; ``info`` maps each key of the shards' info to the list of their values.
     """
-    n = x.shape[0]
-    bounds = shard_bounds(n, shards)
     if shards == 1:
         return fn(net, x, y, free_state=free_state, **kw)
+    net.check_input(x)  # x is an array of the net's input shape before it is split
+    n = x.shape[0]
+    bounds = shard_bounds(n, shards)
     name = backend_name(net.xp)
     if name not in CPU_BACKENDS:
         raise ValueError(f"shards={shards} runs threads over host arrays; backend {name!r} runs every operation "

@@ -79,7 +79,7 @@ class Nudge:
     x_drive: tuple
     prepared: tuple | None = None
 
-    def prep(self, l: int):
+    def prep(self, l: int) -> Array | None:
         """Layer l's prepared operator (None when there is none)."""
         return None if self.prepared is None else self.prepared[l]
 
@@ -285,7 +285,7 @@ class CRNN:
             self.check_labels(y, x.shape[0])
         return [term.prepare(self.params, x, y) for _, term in self.cost_terms]
 
-    def input_drive(self, x: Array, prep=None) -> tuple:
+    def input_drive(self, x: Array, prep: Array | None = None) -> tuple:
         """B_1(x) and its argmax: constant while x is, so a batch computes it once (Eq. 3.1)."""
         return self.layers[0].bottom_up(self.params, x, prep)
 
