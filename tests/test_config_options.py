@@ -279,7 +279,8 @@ def test_a_config_toml_of_the_earlier_format_still_loads(tmp_path):
     assert cfg == expected
     new_value_lines = [line for line in dump_toml(cfg).splitlines() if line and not line.startswith("#")]
     old_keys = {line.split(" = ")[0] for line in OLD_CONFIG_TOML.splitlines()}
-    # the key = value lines are written as before; options added since (settling, Eq. 3.14; shards, Eq. 4.7; init, Eq. 3.16) take
+    # the key = value lines are written as before; options added since (settling, Eq. 3.14; shards, Eq. 4.7;
+    # init, Eq. 3.16) take
     # their defaults
     assert [line for line in new_value_lines if line.split(" = ")[0] in old_keys] == OLD_CONFIG_TOML.splitlines()
     assert {line.split(" = ")[0] for line in new_value_lines} - old_keys == {"schedule", "settle_tol", "check_every",

@@ -8,7 +8,8 @@ from ``numpy.linalg.eigvals``.
 Tolerance of the power iteration, derived: A = D^{1/2} H D^{1/2} is symmetric with eigenvalues
 λ_i (|λ_1| = ρ(J) = λ*), and K iterations from v_0 = Σ c_i e_i return r = ‖A v_{K−1}‖ with
 v_{K−1} ∝ A^{K−1} v_0, so r² = Σ c_i² λ_i^{2K} / Σ c_i² λ_i^{2K−2}. Then
-λ*² − r² = Σ c_i² λ_i^{2K−2}(λ*² − λ_i²) / Σ c_i² λ_i^{2K−2} ≤ λ*² tan²θ_0 (λ_2/λ*)^{2K−2},
+λ*² − r² = Σ c_i² λ_i^{2K−2}(λ*² − λ_i²) / Σ c_i² λ_i^{2K−2}
+         ≤ λ*² tan²θ_0 (λ_2/λ*)^{2K−2},
 with tan²θ_0 = Σ_{|λ_i|<λ*} c_i² / Σ_{|λ_i|=λ*} c_i² and λ_2 the largest |λ_i| below λ*; and
 0 ≤ λ* − r ≤ (λ*² − r²)/λ*. The test computes that bound from the dense eigen-decomposition and
 the very start vector, asserts it is small (so the comparison is sharp), and allows it plus

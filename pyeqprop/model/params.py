@@ -87,8 +87,8 @@ def _rows_rms_one(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
 def orthogonal_weight(shape, rng: np.random.Generator, *, delta: bool = False) -> np.ndarray:
     """An orthogonal weight of ``shape`` (Eq. 3.16): fc (out, in) semi-orthogonal; conv (o, c, k, k) either the
     (o, c·k·k) semi-orthogonal matrix reshaped, or (``delta``) zero but for the centre tap, a semi-orthogonal
-    (o, c) matrix: the convolution then maps the channels at every position isometrically (up to a factor). A matrix with more
-    rows than columns is multiplied by √(rows/cols), so that in every shape its rows (a unit's incoming weights)
+    (o, c) matrix: the convolution then maps the channels at every position isometrically (up to a factor).
+    A matrix with more rows than columns is multiplied by √(rows/cols), so that in every shape its rows (a unit's incoming weights)
     have root-mean-square norm 1."""
     shape = tuple(int(v) for v in shape)
     if len(shape) == 2:

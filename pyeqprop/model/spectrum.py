@@ -66,7 +66,8 @@ def step_jacobian_vector(net, slopes, indices, mu) -> list:
 
 
 def symmetrised_step(net, root, indices, v) -> list:
-    """A v = D^{1/2} H D^{1/2} v with ``root`` = ρ'(u)^{1/2} per layer: the symmetric operator similar to J (Eq. 3.17)."""
+    """A v = D^{1/2} H D^{1/2} v with ``root`` = ρ'(u)^{1/2} per layer: the symmetric operator similar to J
+    (Eq. 3.17)."""
     return [r * h for r, h in zip(root, net.hessian_vector([r * vi for r, vi in zip(root, v)], indices))]
 
 
