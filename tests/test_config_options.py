@@ -20,7 +20,7 @@ from pyeqprop.cli import main
 from pyeqprop.data.augment import PADDING_MODES  # (pyeqprop.data.augment is also a function's name)
 from pyeqprop.learning import estimators, signals
 from pyeqprop.learning.settle import SCHEDULES
-from pyeqprop.model import readout
+from pyeqprop.model import params, readout
 from pyeqprop.ops import activations
 from pyeqprop.train import progress
 from pyeqprop.train.config import (OPTIONS, ConfigError, TrainConfig, config_from_mapping, dump_toml, load_toml,
@@ -37,6 +37,7 @@ HOME = {
     "local_loss": signals.LOCAL_LOSSES,
     "kd_normalisation": signals.KD_NORMALISATIONS,
     "signal_init": signals.SIGNAL_INITS,
+    "init": params.NETWORK_INITS,
     "backend": backend.BACKENDS,
     "progress": progress.PROGRESS_MODES,
     "schedule": SCHEDULES,
@@ -181,6 +182,7 @@ AWKWARD = {
     "augment_padding": 0, "augment_flip": False, "augment_padding_mode": "zeros", "test_fraction": 0.1 + 0.2,
     "val_fraction": 0.0,
     "arch": "c4m-f8", "readout": "mse", "activation": "hard_sigmoid", "dtype": "float64", "weight_scale": 1e-300,
+    "init": "delta-orthogonal", "init_radius": 1.25,
     "estimator": "implicit", "beta": 0.125, "T1": 1, "T2": 123456789, "T_eval": 7, "schedule": "gauss-seidel",
     "settle_tol": 1e-9, "check_every": 1, "shards": 2, "epochs": 2, "batch_size": 1,
     "lr": [0.25, 1e-7, 3.0], "momentum": 0.0, "weight_decay": 0.0, "lr_min": -0.0, "cosine_epochs": -1,
@@ -277,13 +279,15 @@ def test_a_config_toml_of_the_earlier_format_still_loads(tmp_path):
     assert cfg == expected
     new_value_lines = [line for line in dump_toml(cfg).splitlines() if line and not line.startswith("#")]
     old_keys = {line.split(" = ")[0] for line in OLD_CONFIG_TOML.splitlines()}
-    # the key = value lines are written as before; options added since (settling, Eq. 3.14; shards, Eq. 4.7) take
+    # the key = value lines are written as before; options added since (settling, Eq. 3.14; shards, Eq. 4.7;
+    # init, Eq. 3.16) take
     # their defaults
     assert [line for line in new_value_lines if line.split(" = ")[0] in old_keys] == OLD_CONFIG_TOML.splitlines()
     assert {line.split(" = ")[0] for line in new_value_lines} - old_keys == {"schedule", "settle_tol", "check_every",
                                                                                      "shards", "val_fraction",
                                                                                      "checkpoint_batches",
-                                                                                     "checkpoint_minutes"}
+                                                                                     "checkpoint_minutes", "init",
+                                                                                     "init_radius"}
 
 
 # ---------------------------------------------------------------------- (d) --help

@@ -40,6 +40,7 @@ from ._figure import new_figure
 
 from ..backend import DTYPES, to_numpy
 from ..learning.signals import KD_NORMALISATIONS, LOCAL_LOSSES, SIGNAL_INITS, SignalConfig, attach_signals
+from ..model.params import DEFAULT_RADIUS, NETWORK_INITS
 from ..model.readout import READOUTS
 from ..ops.activations import ACTIVATIONS
 
@@ -242,7 +243,19 @@ def add_diagnose_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--activation", choices=tuple(ACTIVATIONS), default="hard_sigmoid")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--backend", default=None, help="array backend (default: $PYEQPROP_BACKEND, else numpy)")
-    parser.add_argument("--weight-scale", type=float, default=1.0)
+    parser.add_argument("--weight-scale", type=float, default=1.0, help="init uniform: the weight range factor "
+                                                                         "(Eq. 3.10)")
+    parser.add_argument("--init", choices=NETWORK_INITS, default="uniform",
+                        help="the network's initialisation (Eqs. 3.10, 3.16; default uniform)")
+    parser.add_argument("--radius", type=float, default=DEFAULT_RADIUS,
+                        help=f"with an orthogonal init: the spectral radius it is calibrated to (Eq. 3.16; default "
+                             f"{DEFAULT_RADIUS})")
+    parser.add_argument("--spectrum", action="store_true",
+                        help="instead of the signal table: the spectral radius of the linearised settling step "
+                             "(Eq. 3.17) at the free phase of one batch, per network")
+    parser.add_argument("--run", default=None, metavar="RUN_OR_CHECKPOINT",
+                        help="with --spectrum: the networks of a run (its initialisation, best.npz, latest.npz) "
+                             "on its own data set and settling, instead of the network the flags describe")
     parser.add_argument("--local-weight", type=float, default=0.5, help="λ of the local errors (default 0.5)")
     parser.add_argument("--kd-weight", type=float, default=1.0, help="γ of the distillation (default 1)")
     parser.add_argument("--local-grid", type=int, default=2)
@@ -263,7 +276,8 @@ def add_diagnose_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
-def _load_data(ns):
+def load_diagnose_data(ns):
+    """The data set of ``diagnose``'s flags (``--dataset``; synthetic when asked for or when its package is missing)."""
     from ..data import load_dataset
 
     name = str(ns.dataset)
@@ -297,6 +311,13 @@ def run_diagnose_cli(ns) -> int:
     from ..model.crnn import CRNN
     from ..model.teacher import Teacher
 
+    if getattr(ns, "spectrum", False):
+        from .spectrum import run_spectrum_cli
+
+        return run_spectrum_cli(ns)
+    if getattr(ns, "run", None):
+        raise ValueError(f"--run {ns.run!r} needs --spectrum (the signal table diagnoses the network the flags "
+                         "describe)")
     names = tuple(s.strip() for s in str(ns.settings).split(",") if s.strip())
     base = SignalConfig(local_layers="all", local_weight=ns.local_weight, local_grid=ns.local_grid,
                         local_loss=ns.local_loss, kd_layers="all", kd_weight=ns.kd_weight,
@@ -304,7 +325,7 @@ def run_diagnose_cli(ns) -> int:
     configs = ablation_settings(base, names)  # a ValueError naming the unknown settings: exit 2 in the CLI
     t0 = time.perf_counter()
     xp = get_namespace(ns.backend or default_backend_name())
-    data = _load_data(ns)
+    data = load_diagnose_data(ns)
     shape, K = data.input_shape, data.num_classes
 
     def on_device(a, dtype=None):
@@ -315,7 +336,8 @@ def run_diagnose_cli(ns) -> int:
 
     def make():
         return CRNN(ns.arch, shape, num_classes=K, readout=ns.readout, activation=ns.activation, dtype=ns.dtype,
-                    xp=xp, seed=ns.seed, weight_scale=ns.weight_scale)
+                    xp=xp, seed=ns.seed, weight_scale=ns.weight_scale, init=ns.init,
+                    radius=None if ns.init == "uniform" else ns.radius)
 
     probe = make()
     teacher = None

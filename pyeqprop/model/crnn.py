@@ -39,7 +39,7 @@ from ..backend import Array, backend_name, device_of, dtype_name, namespace_of, 
 from ..ops.activations import get_activation
 from .arch import parse_arch
 from .layers import make_layers, param_specs
-from .params import init_params
+from .params import DEFAULT_RADIUS, NETWORK_INITS, init_params, orthogonal_init
 from .readout import make_readout
 
 __all__ = ["CRNN", "Drive", "Nudge"]
@@ -113,6 +113,14 @@ class CRNN:
         biases use ±1/√fan_in.
     weight_scale : float
         Multiplies the weight range (not the biases); < 1 makes the dynamics contract.
+        For ``init="uniform"`` only.
+    init : "uniform" | "orthogonal" | "delta-orthogonal"
+        ``uniform``: Eq. 3.10 as above (the default). The orthogonal inits (Eq. 3.16) draw orthogonal
+        weights from the same generator, scale W_2 … W_L so that the linearised step has spectral radius
+        ``radius`` where ρ is in its linear piece (Eq. 3.17), and set the biases so that the mean
+        pre-activation of each channel is the centre of that piece at a reference state.
+    radius : float or None
+        The radius r of Eq. 3.16 (default 0.85); only for the orthogonal inits.
 
     Attributes
     ----------
@@ -127,9 +135,11 @@ class CRNN:
 
     def __init__(self, arch: str, input_shape: Sequence[int], *, num_classes: int = 10, readout: str = "mse",
                  activation: str = "hard_sigmoid", dtype: DType = "float32", xp: ModuleType | str | None = None,
-                 seed: int = 0, weight_scale: float = 1.0) -> None:
+                 seed: int = 0, weight_scale: float = 1.0, init: str = "uniform",
+                 radius: float | None = None) -> None:
         self.xp = resolve(xp)
         self.check_arguments(arch, input_shape)
+        self.check_init(init, radius, weight_scale)
         dtype = dtype_name(dtype, self.xp)
         self.dtype_name = dtype
         self.dtype = getattr(self.xp, dtype)
@@ -148,8 +158,15 @@ class CRNN:
         self.cost_terms: list = [(1.0, term)]
         self.device = device_of(self.xp.zeros((1,), dtype=self.dtype))  # where states and parameters live
         self.params: dict = {}
+        self.init = init
+        self.radius = None if init == "uniform" else float(DEFAULT_RADIUS if radius is None else radius)
         rng = np.random.default_rng(seed)
-        self._init_params(param_specs(self.layers) + term.param_specs(), rng)
+        specs = param_specs(self.layers) + term.param_specs()
+        if init == "uniform":
+            self._init_params(specs, rng)
+        else:  # Eq. 3.16: the shapes and order first, then the calibrated values
+            self._init_params([replace(spec, init="zeros") for spec in specs], rng)
+            orthogonal_init(self, rng, radius=self.radius, delta=init == "delta-orthogonal")
 
     # ------------------------------------------------------------------ parameters
     def _init_params(self, specs, rng):
@@ -203,6 +220,21 @@ class CRNN:
             raise TypeError(f"arch must be a spec string such as 'c16m-c32m' or a preset name, got {arch!r}")
         if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__len__"):
             raise TypeError(f"input_shape must be a sequence (c, h, w) of three integers, got {input_shape!r}")
+
+    @staticmethod
+    def check_init(init, radius, weight_scale) -> None:
+        """Raise a ``ValueError`` naming the value unless ``init`` is one of :data:`NETWORK_INITS` and ``radius``
+        (> 0) is given only with an orthogonal init, ``weight_scale`` ≠ 1 only with the uniform one (Eq. 3.16)."""
+        if init not in NETWORK_INITS:
+            raise ValueError(f"init must be one of {', '.join(NETWORK_INITS)}, got {init!r}")
+        if init == "uniform" and radius is not None:
+            raise ValueError(f"radius={radius!r} applies to the orthogonal inits (Eq. 3.16); init='uniform' is "
+                             "scaled by weight_scale")
+        if radius is not None and not (isinstance(radius, (int, float)) and radius > 0):
+            raise ValueError(f"radius must be a number > 0, got {radius!r}")
+        if init != "uniform" and weight_scale != 1.0:
+            raise ValueError(f"weight_scale={weight_scale!r} applies to init='uniform' (Eq. 3.10); init={init!r} "
+                             "is scaled by radius")
 
     def check_input(self, x: Array) -> None:
         """Raise unless x is a non-empty (n, c, h, w) batch of the network's input shape, namespace and dtype."""

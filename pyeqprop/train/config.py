@@ -124,7 +124,13 @@ class TrainConfig:
     activation: str = option("half_hard_sigmoid", "activation ρ: clip(u, 0, 1) (Eq. 2.9) "
                                                   "or clip(u/2, 0, 1) (Eq. 2.10)", choices=ACTIVATIONS)
     dtype: str = option("float32", "floating dtype of states, parameters and data", choices=DTYPES)
-    weight_scale: float = option(1.0, "factor on the student's initial weight range ±1/√fan_in (Eq. 3.10)", gt=0)
+    weight_scale: float = option(1.0, "factor on the student's initial weight range ±1/√fan_in (Eq. 3.10); "
+                                      "init uniform only", gt=0)
+    init: str = option("uniform", "the student's initialisation: uniform (Eq. 3.10), or orthogonal / "
+                                  "delta-orthogonal weights calibrated to the spectral radius init_radius (Eq. 3.16)",
+                       choices=Imported("pyeqprop.model.params", "NETWORK_INITS"))
+    init_radius: float = option(0.85, "with an orthogonal init: the spectral radius r of the linearised settling "
+                                      "step it is calibrated to (Eqs. 3.16-3.17)", gt=0)
     # EP
     estimator: str = option("symmetric", "gradient estimator: one-sided (Eq. 4.1), symmetric (Eq. 4.2) or "
                                          "random-sign EP (Eq. 4.3); or the exact gradients bptt (Eq. 5.4, "

@@ -84,12 +84,17 @@ def check_memory(cfg, input_shape, num_classes, xp) -> None:
 def build_network(cfg, input_shape, num_classes, xp) -> CRNN:
     """The bare CRNN of ``cfg`` (layers and readout, Eq. 3.10), before any intermediate signal is attached.
 
-    Checked first: that it fits in memory (:func:`check_memory`) and that ``cfg.lr`` has one rate or
-    one per layer (Eq. 8.3), so a job fails before its teacher trains, not after.
+    Checked first: that it fits in memory (:func:`check_memory`), that ``weight_scale`` is 1 unless the
+    init is uniform (Eq. 3.16), and that ``cfg.lr`` has one rate or one per layer (Eq. 8.3), so a job
+    fails before its teacher trains, not after.
     """
     check_memory(cfg, input_shape, num_classes, xp)
+    if cfg.init != "uniform" and cfg.weight_scale != 1.0:
+        raise ConfigError(f"config key 'weight_scale' has value {cfg.weight_scale!r}; expected 1 with init "
+                          f"{cfg.init!r}, which is scaled by init_radius (Eq. 3.16)")
     net = CRNN(cfg.arch, input_shape, num_classes=num_classes, readout=cfg.readout, activation=cfg.activation,
-               dtype=cfg.dtype, xp=xp, seed=cfg.seed, weight_scale=cfg.weight_scale)
+               dtype=cfg.dtype, xp=xp, seed=cfg.seed, weight_scale=cfg.weight_scale, init=cfg.init,
+               radius=None if cfg.init == "uniform" else cfg.init_radius)
     try:
         per_layer_lrs(net.params, cfg.lr, layer_of=net.param_owners())
     except ValueError as exc:
