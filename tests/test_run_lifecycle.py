@@ -15,53 +15,20 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pyeqprop.cli import main
 from pyeqprop.train.checkpoint import load_checkpoint
-from pyeqprop.train.config import TrainConfig, load_toml
+from pyeqprop.train.config import load_toml
 from pyeqprop.train.loop import train
 from pyeqprop.train.runfolder import recorded_config
 
-N_BATCHES = 3  # ceil(183 / 64) training batches of synthetic at the default test and validation fractions
+from _tiny_jobs import N_BATCHES, TINY_FLAGS, assert_same_state, metrics, quiet, tiny, wait_for
 
-TINY = dict(dataset="synthetic", arch="c4m", T1=5, T2=2, epochs=2, teacher_epochs=1, batch_size=64,
-            progress="none", estimator="random-sign", augment=True)
-TINY_FLAGS = ["--dataset", "synthetic", "--arch", "c4m", "--T1", "5", "--T2", "2", "--teacher-epochs", "1",
-              "--batch-size", "64", "--progress", "none", "--estimator", "random-sign", "--augment", "true"]
 CLI = [sys.executable, "-m", "pyeqprop.cli"]
-
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and hard links")
-
-
-def quiet(*args, **kwargs):
-    pass
-
-
-def tiny(out, **overrides) -> TrainConfig:
-    return TrainConfig(**{**TINY, "out": str(out), **overrides})
-
-
-def metrics(run) -> list[dict]:
-    """metrics.jsonl without the wall-clock column, which is the one thing allowed to differ."""
-    rows = [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
-
-
-def assert_same_state(run_a, run_b, name="latest.npz"):
-    """Parameters, momentum buffers, step count and position of two checkpoints are bitwise equal."""
-    a, b = load_checkpoint(Path(run_a, name)), load_checkpoint(Path(run_b, name))
-    assert list(a.params) == list(b.params)
-    for k in a.params:
-        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=f"parameter {k}")
-    for k, v in a.optimizer_state["velocity"].items():
-        np.testing.assert_array_equal(v, b.optimizer_state["velocity"][k], err_msg=f"velocity {k}")
-    assert a.optimizer_state["steps"] == b.optimizer_state["steps"]
-    assert a.progress["position"] == b.progress["position"]
 
 
 def error_line(capsys) -> str:
@@ -243,18 +210,6 @@ def test_a_resume_that_changes_settings_is_recorded_apart_once_it_has_saved(tmp_
 
 
 # ---------------------------------------------------------------------- SIGTERM and checkpoints within an epoch
-def _wait_for(predicate, proc, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the training process ended (rc {proc.returncode}) before {what}:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 @posix_only
 def test_sigterm_saves_exits_143_and_the_run_resumes_exactly(tmp_path, capsys):
     """What a batch scheduler or ``kill`` sends: like Ctrl-C, the job stops at the next batch boundary,
@@ -264,7 +219,7 @@ def test_sigterm_saves_exits_143_and_the_run_resumes_exactly(tmp_path, capsys):
     proc = subprocess.Popen([*CLI, "train", *flags, "--epochs", "1000", "--out", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     metrics_file = run / "metrics.jsonl"
-    _wait_for(lambda: metrics_file.exists() and metrics_file.read_text().count("\n") >= 1, proc, 120,
+    wait_for(lambda: metrics_file.exists() and metrics_file.read_text().count("\n") >= 1, proc, 120,
               "the first epoch")
     proc.send_signal(signal.SIGTERM)
     try:

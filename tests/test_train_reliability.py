@@ -23,47 +23,10 @@ import pytest
 
 from pyeqprop.cli import main
 from pyeqprop.train.checkpoint import load_checkpoint
-from pyeqprop.train.config import TrainConfig
 from pyeqprop.train.errors import TrainingDiverged
 from pyeqprop.train.loop import train
 
-N_BATCHES = 3  # ceil(183 / 64): synthetic has 204 training samples at the default test fraction, 21 held out
-# as the validation split
-
-# Random-sign EP and augmentation both draw from the per-batch generator, so resuming exercises
-# the derived randomness as well as the saved parameters and momentum.
-TINY = dict(dataset="synthetic", arch="c4m", T1=5, T2=2, epochs=2, teacher_epochs=1, batch_size=64,
-            progress="none", estimator="random-sign", augment=True)
-TINY_FLAGS = ["--dataset", "synthetic", "--arch", "c4m", "--T1", "5", "--T2", "2", "--teacher-epochs", "1",
-              "--batch-size", "64", "--progress", "none", "--estimator", "random-sign", "--augment", "true"]
-
-
-def quiet(*args, **kwargs):
-    pass
-
-
-def tiny(out, **overrides) -> TrainConfig:
-    return TrainConfig(**{**TINY, "out": str(out), **overrides})
-
-
-def metrics(run) -> list[dict]:
-    """metrics.jsonl without the wall-clock column, which is the one thing allowed to differ."""
-    rows = [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
-
-
-def assert_same_state(run_a, run_b, name="latest.npz"):
-    """Parameters and momentum buffers of two checkpoints are bitwise equal."""
-    a, b = load_checkpoint(Path(run_a, name)), load_checkpoint(Path(run_b, name))
-    assert list(a.params) == list(b.params)
-    for k in a.params:
-        assert a.params[k].dtype == b.params[k].dtype
-        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=f"parameter {k}")
-    for k, v in a.optimizer_state["velocity"].items():
-        np.testing.assert_array_equal(v, b.optimizer_state["velocity"][k], err_msg=f"velocity {k}")
-    assert a.optimizer_state["steps"] == b.optimizer_state["steps"]
-    assert a.progress["position"] == b.progress["position"]
-
+from _tiny_jobs import N_BATCHES, TINY_FLAGS, assert_same_state, metrics, quiet, tiny, wait_for
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
@@ -167,18 +130,6 @@ def test_resume_rewrites_metrics_from_the_checkpoint(reference, tmp_path):
 
 
 # ---------------------------------------------------------------------- Ctrl-C for real
-def _wait_for(predicate, proc, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the training process ended (rc {proc.returncode}) before {what}:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and resource limits")
 
 
@@ -195,7 +146,7 @@ def test_sigint_exits_130_and_the_run_resumes_exactly(tmp_path, capsys, presses)
                              "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env())
     metrics_file = run / "metrics.jsonl"
-    _wait_for(lambda: metrics_file.exists() and metrics_file.read_text().count("\n") >= 1, proc, 120,
+    wait_for(lambda: metrics_file.exists() and metrics_file.read_text().count("\n") >= 1, proc, 120,
               "the first epoch")
     proc.send_signal(signal.SIGINT)
     if presses == 2:

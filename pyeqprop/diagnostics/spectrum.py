@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -80,23 +79,12 @@ def plot_spectrum(rows, path) -> str:
 
 def _run_networks(path):
     """(config, [(name, epoch, params or None)]) of a run folder or checkpoint; None: the config's initial net."""
-    from ..train.checkpoint import CheckpointError, load_checkpoint
-    from ..train.config import config_from_mapping
-    from ..train.errors import TrainingError
+    from ..train.evaluate import run_checkpoints, student_checkpoint
 
-    p = Path(path)
-    files = [f for f in (p / "best.npz", p / "latest.npz") if f.exists()] if p.is_dir() else [p]
-    if p.is_dir() and not files:
-        raise TrainingError(f"{p} holds no best.npz or latest.npz checkpoint")
     cfg, nets = None, []
-    for f in files:
-        ckpt = load_checkpoint(f)
-        if isinstance(ckpt.extra, dict) and ckpt.extra.get("kind") == "teacher":
-            raise CheckpointError(f"{f} holds a backprop teacher, not an EP student; give a run folder or its "
-                                  "best.npz / latest.npz")
-        if not ckpt.config:
-            raise CheckpointError(f"{f} has no training configuration; it is not a student checkpoint")
-        cfg = cfg or config_from_mapping(dict(ckpt.config))
+    for f in run_checkpoints(path):
+        ckpt, c = student_checkpoint(f)
+        cfg = cfg or c
         nets.append((f.name, int(ckpt.epoch), ckpt.params))
     return cfg, [("initialisation", 0, None)] + nets
 

@@ -66,6 +66,32 @@ def accuracy_and_loss(net, x, y, T, batch_size=256, *, settling=FIXED):
     return correct / max(n, 1), loss / max(n, 1)
 
 
+def run_checkpoints(path) -> list[Path]:
+    """A run folder's best.npz and latest.npz that exist, in that order, or [path] for a checkpoint file."""
+    p = Path(path)
+    if not p.is_dir():
+        return [p]
+    found = [c for c in (p / "best.npz", p / "latest.npz") if c.exists()]
+    if not found:
+        raise TrainingError(f"{p} holds no best.npz or latest.npz checkpoint")
+    return found
+
+
+def student_checkpoint(path):
+    """(checkpoint, its TrainConfig) of an EP student's checkpoint file; a clear error for a teacher's or
+    for one without a training configuration."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .config import config_from_mapping
+
+    ckpt = load_checkpoint(path)
+    if isinstance(ckpt.extra, dict) and ckpt.extra.get("kind") == "teacher":
+        raise CheckpointError(f"{path} holds a backprop teacher, not an EP student; give a run folder or its "
+                              "best.npz / latest.npz")
+    if not ckpt.config:
+        raise CheckpointError(f"{path} has no training configuration; it is not a student checkpoint")
+    return ckpt, config_from_mapping(dict(ckpt.config))
+
+
 def evaluate_run(path, *, dataset: str | None = None, backend: str | None = None, log=None) -> float:
     """Test accuracy of a run folder's best.npz (chosen on the validation split), else its latest.npz,
     or of a checkpoint file; the log line names the checkpoint, its epoch and the split it scores.
@@ -74,25 +100,9 @@ def evaluate_run(path, *, dataset: str | None = None, backend: str | None = None
     on another backend than the run's (checkpoints hold host arrays). ``log``: where the line goes
     (default: this module's logger, at INFO).
     """
-    from .checkpoint import CheckpointError, load_checkpoint
-
     log = log or _log.info
-    from .config import config_from_mapping
-
-    p = Path(path)
-    if p.is_dir():
-        cand = [p / "best.npz", p / "latest.npz"]
-        found = [c for c in cand if c.exists()]
-        if not found:
-            raise TrainingError(f"{p} holds no best.npz or latest.npz checkpoint")
-        p = found[0]
-    ckpt = load_checkpoint(p)
-    if isinstance(ckpt.extra, dict) and ckpt.extra.get("kind") == "teacher":
-        raise CheckpointError(f"{p} holds a backprop teacher, not an EP student; evaluate a run folder or its "
-                              "best.npz / latest.npz")
-    if not ckpt.config:
-        raise CheckpointError(f"{p} has no training configuration; it is not a student checkpoint")
-    cfg = config_from_mapping({k: v for k, v in ckpt.config.items()})
+    p = run_checkpoints(path)[0]
+    ckpt, cfg = student_checkpoint(p)
     xp = _namespace(cfg, backend)
     data = prepare_data(cfg, xp, dataset, training=False)
     net = build_network(dataclasses.replace(cfg, backend=backend or cfg.backend), data.input_shape,
