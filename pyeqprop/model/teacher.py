@@ -244,7 +244,6 @@ class Teacher:
         -------
         grads : dict keyed and shaped like ``params``, ∂L/∂θ = (∂z/∂θ)ᵀ δ.
         """
-        xp = self.xp
         x = cache.x
         n = x.shape[0]
         if tuple(delta.shape) != (n, self.num_classes):
