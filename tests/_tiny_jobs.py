@@ -57,7 +57,7 @@ def wait_for(predicate, proc, timeout, what):
     while not predicate():
         if proc.poll() is not None:
             out, err = proc.communicate()
-            pytest.fail(f"the training process ended (rc {proc.returncode}) before {what}:\n{out}\n{err}")
+            pytest.fail(f"the job ended (rc {proc.returncode}) before {what}:\n{out}\n{err}")
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"timed out waiting for {what}")

@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,8 @@ from pyeqprop.train.checkpoint import load_checkpoint
 from pyeqprop.train.comm import SingleProcess, launcher_size
 from pyeqprop.train.config import TrainConfig
 from pyeqprop.train.loop import train
+
+from _tiny_jobs import wait_for
 
 TINY = dict(dataset="synthetic", arch="c4m", T1=5, T2=2, epochs=2, teacher_epochs=1, batch_size=64,
             progress="none", estimator="random-sign", augment=True, dtype="float64")
@@ -168,24 +169,12 @@ def test_a_mid_epoch_checkpoint_of_two_ranks_resumes_in_one_process(refs, tmp_pa
     assert_metrics_agree(run, one)
 
 
-def _wait_for(predicate, proc, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the job ended (rc {proc.returncode}) before {what}:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def _start_long_job(run):
     flags = ["--cosine-epochs", "-1", "--epochs", "1000", "--out", str(run)]
     proc = subprocess.Popen([MPIEXEC, "-n", "2", *_train_cmd(*flags)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_env())
     metrics_file = run / "metrics.jsonl"
-    _wait_for(lambda: (run / "latest.npz").exists() and metrics_file.read_text().count("\n") >= 1, proc, TIMEOUT,
+    wait_for(lambda: (run / "latest.npz").exists() and metrics_file.read_text().count("\n") >= 1, proc, TIMEOUT,
               "the first epoch's checkpoint")
     return proc
 
@@ -244,7 +233,7 @@ def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes(tmp_path):
         out_so_far.append(line)
         return "(pids: " in line
 
-    _wait_for(first_line, proc, TIMEOUT, "the ranks' pids")
+    wait_for(first_line, proc, TIMEOUT, "the ranks' pids")
     pid = _rank_pid(out_so_far[-1], 1)
     os.kill(pid, signal.SIGKILL)
     out, err = _finish(proc)
