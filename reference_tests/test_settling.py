@@ -34,12 +34,19 @@ def _examples(divisor: int, minimum: int = 4):
     return settings(max_examples=max(minimum, settings.default.max_examples // divisor))
 
 
-def _contracting(cfg, target=0.4):
-    """The config's network with weights scaled so that its Lipschitz bound is ≤ ½ (a unique fixed point)."""
+FEEDBACK = (1.0, 0.3)
+"""Feedback gains γ of Eq. 3.18 the properties are checked at: the plain network and a weak top-down term."""
+
+
+def _contracting(cfg, target=0.4, feedback=1.0):
+    """The config's network with weights scaled so that its Lipschitz bound is ≤ ½ (a unique fixed point).
+
+    The bound is the plain network's (γ = 1); with γ < 1 the top-down terms only shrink and the
+    readout's nudge on s_L (c_L = 1) is unchanged, so it bounds the map at ``feedback`` too (Eq. 3.18)."""
     scale = contracting_weight_scale(cfg.net(weight_scale=1.0), target=target)
     while lipschitz_bound(cfg.net(weight_scale=scale)) > 0.5:
         scale *= 0.5
-    return cfg.net(weight_scale=scale)
+    return cfg.net(weight_scale=scale, feedback=feedback)
 
 
 def _vec(g, names):
@@ -161,20 +168,22 @@ def test_a_fixed_count_reports_no_convergence_claim_and_a_bad_settling_is_named(
 def _lyapunov_scale(net, x, s) -> np.ndarray:
     """Σ|terms| of F per sample: c Σ‖s_l‖² + Σ_l ⟨|W_l| * |s_{l−1}| + |b_l|, |s_l|⟩ (pooled at the maximum)."""
     absnet = type(net)(net.arch_name, net.input_shape, num_classes=net.num_classes, readout=net.readout,
-                       activation=net.activation, dtype="float64")
+                       activation=net.activation, dtype="float64", feedback=net.feedback)
     for k in net.params:
         absnet.params[k] = np.abs(np.asarray(net.params[k]))
-    return quadratic_weight(net) * sum(np.sum(a.reshape(a.shape[0], -1) ** 2, axis=1) for a in s) \
+    return quadratic_weight(net) * sum(c * np.sum(a.reshape(a.shape[0], -1) ** 2, axis=1)
+                                       for a, c in zip(s, net.layer_weights)) \
         + np.abs(absnet.phi(np.abs(x), [np.abs(a) for a in s]))
 
 
-@given(cfg=crnn_configs(), scale=st.sampled_from((1.0, 2.0, 4.0)))
-def test_lyapunov_never_increases_under_gauss_seidel(cfg, scale):
+@given(cfg=crnn_configs(), scale=st.sampled_from((1.0, 2.0, 4.0)), feedback=st.sampled_from(FEEDBACK))
+def test_lyapunov_never_increases_under_gauss_seidel(cfg, scale, feedback):
     """Eq. 3.15: F(s) = c Σ‖s_l‖² − Φ(s) does not rise over a Gauss–Seidel sweep (β = 0), at any weight
-    scale (the nets need not contract: with large weights the dynamics have many fixed points). Each
+    scale (the nets need not contract: with large weights the dynamics have many fixed points), and with
+    a feedback gain γ < 1 F_γ = c Σ c_l‖s_l‖² − Φ_γ does not either (Eq. 3.18). Each
     evaluation of F is within γ_d·S of the exact value (S its Σ|terms|), so a rise is allowed up to
     the sum of the two bounds."""
-    net = cfg.net(weight_scale=scale)
+    net = cfg.net(weight_scale=scale, feedback=feedback)
     rng = cfg.rng()
     x, _ = cfg.data(rng)
     s = [rng.random(shape) for shape in net.state_shapes(cfg.n)]  # any state in the box
@@ -212,15 +221,16 @@ def test_lyapunov_can_rise_under_the_synchronous_schedule():
 
 # =========================================================================== (5.6) BPTT, Gauss–Seidel
 @_examples(2)
-@given(cfg=crnn_configs(), T=st.integers(1, 5))
-def test_bptt_through_gauss_seidel_is_the_derivative_of_its_loss(cfg, T):
-    """Eq. 5.6: BPTT through T Gauss–Seidel sweeps is the gradient of L(θ) = (1/n) Σ C(s_T(θ)).
+@given(cfg=crnn_configs(), T=st.integers(1, 5), feedback=st.sampled_from(FEEDBACK))
+def test_bptt_through_gauss_seidel_is_the_derivative_of_its_loss(cfg, T, feedback):
+    """Eq. 5.6: BPTT through T Gauss–Seidel sweeps is the gradient of L(θ) = (1/n) Σ C(s_T(θ)), at feedback
+    gain 1 and below (Eq. 3.18: (∂u/∂s)ᵀ and (∂u/∂θ)ᵀ carry γ on their bottom-up and W_l-from-μ_{l−1} terms).
 
     Along a random direction d, the central difference D(h) = [L(θ + hd) − L(θ − hd)]/(2h) tends to
     ⟨∂L/∂θ, d⟩ at rate h² within one piece (every block update's kinks and argmaxes unchanged at
     θ ± hd; else the example is rejected): from h to h/10 its error falls ≥ 50× until it meets the
     round-off floor 4·γ_d·S/h (S the Σ|terms| scale of L)."""
-    net = _contracting(cfg)
+    net = _contracting(cfg, feedback=feedback)
     rng = cfg.rng()
     x, y = cfg.data(rng)
     ref = bptt(net, x, y, T=T, schedule="gauss-seidel")
@@ -255,14 +265,15 @@ def test_bptt_through_gauss_seidel_is_the_derivative_of_its_loss(cfg, T):
 
 # =========================================================================== (5.7) equilibrium gradient
 @_examples(2)
-@given(cfg=crnn_configs(), schedule=st.sampled_from(SCHEDULES))
-def test_the_equilibrium_gradient_is_bptt_over_many_steps(cfg, schedule):
-    """Eq. 5.7 is the T → ∞ limit of BPTT (Eq. 5.4 / 5.6). On a net with Lipschitz bound q ≤ ½ the
+@given(cfg=crnn_configs(), schedule=st.sampled_from(SCHEDULES), feedback=st.sampled_from(FEEDBACK))
+def test_the_equilibrium_gradient_is_bptt_over_many_steps(cfg, schedule, feedback):
+    """Eq. 5.7 is the T → ∞ limit of BPTT (Eq. 5.4 / 5.6), at feedback gain 1 and below (Eq. 3.18: the
+    symmetric form M^{−1/2} H_Φ M^{−1/2} in the solve, (∂u/∂s)ᵀ in BPTT). On a net with Lipschitz bound q ≤ ½ the
     BPTT sum is geometric: after T steps its tail is below q^T/(1 − q) of its size, negligible at
     T = 120; the solve stops at a relative residual ρ_cg = 1000·eps of A = I − D^{1/2}HD^{1/2}, whose
     condition number is ≤ (1 + q)/(1 − q) = 3, so μ is within 3ρ_cg; and each of the T steps adds
     round-off γ_d of its terms. Together: relative error ≤ 3ρ_cg + T·γ_d."""
-    net = _contracting(cfg)
+    net = _contracting(cfg, feedback=feedback)
     x, y = cfg.data(cfg.rng())
     T = 120
     ref = bptt(net, x, y, T=T, schedule=schedule)
@@ -280,14 +291,15 @@ def test_the_equilibrium_gradient_is_bptt_over_many_steps(cfg, schedule):
 
 
 @_examples(2)
-@given(cfg=crnn_configs(), schedule=st.sampled_from(SCHEDULES))
-def test_symmetric_ep_with_converged_phases_tends_to_the_equilibrium_gradient(cfg, schedule):
+@given(cfg=crnn_configs(), schedule=st.sampled_from(SCHEDULES), feedback=st.sampled_from(FEEDBACK))
+def test_symmetric_ep_with_converged_phases_tends_to_the_equilibrium_gradient(cfg, schedule, feedback):
     """Eqs. 4.2, 4.4, 5.7: with every phase settled to τ (Eq. 3.14), symmetric EP approaches the
-    equilibrium gradient at rate β² and one-sided EP at rate β, for either schedule, for the β whose
+    equilibrium gradient at rate β² and one-sided EP at rate β, for either schedule and at feedback gain
+    1 or below (Eq. 3.18: EP differences ∂Φ_γ/∂θ, the solve M^{−1/2} H_Φ M^{−1/2}), for the β whose
     nudged states stay in the free state's piece. Floor: the phases' settling error τ/(1 − q) and
     round-off γ_d, each times the scale ‖∂Φ/∂θ‖ of the difference EP takes, over βn‖g‖, plus the
     relative round-off 2γ_d of the estimate itself."""
-    net = _contracting(cfg)
+    net = _contracting(cfg, feedback=feedback)
     x, y = cfg.data(cfg.rng())
     tol = 1e-13
     settling = Settling(schedule, tol=tol)

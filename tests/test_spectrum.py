@@ -29,7 +29,8 @@ F = torch.nn.functional
 
 
 def _torch_u(net, x, s_flat, n):
-    """u(s) = ∂Φ/∂s (Eq. 3.7, β = 0) in torch, from the flat per-batch state ``s_flat``."""
+    """u(s) = M⁻¹ ∂Φ_γ/∂s (Eqs. 3.7, 3.18, β = 0) in torch, from the flat per-batch state ``s_flat``:
+    Φ_γ = Σ_l γ^{l−L} ⟨B_l(s_{l−1}), s_l⟩ and u_l = γ^{L−l} ∂Φ_γ/∂s_l, written here from the SPEC."""
     P = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in net.params.items()}
     shapes = net.state_shapes(n)
     sizes = [int(np.prod(sh)) for sh in shapes]
@@ -37,6 +38,8 @@ def _torch_u(net, x, s_flat, n):
     s = [p.reshape(sh) for p, sh in zip(parts, shapes)]
     xt = torch.from_numpy(np.asarray(x, dtype=np.float64))
     phi = 0.0
+    L = len(net.arch.layers)
+    weights = [net.feedback ** (l - (L - 1)) for l in range(L)]  # c_l, 0-based l
     for l, desc in enumerate(net.arch.layers):
         below = xt if l == 0 else s[l - 1]
         W, b = P[f"{desc.name}.weight"], P[f"{desc.name}.bias"]
@@ -45,9 +48,10 @@ def _torch_u(net, x, s_flat, n):
             z = F.max_pool2d(z, 2, 2) if desc.pool == "max" else (F.avg_pool2d(z, 2, 2) if desc.pool == "avg" else z)
         else:
             z = F.linear(below.flatten(1), W, b)
-        phi = phi + (z * s[l]).sum()
-    (u,) = torch.autograd.grad(phi, s_flat, create_graph=True)
-    return u
+        phi = phi + weights[l] * (z * s[l]).sum()
+    (g,) = torch.autograd.grad(phi, s_flat, create_graph=True)
+    scale = torch.cat([torch.full((size,), 1.0 / c, dtype=torch.float64) for size, c in zip(sizes, weights)])
+    return g * scale
 
 
 def _dense_jacobians(net, x, state):
@@ -71,12 +75,14 @@ def _dense_jacobians(net, x, state):
     return J, per, un
 
 
-@pytest.fixture(scope="module")
-def case():
+@pytest.fixture(scope="module", params=[1.0, 0.3], ids=["feedback1", "feedback0.3"])
+def case(request):
     """A tiny CRNN with a max pool above its first layer (frozen argmaxes matter), an fc layer and a
-    dynamical mse output layer, settled from zero on random inputs; weights large enough that J is far from zero."""
+    dynamical mse output layer, settled from zero on random inputs; weights large enough that J is far from zero;
+    at feedback gain 1 and 0.3 (Eq. 3.18)."""
     net = CRNN("c2-c3m-f5", (1, 4, 4), num_classes=3, readout="mse", activation="half_hard_sigmoid",
-               dtype="float64", xp="numpy", seed=3, weight_scale=2.5)
+               dtype="float64", xp="numpy", seed=3, weight_scale=2.5 if request.param == 1.0 else 4.0,
+               feedback=request.param)
     x = np.random.default_rng(7).standard_normal((3, 1, 4, 4))
     st = settle(net, x, 400).state
     return net, x, st

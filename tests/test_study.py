@@ -11,11 +11,15 @@ from pyeqprop.cli import main
 
 def test_depth_study_writes_table_and_figures(tmp_path):
     out = tmp_path / "study"
-    rc = main(["study", "depth", "--epochs", "1", "--teacher-epochs", "1", "--T1", "6", "--T2", "3",
+    # fixed step counts of the synchronous schedule on the plain network (γ = 1), so that the delay of
+    # Eq. 4.5 below holds exactly
+    rc = main(["study", "depth", "--epochs", "2", "--teacher-epochs", "1", "--T1", "6", "--T2", "3",
+               "--schedule", "synchronous", "--settle-tol", "0", "--feedback", "1", "--weight-scale", "2",
                "--shallow", "c4m", "--deep", "c4-c4m-c4-c4", "--settings", "ep,ep+local,bptt", "--seeds", "0,1",
                "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
+    assert res["config"]["feedback"] == 1.0 and res["config"]["schedule"] == "synchronous"
     rows = res["rows"]
     settings = {(r["depth"], r["setting"]) for r in rows}
     for depth in ("shallow", "deep"):
@@ -50,9 +54,24 @@ def test_depth_study_writes_table_and_figures(tmp_path):
     # the same comparison against the equilibrium gradient (Eq. 5.7): conv1 again gets nothing from EP
     assert len(agree["cos_exact"]) == len(agree["ratio_exact"]) == 4 and agree["ratio_exact"][0] == 0.0
     assert isinstance(agree["exact_converged"], bool)
+    # paired differences to the exact gradient (BPTT here), per seed and then mean ± std
+    by = {(r["depth"], r["setting"], r["seed"]): r for r in rows}
+    paired = {(p["depth"], p["setting"]): p for p in res["paired"]}
+    assert set(paired) == {(d, s) for d in ("shallow", "deep")
+                           for s in ("ep", "ep+local", "teacher (backprop, feed-forward)")}
+    for (depth, setting), p in paired.items():
+        diffs = [by[(depth, setting, k)]["test_acc"] - by[(depth, "bptt", k)]["test_acc"] for k in (0, 1)]
+        assert p["reference"] == "bptt" and p["seeds"] == 2
+        assert abs(p["test_acc_diff"] - sum(diffs) / 2) <= 1e-12
+        assert abs(p["test_acc_diff_std"] - abs(diffs[0] - diffs[1]) / 2 ** 0.5) <= 1e-12
+    # every run's per-layer |g| per epoch (the curves of layer_grads_epochs.png), its last validation accuracy
+    for r in rows:
+        if r["setting"] != "teacher (backprop, feed-forward)":
+            assert len(r["layer_grads"]) == 2 and len(r["layer_grads"][0]) == (4 if r["depth"] == "deep" else 1)
+            assert 0.0 <= r["val_acc"] <= 1.0
     table = (out / "results.md").read_text()
-    assert table.startswith("| depth |") and "ep+local" in table and " ± " in table
-    for name in ("curves.png", "layer_grads.png"):
+    assert table.startswith("| depth |") and "ep+local" in table and " ± " in table and "Δ test accuracy" in table
+    for name in ("curves.png", "layer_grads.png", "layer_grads_epochs.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -66,6 +85,7 @@ def test_depth_study_in_worker_processes(tmp_path):
     """--jobs 2: the runs go to two spawned processes; rows keep the depth, seed, setting order."""
     out = tmp_path / "study"
     rc = main(["study", "depth", "--epochs", "1", "--teacher-epochs", "1", "--T1", "6", "--T2", "3",
+               "--schedule", "synchronous", "--settle-tol", "0", "--feedback", "1", "--weight-scale", "2",
                "--arch", "c4-c4m-c4-c4", "--settings", "ep,ep+local", "--jobs", "2", "--seeds", "0",
                "--out", str(out)])
     assert rc == 0

@@ -1,4 +1,4 @@
-"""The Lyapunov function of the free dynamics, F(s) = Σ_l c‖s_l‖² − Φ(s) (Eq. 3.15).
+"""The Lyapunov function of the free dynamics, F(s) = Σ_l c c_l ‖s_l‖² − Φ(s) (Eqs. 3.15, 3.18).
 
 Notation: ρ(u) = clip(u/a, 0, 1), so max ρ' = 1/a and c = a/2; s in the box [0, 1]; Φ the
 primitive function (Eq. 3.2), per sample. The fixed points of s ← ρ(∂Φ/∂s) are the blockwise
@@ -17,12 +17,15 @@ def quadratic_weight(net) -> float:
 
 
 def lyapunov(net, x, state, nudge=None):
-    """F(s) = c Σ_l ‖s_l‖² − Φ(s) per sample, shape (n,) (Eq. 3.15); ``nudge`` as for ``net.phi`` (β = 0)."""
+    """F(s) = c Σ_l c_l ‖s_l‖² − Φ(s) per sample, shape (n,) (Eq. 3.15; c_l the energy weights of Eq. 3.18,
+    all 1 when the feedback gain is 1); ``nudge`` as for ``net.phi`` (β = 0)."""
     xp = net.xp
     n = x.shape[0]
     c = quadratic_weight(net)
     sq = None
-    for s_l in state:
+    for s_l, c_l in zip(state, net.layer_weights):
         v = xp.sum(xp.reshape(s_l * s_l, (n, -1)), axis=1)  # (n, …) -> (n,)
+        if c_l != 1.0:
+            v = c_l * v
         sq = v if sq is None else sq + v
     return c * sq - net.phi(x, state, nudge)

@@ -7,14 +7,16 @@ is per sample; sums over the batch are explicit.
 
     B_l(s_{l−1}) = P_l(conv(s_{l−1}; W_l, p_l) + b_l)        conv layer      (Eq. 3.1)
                  = W_l vec(s_{l−1}) + b_l                     fc layer
-    Φ(x, s; θ)   = Σ_l ⟨B_l(s_{l−1}), s_l⟩                                     (Eq. 3.2)
+    Φ(x, s; θ)   = Σ_l c_l ⟨B_l(s_{l−1}), s_l⟩,  c_l = γ^{l−L}                 (Eqs. 3.2, 3.18)
     Φ^β          = Φ − β C,  C = Σ_k w_k C_k                                   (Eqs. 3.5-3.6)
-    ∂Φ^β/∂s_l    = B_l(s_{l−1}) + T_l(s_{l+1}) − β ∂C/∂s_l                     (Eq. 3.7)
+    u_l = (1/c_l) ∂Φ^β/∂s_l = B_l(s_{l−1}) + γ T_l(s_{l+1}) − (β/c_l) ∂C/∂s_l  (Eqs. 3.7, 3.18)
     T_l(s_{l+1}) = conv_transpose(P*_{l+1}(s_{l+1}); W_{l+1})   (P* = unpool at the current argmax)
                  = reshape(W_{l+1}ᵀ s_{l+1})                    (fc above)
-    s_l ← ρ(∂Φ^β/∂s_l) for all l at once                                       (Eq. 3.8)
-    ∂Φ/∂W_l = conv2d_weight_grad(s_{l−1}, P*_l(s_l)),  ∂Φ/∂b_l = Σ P*_l(s_l)    (Eq. 3.9)
-            = s_lᵀ vec(s_{l−1}),                      = Σ s_l              (fc)
+    s_l ← ρ(u_l) for all l at once                                              (Eq. 3.8)
+    ∂Φ/∂W_l = c_l conv2d_weight_grad(s_{l−1}, P*_l(s_l)),  ∂Φ/∂b_l = c_l Σ P*_l(s_l)   (Eq. 3.9)
+            = c_l s_lᵀ vec(s_{l−1}),                      = c_l Σ s_l       (fc)
+
+γ is the feedback gain (default 1: Laborieux et al.'s network, every c_l = 1 and u = ∂Φ^β/∂s).
 
 The energy protocol (SPEC.md Eq. 3.12) is what every learning algorithm uses:
 ``init_state(n)``, ``nudge(x, y, beta)`` → :class:`Nudge`, ``drive(x, s, nudge)``,
@@ -121,6 +123,11 @@ class CRNN:
         pre-activation of each channel is the centre of that piece at a reference state.
     radius : float or None
         The radius r of Eq. 3.16 (default 0.85); only for the orthogonal inits.
+    feedback : float
+        The feedback gain γ ∈ (0, 1] of Eq. 3.18: layer l's energy weight is c_l = γ^{l−L}, so the
+        dynamics read u_l = B_l + γ T_l − (β/c_l) ∂C/∂s_l. 1 (the default) is the plain network
+        of Eqs. 3.2-3.8; smaller values weaken the top-down term against the bottom-up one, which
+        lets the forward gain stay near 1 in a deep network while its settling map contracts.
 
     Attributes
     ----------
@@ -136,10 +143,11 @@ class CRNN:
     def __init__(self, arch: str, input_shape: Sequence[int], *, num_classes: int = 10, readout: str = "mse",
                  activation: str = "hard_sigmoid", dtype: DType = "float32", xp: ModuleType | str | None = None,
                  seed: int = 0, weight_scale: float = 1.0, init: str = "uniform",
-                 radius: float | None = None) -> None:
+                 radius: float | None = None, feedback: float = 1.0) -> None:
         self.xp = resolve(xp)
         self.check_arguments(arch, input_shape)
         self.check_init(init, radius, weight_scale)
+        self.check_feedback(feedback)
         dtype = dtype_name(dtype, self.xp)
         self.dtype_name = dtype
         self.dtype = getattr(self.xp, dtype)
@@ -153,6 +161,9 @@ class CRNN:
         self.seed = seed
         self.weight_scale = float(weight_scale)
         self.layers = make_layers(self.arch.layers)
+        self.feedback = float(feedback)
+        L = len(self.layers)
+        self.layer_weights = tuple(self.feedback ** (l - (L - 1)) for l in range(L))  # c_l, Eq. 3.18 (0-based l)
         term = make_readout(readout, self.arch, self.num_classes)
         self.readout_term = term
         self.cost_terms: list = [(1.0, term)]
@@ -236,6 +247,13 @@ class CRNN:
             raise ValueError(f"weight_scale={weight_scale!r} applies to init='uniform' (Eq. 3.10); init={init!r} "
                              "is scaled by radius")
 
+    @staticmethod
+    def check_feedback(feedback) -> None:
+        """Raise a ``ValueError`` naming the value unless the feedback gain γ is a number in (0, 1] (Eq. 3.18)."""
+        if isinstance(feedback, bool) or not isinstance(feedback, (int, float)) or not 0.0 < feedback <= 1.0:
+            raise ValueError(f"feedback must be a number in (0, 1] (the gain γ of the top-down term, Eq. 3.18), "
+                             f"got {feedback!r}")
+
     def check_input(self, x: Array) -> None:
         """Raise unless x is a non-empty (n, c, h, w) batch of the network's input shape, namespace and dtype."""
         xp = namespace_of(x)
@@ -312,7 +330,8 @@ class CRNN:
     # ------------------------------------------------------------------ Φ and its state gradient
     def drive(self, x: Array, state: list[Array], nudge: Nudge | None = None, *, layers: Iterable[int] | None = None,
               known: dict | None = None) -> Drive:
-        """u_l = ∂Φ^β/∂s_l (Eq. 3.7) with the argmaxes used; β from ``nudge`` (0 when None).
+        """u_l = (1/c_l) ∂Φ^β/∂s_l = B_l + γ T_l − (β/c_l) ∂C/∂s_l (Eqs. 3.7, 3.18) with the argmaxes used;
+        β from ``nudge`` (0 when None). With γ = 1 (every c_l = 1) this is ∂Φ^β/∂s_l.
 
         ``layers``: the 0-based layers whose u_l is wanted (default all; the others are None in
         the result). u_l needs B_l(s_{l−1}) and the argmax of layer l + 1, so only those bottom-up
@@ -336,17 +355,19 @@ class CRNN:
             else:
                 bu[l], idx[l] = self.layers[l].bottom_up(self.params, state[l - 1], nudge.prep(l))
         u = [None] * L
+        gamma, c = self.feedback, self.layer_weights
         for l in want:
             u[l] = bu[l]
             if l + 1 < L:
-                u[l] = u[l] + self.layers[l + 1].top_down(self.params, state[l + 1], idx[l + 1], state[l].shape,
-                                                          nudge.prep(l + 1))
+                td = self.layers[l + 1].top_down(self.params, state[l + 1], idx[l + 1], state[l].shape,
+                                                 nudge.prep(l + 1))
+                u[l] = u[l] + (td if gamma == 1.0 else gamma * td)
         beta = nudge.beta
         if beta != 0.0:
             for w_k, grads in self._weighted_cost_state_grads(state, nudge.ctx, None if layers is None else want):
                 for l, g in grads.items():
                     if u[l] is not None:
-                        u[l] = u[l] - (beta * w_k) * g
+                        u[l] = u[l] - (beta * w_k / c[l]) * g
         return Drive(u, idx, bu)
 
     def _weighted_cost_state_grads(self, state, ctx, layers=None):
@@ -358,11 +379,12 @@ class CRNN:
                 yield w_k, term.state_grads(self.params, state, c)
 
     def dphi_ds(self, x: Array, state: list[Array], nudge: Nudge | None = None) -> list[Array]:
-        """∂Φ^β/∂s_l for l = 1 … L, per sample (Eq. 3.7)."""
-        return self.drive(x, state, nudge).u
+        """∂Φ^β/∂s_l = c_l u_l for l = 1 … L, per sample (Eqs. 3.7, 3.18)."""
+        u = self.drive(x, state, nudge).u
+        return u if self.feedback == 1.0 else [c * a for c, a in zip(self.layer_weights, u)]
 
     def step(self, x: Array, state: list[Array], nudge: Nudge | None = None) -> list[Array]:
-        """One synchronous update of every layer, s_l ← ρ(∂Φ^β/∂s_l) (Eq. 3.8)."""
+        """One synchronous update of every layer, s_l ← ρ(u_l) (Eq. 3.8; u_l = ∂Φ^β/∂s_l when γ = 1)."""
         d = self.drive(x, state, nudge)
         return [self.act.fn(u) for u in d.u]
 
@@ -388,7 +410,7 @@ class CRNN:
         return total
 
     def phi(self, x: Array, state: list[Array], nudge: Nudge | None = None) -> Array:
-        """Φ^β(x, s; θ) per sample, shape (n,) (Eqs. 3.2, 3.6)."""
+        """Φ^β(x, s; θ) = Σ_l c_l ⟨B_l, s_l⟩ − β C per sample, shape (n,) (Eqs. 3.2, 3.6, 3.18)."""
         xp = self.xp
         nudge = self._free(x, nudge)
         self.check_state(state, x.shape[0])
@@ -396,6 +418,8 @@ class CRNN:
         for l, layer in enumerate(self.layers):
             b_l = nudge.x_drive[0] if l == 0 else layer.bottom_up(self.params, state[l - 1], nudge.prep(l))[0]
             term = xp.sum(xp.reshape(b_l * state[l], (x.shape[0], -1)), axis=1)  # (n, …) -> (n,)
+            if self.feedback != 1.0:
+                term = self.layer_weights[l] * term
             total = term if total is None else total + term
         if nudge.beta != 0.0:
             total = total - nudge.beta * self.cost(x, state, nudge)
@@ -408,12 +432,20 @@ class CRNN:
         return [nudge.x_drive[1]] + [self.layers[l].argmax(self.params, state[l - 1], nudge.prep(l))
                                      for l in range(1, len(self.layers))]
 
+    def _weighted(self, l, grads):
+        """Layer l's (dW, db) of ⟨B_l, s_l⟩ times its energy weight c_l (Eq. 3.18); as they are when γ = 1."""
+        if self.feedback == 1.0:
+            return grads
+        c = self.layer_weights[l]
+        return tuple(None if g is None else c * g for g in grads)
+
     @staticmethod
     def _accumulate(out, name, g):
         out[name] = g if name not in out else out[name] + g
 
     def dphi_dtheta(self, x: Array, state: list[Array], nudge: Nudge | None = None) -> dict[str, Array]:
-        """Σ_batch ∂Φ^β/∂θ at ``state`` for every parameter, keyed like ``params`` (Eq. 3.9).
+        """Σ_batch ∂Φ^β/∂θ at ``state`` for every parameter, keyed like ``params`` (Eq. 3.9; layer l's
+        terms carry its energy weight c_l, Eq. 3.18).
 
         Cost-only parameters (readout, heads, maps) get −β w_k ∂C_k/∂θ; zero at β = 0.
         """
@@ -423,7 +455,7 @@ class CRNN:
         indices = self._argmaxes(nudge, state)
         out: dict = {}
         for l, layer in enumerate(self.layers):
-            dW, db = layer.param_adjoint(x if l == 0 else state[l - 1], state[l], indices[l])
+            dW, db = self._weighted(l, layer.param_adjoint(x if l == 0 else state[l - 1], state[l], indices[l]))
             self._accumulate(out, layer.weight, dW)
             self._accumulate(out, layer.bias, db)
         beta = nudge.beta
@@ -455,7 +487,7 @@ class CRNN:
         out: dict = {}
         for l, layer in enumerate(self.layers):
             a, a2 = (x, x) if l == 0 else (state[l - 1], state2[l - 1])
-            dW, db = layer.param_adjoint_diff(a, state[l], idx[l], a2, state2[l], idx2[l])
+            dW, db = self._weighted(l, layer.param_adjoint_diff(a, state[l], idx[l], a2, state2[l], idx2[l]))
             out[layer.weight], out[layer.bias] = dW, db
         for st, nd, sign in ((state, nudge, 1.0), (state2, nudge2, -1.0)):
             if nd.beta == 0.0:
@@ -471,23 +503,50 @@ class CRNN:
 
     # ------------------------------------------------------------------ frozen-argmax linear parts (BPTT)
     def hessian_vector(self, mu: list[Array | None], indices: list) -> list[Array | None]:
-        """H μ = ∂²Φ/∂s² · μ at frozen argmaxes ``indices`` (Eq. 5.3).
+        """(∂u/∂s)ᵀ μ at frozen argmaxes ``indices``: what BPTT propagates back through a step (Eq. 5.3).
 
-        (H μ)_l = P_l(conv(μ_{l−1}; W_l)) + T_l(μ_{l+1}), with μ_0 = 0 and P_l the selection at
-        the argmax: the drive of Eq. 3.7 without biases or input, applied to μ. H is symmetric
-        because Φ is bilinear in neighbouring layers. An entry of μ may be None (zero on that
-        layer, as in a Gauss–Seidel half-sweep, Eq. 5.6); an output entry none of whose
+        (∂u/∂s)ᵀ μ)_l = γ P_l(conv(μ_{l−1}; W_l)) + T_l(μ_{l+1}), with μ_0 = 0 and P_l the
+        selection at the argmax: the drive of Eq. 3.7 without biases or input, applied to μ, its
+        bottom-up term times the feedback gain γ (Eq. 3.18). With γ = 1 it is H μ = ∂²Φ/∂s² · μ,
+        symmetric because Φ is bilinear in neighbouring layers. An entry of μ may be None (zero
+        on that layer, as in a Gauss–Seidel half-sweep, Eq. 5.6); an output entry none of whose
         neighbours carries μ is None too.
         """
+        return self._linear_drive(mu, indices, below=self.feedback, above=1.0)
+
+    def jacobian_vector(self, mu: list[Array | None], indices: list) -> list[Array | None]:
+        """(∂u/∂s) μ at frozen argmaxes: P_l(conv(μ_{l−1}; W_l)) + γ T_l(μ_{l+1}) (Eqs. 3.17, 3.18).
+
+        The transpose of :meth:`hessian_vector`; the two are equal when γ = 1.
+        """
+        return self._linear_drive(mu, indices, below=1.0, above=self.feedback)
+
+    def symmetric_hessian_vector(self, mu: list[Array | None], indices: list) -> list[Array | None]:
+        """M^{−1/2} H_Φ M^{−1/2} μ = √γ (P_l(conv(μ_{l−1}; W_l)) + T_l(μ_{l+1})), M = diag(c_l) (Eq. 3.18).
+
+        The symmetric operator similar to ∂u/∂s = M⁻¹ H_Φ (H_Φ = ∂²Φ/∂s², symmetric): what the
+        equilibrium gradient (Eq. 5.7) and the spectral radius (Eq. 3.17) work with. Equal to
+        :meth:`hessian_vector` when γ = 1.
+        """
+        g = self.feedback ** 0.5
+        return self._linear_drive(mu, indices, below=g, above=g)
+
+    def _linear_drive(self, mu, indices, *, below: float, above: float):
+        """below · P_l(conv(μ_{l−1}; W_l)) + above · T_l(μ_{l+1}) per layer (None entries as in
+        :meth:`hessian_vector`); a gain of 1 multiplies nothing."""
         L = len(self.layers)
         out = []
         for l in range(L):
             term = None
             if l > 0 and mu[l - 1] is not None:
                 term = self.layers[l].bottom_up_linear(self.params, mu[l - 1], indices[l])
+                if below != 1.0:
+                    term = below * term
             if l < L - 1 and mu[l + 1] is not None:
                 shape = tuple(mu[l].shape) if mu[l] is not None else (mu[l + 1].shape[0], *self.arch.state_shapes[l])
                 td = self.layers[l + 1].top_down(self.params, mu[l + 1], indices[l + 1], shape)
+                if above != 1.0:
+                    td = above * td
                 term = td if term is None else term + td
             if term is None and all(m is not None for m in mu):
                 term = self.xp.zeros((mu[l].shape[0], *self.arch.state_shapes[l]), dtype=self.dtype,
@@ -497,11 +556,12 @@ class CRNN:
 
     def dphi_dtheta_tangent(self, x: Array, state: list[Array], mu: list[Array | None],
                             indices: list) -> dict[str, Array]:
-        """D_s(Σ_batch ∂Φ/∂θ)(s) · μ at frozen argmaxes (Eq. 5.4), keyed by the network's parameters.
+        """(∂u/∂θ)ᵀ μ summed over the batch at frozen argmaxes (Eq. 5.4), keyed by the network's parameters.
 
         By the product rule on Eq. 3.9: ∂/∂W_l ← conv2d_weight_grad(s_{l−1}, P*_l(μ_l)) +
-        conv2d_weight_grad(μ_{l−1}, P*_l(s_l)) (μ_0 = 0: x is fixed), ∂/∂b_l ← Σ P*_l(μ_l).
-        An entry of μ may be None (zero on that layer); its terms are skipped.
+        γ conv2d_weight_grad(μ_{l−1}, P*_l(s_l)) (μ_0 = 0: x is fixed; γ the feedback gain of
+        Eq. 3.18, through which W_l reaches u_{l−1}), ∂/∂b_l ← Σ P*_l(μ_l). With γ = 1 it is
+        D_s(Σ_batch ∂Φ/∂θ)(s) · μ. An entry of μ may be None (zero on that layer); its terms are skipped.
         """
         out: dict = {}
         for l, layer in enumerate(self.layers):
@@ -511,7 +571,7 @@ class CRNN:
                 self._accumulate(out, layer.bias, db)
             if l > 0 and mu[l - 1] is not None:
                 dW, _ = layer.param_adjoint(mu[l - 1], state[l], indices[l], with_bias=False)  # μ_{l−1} ⊗ P*(s_l)
-                self._accumulate(out, layer.weight, dW)
+                self._accumulate(out, layer.weight, dW if self.feedback == 1.0 else self.feedback * dW)
         return out
 
     # ------------------------------------------------------------------ inference

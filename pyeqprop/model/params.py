@@ -148,7 +148,7 @@ def orthogonal_init(net, rng: np.random.Generator, *, radius: float = DEFAULT_RA
             g = radius / (net.act.max_slope * est.radius)
             for layer in net.layers[1:]:
                 net.params[layer.weight] = net.params[layer.weight] * g
-    h = net.hessian_vector(ref, indices)
+    h = net.jacobian_vector(ref, indices)
     for layer, hl in zip(net.layers, h):
         axes = tuple(a for a in range(hl.ndim) if a != 1)  # every axis but the channel (unit) axis
         net.params[layer.bias] = xp.astype(centre - xp.mean(hl, axis=axes), net.dtype)

@@ -5,10 +5,12 @@ budget: EP (symmetric), EP + local errors, EP + distillation, EP + both, BPTT (t
 gradient of the same dynamics, Eqs. 5.1-5.4) and the backprop teacher (a feed-forward network
 of the same architecture, Eq. 7.3). It writes, into the study folder:
 
-    results.json / results.md   final train loss, test accuracy, epochs, wall time
-                                (per seed, and mean ± sample std over the seeds)
+    results.json / results.md   final train loss, validation and test accuracy, epochs, wall time
+                                (per seed, and mean ± sample std over the seeds), and each
+                                setting's paired difference to the exact gradient (same seed)
     curves.png                  training loss per epoch, every setting, depth and seed
     layer_grads.png             mean |gradient| per conv layer in the first epoch, per setting
+    layer_grads_epochs.png      mean |gradient| of each conv layer against the epoch, per setting
     runs/<depth>-s<seed>-<setting>/   each run's own folder (config, metrics, checkpoints)
 
 The per-layer gradient magnitudes are those of the estimates the runs applied, averaged over
@@ -36,8 +38,12 @@ SETTINGS = {
     "ep+local": {"local_layers": "all", "kd_layers": "none"},
     "ep+kd": {"local_layers": "none", "kd_layers": "all"},
     "ep+local+kd": {"local_layers": "all", "kd_layers": "all"},
-    "bptt": {"local_layers": "none", "kd_layers": "none", "estimator": "bptt"},
+    "implicit": {"local_layers": "none", "kd_layers": "none", "estimator": "implicit"},
+    "bptt": {"local_layers": "none", "kd_layers": "none", "estimator": "bptt", "settle_tol": 0.0},
 }
+EXACT = ("implicit", "bptt")
+"""The settings that apply an exact gradient (Eqs. 5.7, 5.4): the reference of the paired differences."""
+DEFAULT_SETTINGS = ("ep", "ep+local", "ep+kd", "ep+local+kd", "implicit")
 
 DEFAULT_ARCHS = {
     "digits": {"shallow": "c16m-c32m", "deep": "c8-c8-c16m-c16-c16-c32m-c32-c32"},
@@ -114,10 +120,75 @@ def summarise(rows):
         group = out[key]
         loss_m, loss_s = _mean_std([r["train_loss"] for r in group])
         acc_m, acc_s = _mean_std([r["test_acc"] for r in group])
+        val_m, val_s = _mean_std([r.get("val_acc", float("nan")) for r in group])
         summary.append({"depth": key[0], "arch": group[0]["arch"], "setting": key[1], "seeds": len(group),
                         "train_loss": loss_m, "train_loss_std": loss_s, "test_acc": acc_m, "test_acc_std": acc_s,
+                        "val_acc": val_m, "val_acc_std": val_s,
                         "epochs": group[0]["epochs"], "seconds": float(np.mean([r["seconds"] for r in group]))})
     return summary
+
+
+def paired_differences(rows):
+    """Per (depth, setting): the mean and sample std over seeds of (setting − exact) in test accuracy and
+    final train loss, each seed against the exact-gradient run of the same seed (the first of
+    :data:`EXACT` the study ran); seeds without both runs are left out."""
+    by = {(r["depth"], r["setting"], r["seed"]): r for r in rows}
+    out = []
+    for depth in dict.fromkeys(r["depth"] for r in rows):
+        ref = next((e for e in EXACT if any(k[:2] == (depth, e) for k in by)), None)
+        if ref is None:
+            continue
+        for name in dict.fromkeys(r["setting"] for r in rows if r["depth"] == depth):
+            if name == ref:
+                continue
+            pairs = [(by[(depth, name, s)], by[(depth, ref, s)]) for (d, n, s) in by
+                     if d == depth and n == name and (depth, ref, s) in by]
+            if not pairs:
+                continue
+            acc_m, acc_s = _mean_std([a["test_acc"] - b["test_acc"] for a, b in pairs])
+            loss_m, loss_s = _mean_std([a["train_loss"] - b["train_loss"] for a, b in pairs])
+            out.append({"depth": depth, "setting": name, "reference": ref, "seeds": len(pairs),
+                        "test_acc_diff": acc_m, "test_acc_diff_std": acc_s,
+                        "train_loss_diff": loss_m, "train_loss_diff_std": loss_s})
+    return out
+
+
+def _paired_table(paired) -> str:
+    lines = ["| depth | setting | minus | seeds | Δ test accuracy (points) | Δ final train loss |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in paired:
+        n = r["seeds"]
+        lines.append(f"| {r['depth']} | {r['setting']} | {r['reference']} | {n} | "
+                     f"{_pm(100 * r['test_acc_diff'], 100 * r['test_acc_diff_std'], n, '{:+.1f}')} | "
+                     f"{_pm(r['train_loss_diff'], r['train_loss_diff_std'], n, '{:+.3f}')} |")
+    return "\n".join(lines)
+
+
+def _plot_layer_epochs(study: Path, rows):
+    """layer_grads_epochs.png: per depth and setting, mean |∂/∂W_l| of each conv layer against the epoch
+    (mean over seeds)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = list(dict.fromkeys((r["depth"], r["setting"]) for r in rows if r.get("layer_grads")))
+    if not keys:
+        return
+    fig = Figure(figsize=(4 * len(keys), 3.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, (depth, name) in zip(axes, keys):
+        runs = [np.asarray(r["layer_grads"]) for r in rows
+                if (r["depth"], r["setting"]) == (depth, name) and r.get("layer_grads")]
+        mean = np.mean(np.stack(runs), axis=0)  # (epochs, conv layers)
+        for l in range(mean.shape[1]):
+            ax.plot(range(1, mean.shape[0] + 1), mean[:, l], color=f"C{l}", label=f"conv{l + 1}")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{depth}: {name}", fontsize=9)
+    axes[0].set_ylabel("mean |gradient|")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(study / "layer_grads_epochs.png", dpi=100)
 
 
 def _plot(study: Path, rows, grads):
@@ -156,6 +227,7 @@ def _plot(study: Path, rows, grads):
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(study / "layer_grads.png", dpi=100)
+    _plot_layer_epochs(study, rows)
 
 
 def _pm(mean, std, seeds, fmt):
@@ -163,12 +235,14 @@ def _pm(mean, std, seeds, fmt):
 
 
 def _table(summary) -> str:
-    lines = ["| depth | arch | setting | seeds | final train loss | test accuracy (%) | epochs | wall time (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| depth | arch | setting | seeds | final train loss | val accuracy (%) | test accuracy (%) | epochs "
+             "| wall time (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary:
         n = r["seeds"]
         lines.append(f"| {r['depth']} | `{r['arch']}` | {r['setting']} | {n} | "
                      f"{_pm(r['train_loss'], r['train_loss_std'], n, '{:.3f}')} | "
+                     f"{_pm(100 * r['val_acc'], 100 * r['val_acc_std'], n, '{:.1f}')} | "
                      f"{_pm(100 * r['test_acc'], 100 * r['test_acc_std'], n, '{:.1f}')} | {r['epochs']} | "
                      f"{r['seconds']:.0f} |")
     return "\n".join(lines)
@@ -184,7 +258,9 @@ def _train_setting(job):
     convs = [k[:-len(".weight")] for k in hist[0]["grad_mean_abs"] if k.startswith("conv")]
     row = {"depth": depth, "arch": cfg.arch, "seed": cfg.seed, "setting": name,
            "train_loss": hist[-1]["train_loss"] if hist else float("nan"), "test_acc": res.test_acc,
-           "epochs": len(hist), "seconds": res.seconds, "curve": [h["train_loss"] for h in hist]}
+           "val_acc": hist[-1].get("val_acc", float("nan")) if hist else float("nan"),
+           "epochs": len(hist), "seconds": res.seconds, "curve": [h["train_loss"] for h in hist],
+           "layer_grads": [conv_gradient_curve(hist, convs, e) for e in range(len(hist))]}
     return row, conv_gradient_curve(hist, convs)
 
 
@@ -291,12 +367,15 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
     grads = {depth: {name: np.mean(np.asarray(v), axis=0).tolist() for name, v in by.items()}
              for depth, by in per_setting.items()}
     summary = summarise(rows)
-    (study / "results.json").write_text(json.dumps({"rows": rows, "summary": summary, "layer_grads": grads,
+    paired = paired_differences(rows)
+    (study / "results.json").write_text(json.dumps({"rows": rows, "summary": summary, "paired": paired,
+                                                    "layer_grads": grads,
                                                     "ep_vs_bptt_at_init": agreement, "seeds": list(seeds),
                                                     "config": base.to_dict(), "depths": depths}, indent=1))
-    (study / "results.md").write_text(_table(summary) + "\n")
+    (study / "results.md").write_text(_table(summary) + "\n\n" + _paired_table(paired) + "\n")
     _plot(study, rows, grads)
     log(_table(summary))
+    log(_paired_table(paired))
     return summary
 
 
@@ -317,16 +396,22 @@ def build_study_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="one architecture (paper scale, e.g. vgg11) instead of shallow+deep")
     p.add_argument("--shallow", default=None)
     p.add_argument("--deep", default=None)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--weight-scale", type=float, default=2.0,
-                   help="student weight scale (Eq. 3.10; default 2: at 1 the deep digits net does not train, "
-                        "BPTT included)")
-    p.add_argument("--teacher-epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--weight-scale", type=float, default=4.0,
+                   help="student weight scale (Eq. 3.10; default 4, the teacher's: forward gain near 1 per layer)")
+    p.add_argument("--feedback", type=float, default=0.1,
+                   help="feedback gain γ of the student (Eq. 3.18; default 0.1: the deep net passes its input "
+                        "and still settles; 1 is the plain network)")
+    p.add_argument("--teacher-epochs", type=int, default=20)
     p.add_argument("--teacher-weight-scale", type=float, default=4.0,
                    help="teacher weight scale (SPEC §7.1; default 4)")
-    p.add_argument("--T1", type=int, default=30)
-    p.add_argument("--T2", type=int, default=10)
+    p.add_argument("--schedule", default="gauss-seidel", help="settling schedule (Eqs. 3.8, 3.13)")
+    p.add_argument("--settle-tol", type=float, default=1e-5,
+                   help="settle every phase to this residual (Eq. 3.14; 0: exactly T1/T2 steps)")
+    p.add_argument("--T1", type=int, default=100, help="most free-phase steps (the count when --settle-tol 0)")
+    p.add_argument("--T2", type=int, default=60, help="most nudged-phase steps")
     p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--dtype", default="float32", help="float32 or float64")
     p.add_argument("--lr", default="0.05")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backend", default=None, help="array backend (default: $PYEQPROP_BACKEND, else numpy)")
@@ -336,8 +421,8 @@ def build_study_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", nargs="?", const=True, default=False, type=_boolean, metavar="BOOL",
                    help="CIFAR: fetch the archive when it is not found")
     p.add_argument("--data-root", default="", help="CIFAR folder or archive location (else $PYEQPROP_DATA)")
-    p.add_argument("--settings", default=",".join(SETTINGS))
-    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds; the table gives mean ± std over them")
+    p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma list of seeds; the table gives mean ± std over them")
     p.add_argument("--local-weight", type=float, default=None, help="λ of every local head (default: train's)")
     p.add_argument("--kd-weight", type=float, default=None, help="γ of every distillation map (default: train's)")
     p.add_argument("--signal-init", choices=SIGNAL_INITS, default="zeros",
@@ -373,6 +458,8 @@ def run_study_cli(ns) -> int:
         signals["kd_weight"] = a.kd_weight
     base = config_from_mapping({**signals, "dataset": a.dataset, "epochs": a.epochs, "teacher_epochs": a.teacher_epochs,
                                 "T1": a.T1, "T2": a.T2, "beta": a.beta, "lr": a.lr, "batch_size": a.batch_size,
+                                "feedback": a.feedback, "schedule": a.schedule, "settle_tol": a.settle_tol,
+                                "dtype": a.dtype,
                                 **({"backend": a.backend} if a.backend else {}), "augment": a.augment,
                                 "progress": "none",
                                 "download": a.download, "data_root": a.data_root,

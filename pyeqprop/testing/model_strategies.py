@@ -74,13 +74,14 @@ class CRNNConfig:
     def rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)
 
-    def net(self, *, xp="numpy", dtype="float64", weight_scale=1.0, seed=None):
-        """The CRNN of this config (initialisation seed = ``seed`` or the config's seed)."""
+    def net(self, *, xp="numpy", dtype="float64", weight_scale=1.0, seed=None, feedback=1.0):
+        """The CRNN of this config (initialisation seed = ``seed`` or the config's seed; feedback gain γ of
+        Eq. 3.18)."""
         from ..model import CRNN
 
         return CRNN(self.arch, self.input_shape, num_classes=self.num_classes, readout=self.readout,
                     activation=self.activation, dtype=dtype, xp=xp,
-                    seed=self.seed if seed is None else seed, weight_scale=weight_scale)
+                    seed=self.seed if seed is None else seed, weight_scale=weight_scale, feedback=feedback)
 
     def data(self, rng: np.random.Generator | None = None):
         """Host arrays x (n, c, h, w) standard normal float64 and y (n,) int64 labels."""

@@ -94,7 +94,7 @@ def build_network(cfg, input_shape, num_classes, xp) -> CRNN:
                           f"{cfg.init!r}, which is scaled by init_radius (Eq. 3.16)")
     net = CRNN(cfg.arch, input_shape, num_classes=num_classes, readout=cfg.readout, activation=cfg.activation,
                dtype=cfg.dtype, xp=xp, seed=cfg.seed, weight_scale=cfg.weight_scale, init=cfg.init,
-               radius=None if cfg.init == "uniform" else cfg.init_radius)
+               radius=None if cfg.init == "uniform" else cfg.init_radius, feedback=cfg.feedback)
     try:
         per_layer_lrs(net.params, cfg.lr, layer_of=net.param_owners())
     except ValueError as exc:
