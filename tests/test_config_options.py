@@ -182,7 +182,7 @@ AWKWARD = {
     "augment_padding": 0, "augment_flip": False, "augment_padding_mode": "zeros", "test_fraction": 0.1 + 0.2,
     "val_fraction": 0.0,
     "arch": "c4m-f8", "readout": "mse", "activation": "hard_sigmoid", "dtype": "float64", "weight_scale": 1e-300,
-    "init": "delta-orthogonal", "init_radius": 1.25,
+    "init": "delta-orthogonal", "init_radius": 1.25, "feedback": 0.1 + 0.2,
     "estimator": "implicit", "beta": 0.125, "T1": 1, "T2": 123456789, "T_eval": 7, "schedule": "gauss-seidel",
     "settle_tol": 1e-9, "check_every": 1, "shards": 2, "epochs": 2, "batch_size": 1,
     "lr": [0.25, 1e-7, 3.0], "momentum": 0.0, "weight_decay": 0.0, "lr_min": -0.0, "cosine_epochs": -1,
@@ -287,7 +287,7 @@ def test_a_config_toml_of_the_earlier_format_still_loads(tmp_path):
                                                                                      "shards", "val_fraction",
                                                                                      "checkpoint_batches",
                                                                                      "checkpoint_minutes", "init",
-                                                                                     "init_radius"}
+                                                                                     "init_radius", "feedback"}
 
 
 # ---------------------------------------------------------------------- (d) --help

@@ -250,6 +250,8 @@ def add_diagnose_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--radius", type=float, default=DEFAULT_RADIUS,
                         help=f"with an orthogonal init: the spectral radius it is calibrated to (Eq. 3.16; default "
                              f"{DEFAULT_RADIUS})")
+    parser.add_argument("--feedback", type=float, default=1.0,
+                        help="feedback gain γ of the top-down term (Eq. 3.18; default 1, the plain network)")
     parser.add_argument("--spectrum", action="store_true",
                         help="instead of the signal table: the spectral radius of the linearised settling step "
                              "(Eq. 3.17) at the free phase of one batch, per network")
@@ -337,7 +339,7 @@ def run_diagnose_cli(ns) -> int:
     def make():
         return CRNN(ns.arch, shape, num_classes=K, readout=ns.readout, activation=ns.activation, dtype=ns.dtype,
                     xp=xp, seed=ns.seed, weight_scale=ns.weight_scale, init=ns.init,
-                    radius=None if ns.init == "uniform" else ns.radius)
+                    radius=None if ns.init == "uniform" else ns.radius, feedback=ns.feedback)
 
     probe = make()
     teacher = None

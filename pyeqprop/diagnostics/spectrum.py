@@ -104,8 +104,8 @@ def run_spectrum_cli(ns) -> int:
         data = prepare_data(cfg, xp, training=False)
         n = min(ns.batch, data.x_train.shape[0])
         x = data.x_train[:n, ...]
-        print(f"spectrum: run {ns.run} ({cfg.arch}, init {cfg.init}), {data.name} batch {n}, free phase T1 "
-              f"{cfg.T1}" + (f" to tolerance {cfg.settle_tol:g}" if cfg.settle_tol > 0 else ""))
+        print(f"spectrum: run {ns.run} ({cfg.arch}, init {cfg.init}, feedback {cfg.feedback:g}), {data.name} "
+              f"batch {n}, free phase T1 {cfg.T1}" + (f" to tolerance {cfg.settle_tol:g}" if cfg.settle_tol > 0 else ""))
         for name, epoch, params in nets:
             net = build_network(cfg, data.input_shape, data.num_classes, xp)
             if params is not None:
@@ -124,9 +124,10 @@ def run_spectrum_cli(ns) -> int:
         radius = None if ns.init == "uniform" else ns.radius
         net = CRNN(ns.arch, data.input_shape, num_classes=data.num_classes, readout=ns.readout,
                    activation=ns.activation, dtype=ns.dtype, xp=xp, seed=ns.seed, weight_scale=ns.weight_scale,
-                   init=ns.init, radius=radius)
+                   init=ns.init, radius=radius, feedback=ns.feedback)
         print(f"spectrum: arch {ns.arch!r} = {net.arch.spec}, init {ns.init}"
               + (f" (radius {net.radius:g})" if radius is not None else f" (weight_scale {ns.weight_scale:g})")
+              + (f", feedback {ns.feedback:g}" if ns.feedback != 1.0 else "")
               + f", {data.name} batch {n}, free phase T1 {ns.T1}")
         rows.append(network_spectrum(net, x, T=ns.T1, name="initialisation"))
     print(format_spectrum_table(rows))
