@@ -15,7 +15,7 @@ def test_depth_study_writes_table_and_figures(tmp_path):
     # Eq. 4.5 below holds exactly
     rc = main(["study", "depth", "--epochs", "2", "--teacher-epochs", "1", "--T1", "6", "--T2", "3",
                "--schedule", "synchronous", "--settle-tol", "0", "--feedback", "1", "--weight-scale", "2",
-               "--shallow", "c4m", "--deep", "c4-c4m-c4-c4", "--settings", "ep,ep+local,bptt", "--seeds", "0,1",
+               "--lr-grid", "none", "--shallow", "c4m", "--deep", "c4-c4m-c4-c4", "--settings", "ep,ep+local,bptt", "--seeds", "0,1",
                "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
@@ -86,7 +86,7 @@ def test_depth_study_in_worker_processes(tmp_path):
     out = tmp_path / "study"
     rc = main(["study", "depth", "--epochs", "1", "--teacher-epochs", "1", "--T1", "6", "--T2", "3",
                "--schedule", "synchronous", "--settle-tol", "0", "--feedback", "1", "--weight-scale", "2",
-               "--arch", "c4-c4m-c4-c4", "--settings", "ep,ep+local", "--jobs", "2", "--seeds", "0",
+               "--lr-grid", "none", "--arch", "c4-c4m-c4-c4", "--settings", "ep,ep+local", "--jobs", "2", "--seeds", "0",
                "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
@@ -96,8 +96,35 @@ def test_depth_study_in_worker_processes(tmp_path):
     assert all((out / "runs" / f"deep-s0-{s}" / "metrics.jsonl").exists() for s in ("ep", "ep+local"))
 
 
+def test_depth_study_chooses_each_settings_rate_on_the_validation_split(tmp_path):
+    """--lr-grid: every setting trains on the first seed at each rate; each seed then runs at the rate with
+    the best final validation accuracy (ties: lower train loss, then the smaller rate), the first seed's
+    row being that tuning run; the test accuracy plays no part."""
+    out = tmp_path / "study"
+    rc = main(["study", "depth", "--epochs", "2", "--teacher-epochs", "1", "--T1", "20", "--T2", "10",
+               "--arch", "c4-c4m", "--settings", "ep,implicit", "--lr-grid", "0.002,0.2", "--seeds", "0,1",
+               "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    tuning = res["tuning"]
+    assert sorted((r["setting"], r["lr"], r["seed"]) for r in tuning) == [
+        ("ep", 0.002, 0), ("ep", 0.2, 0), ("implicit", 0.002, 0), ("implicit", 0.2, 0)]
+    chosen = {c["setting"]: c["lr"] for c in res["chosen_lr"]}
+    for name in ("ep", "implicit"):
+        runs = [r for r in tuning if r["setting"] == name]
+        best = sorted(runs, key=lambda r: (-r["val_acc"], r["train_loss"], r["lr"]))[0]
+        assert chosen[name] == best["lr"]
+        rows = {r["seed"]: r for r in res["rows"] if r["setting"] == name}
+        assert rows[0]["lr"] == rows[1]["lr"] == best["lr"]
+        assert rows[0]["test_acc"] == best["test_acc"] and rows[0]["curve"] == best["curve"]  # the tuning run
+        assert (out / "runs" / "tune" / f"deep-s0-{name}-lr{best['lr']:g}" / "metrics.jsonl").exists()
+        assert (out / "runs" / f"deep-s1-{name}" / "metrics.jsonl").exists()
+    assert len({r["lr"] for r in tuning}) == 2  # the rates differ, so the choice could go either way
+
+
 @pytest.mark.parametrize("flag, value", [("--seeds", "0,x"), ("--seeds", "1,1"), ("--seeds", ","),
-                                         ("--jobs", "0")])
+                                         ("--jobs", "0"), ("--lr-grid", "0.1,x"), ("--lr-grid", "0.1,0.1"),
+                                         ("--lr-grid", "0,0.1")])
 def test_depth_study_rejects_bad_seeds_and_jobs(tmp_path, capsys, flag, value):
     rc = main(["study", "depth", flag, value, "--out", str(tmp_path / "s")])
     assert rc == 2
@@ -115,7 +142,7 @@ def test_paper_scale_command_on_a_tiny_cifar10_archive(tmp_path, monkeypatch):
     out = tmp_path / "study"
     rc = main(["study", "depth", "--dataset", "cifar10", "--data-root", str(root), "--arch", "vgg11/32",
                "--epochs", "1", "--teacher-epochs", "1", "--T1", "3", "--T2", "2", "--seeds", "0",
-               "--settings", "ep,ep+local+kd", "--out", str(out)])
+               "--settings", "ep,ep+local+kd", "--lr-grid", "none", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["depths"] == {"deep": "vgg11/32"} and res["config"]["dataset"] == "cifar10"

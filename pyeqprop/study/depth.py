@@ -311,14 +311,30 @@ def _run_jobs(todo, jobs, log):
     return results
 
 
-def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), jobs=1, log=print):
+def choose_rates(tuning):
+    """Per (depth, setting), the learning rate of the tuning run with the best final validation accuracy
+    (ties: the lower final training loss, then the smaller rate). ``tuning``: rows with ``lr``."""
+    best = {}
+    for r in tuning:
+        key = (r["depth"], r["setting"])
+        rank = (-r["val_acc"], r["train_loss"], r["lr"])
+        if key not in best or rank < best[key][0]:
+            best[key] = (rank, r["lr"])
+    return {key: lr for key, (_, lr) in best.items()}
+
+
+def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), jobs=1, lr_grid=None, log=print):
     """Train every (depth, seed, setting) of the study from TrainConfig ``base``; returns the summary.
 
     Teachers are trained first, in this process; the student runs then go to ``jobs`` worker
-    processes (1: in this process). Rows keep the order depth, seed, setting whatever the order
-    the runs finish in. Writes results.json (per-seed ``rows``, the per-setting ``summary`` over
-    seeds, first-epoch ``layer_grads`` averaged over seeds, the configuration), results.md,
-    curves.png and layer_grads.png into ``out``.
+    processes (1: in this process). With ``lr_grid`` (rates), each (depth, setting) first trains on
+    the first seed once per rate, and every seed then uses the rate with the best validation
+    accuracy (:func:`choose_rates`; the first seed's run at that rate is the tuning run itself): the
+    test split is never looked at to choose. Rows keep the order depth, seed, setting whatever the
+    order the runs finish in. Writes results.json (per-seed ``rows``, the per-setting ``summary``
+    over seeds, the ``paired`` differences to the exact gradient, first-epoch ``layer_grads``
+    averaged over seeds, the ``tuning`` runs and ``chosen_lr``, the configuration), results.md,
+    curves.png, layer_grads.png and layer_grads_epochs.png into ``out``.
     """
     from ..backend import get_namespace
     from ..train.data import prepare_data
@@ -329,7 +345,7 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
     study = Path(out)
     (study / "runs").mkdir(parents=True, exist_ok=True)
     xp = get_namespace(base.backend)
-    rows, todo, slots, agreement = [], [], [], {}
+    rows, plan, agreement = [], [], {}
     for depth, arch in depths.items():
         per_seed = []
         for seed in seeds:
@@ -346,10 +362,10 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
                          "epochs": cfg.teacher_epochs, "seconds": time.perf_counter() - t0, "curve": []})
             per_seed.append(ep_bptt_agreement(cfg, data, xp))
             for name in settings:
-                slots.append(len(rows))
+                plan.append((len(rows), dataclasses.replace(cfg, out=str(study / "runs" / f"{tag}-{name}"),
+                                                            teacher=str(tdir / "teacher.npz"), **SETTINGS[name]),
+                             depth, name))
                 rows.append(None)  # filled in when the run is done
-                todo.append((dataclasses.replace(cfg, out=str(study / "runs" / f"{tag}-{name}"),
-                                                 teacher=str(tdir / "teacher.npz"), **SETTINGS[name]), depth, name))
         agreement[depth] = {k: np.mean([a[k] for a in per_seed], axis=0).tolist()
                             for k in ("cos", "ratio", "cos_exact", "ratio_exact")}
         agreement[depth]["exact_converged"] = all(a["exact_converged"] for a in per_seed)
@@ -360,16 +376,47 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
             + ("" if agreement[depth]["exact_converged"] else "; free phase NOT converged to 1e-5") + "): cosine "
             + " ".join(f"{v:+.2f}" for v in agreement[depth]["cos_exact"]) + "; norm ratio "
             + " ".join(f"{v:.2f}" for v in agreement[depth]["ratio_exact"]))
+    tuning, chosen, done = [], {}, {}
+    if lr_grid:
+        first = [(cfg, depth, name) for _, cfg, depth, name in plan if cfg.seed == seeds[0]]
+        jobs_t = [(dataclasses.replace(cfg, lr=[float(lr)], out=str(Path(cfg.out).parent / "tune"
+                                                                      / f"{Path(cfg.out).name}-lr{lr:g}")),
+                   depth, name) for cfg, depth, name in first for lr in lr_grid]
+        log(f"choosing the learning rate of each setting from {', '.join(f'{v:g}' for v in lr_grid)} on the "
+            f"validation split of seed {seeds[0]} ({len(jobs_t)} runs)")
+        for (cfg, _, _), (row, curve) in zip(jobs_t, _run_jobs(jobs_t, jobs, log)):
+            row["lr"] = cfg.lr[0]
+            tuning.append(row)
+            done[(row["depth"], row["setting"], row["lr"])] = (row, curve)
+        chosen = choose_rates(tuning)
+        for (depth, name), lr in chosen.items():
+            log(f"[{depth}] {name}: learning rate {lr:g} (validation accuracy "
+                + ", ".join(f"{r['lr']:g}: {100 * r['val_acc']:.1f}%" for r in tuning
+                            if (r["depth"], r["setting"]) == (depth, name)) + ")")
+    todo, slots, results = [], [], {}
+    for slot, cfg, depth, name in plan:
+        if (depth, name) in chosen:
+            cfg = dataclasses.replace(cfg, lr=[chosen[(depth, name)]])
+            if cfg.seed == seeds[0]:
+                results[slot] = done[(depth, name, chosen[(depth, name)])]
+                continue
+        todo.append((cfg, depth, name))
+        slots.append(slot)
+    results.update(zip(slots, _run_jobs(todo, jobs, log)))
     per_setting = {}
-    for slot, (row, curve) in zip(slots, _run_jobs(todo, jobs, log)):
+    for slot, cfg, depth, name in plan:  # in slot order
+        row, curve = results[slot]
+        row["lr"] = chosen.get((depth, name), cfg.lr[0] if len(cfg.lr) == 1 else list(cfg.lr))
         rows[slot] = row
-        per_setting.setdefault(row["depth"], {}).setdefault(row["setting"], []).append(curve)
+        per_setting.setdefault(depth, {}).setdefault(name, []).append(curve)
     grads = {depth: {name: np.mean(np.asarray(v), axis=0).tolist() for name, v in by.items()}
              for depth, by in per_setting.items()}
     summary = summarise(rows)
     paired = paired_differences(rows)
     (study / "results.json").write_text(json.dumps({"rows": rows, "summary": summary, "paired": paired,
-                                                    "layer_grads": grads,
+                                                    "layer_grads": grads, "tuning": tuning,
+                                                    "chosen_lr": [{"depth": d, "setting": n, "lr": v}
+                                                                  for (d, n), v in chosen.items()],
                                                     "ep_vs_bptt_at_init": agreement, "seeds": list(seeds),
                                                     "config": base.to_dict(), "depths": depths}, indent=1))
     (study / "results.md").write_text(_table(summary) + "\n\n" + _paired_table(paired) + "\n")
@@ -412,7 +459,10 @@ def build_study_parser() -> argparse.ArgumentParser:
     p.add_argument("--T2", type=int, default=60, help="most nudged-phase steps")
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--dtype", default="float32", help="float32 or float64")
-    p.add_argument("--lr", default="0.05")
+    p.add_argument("--lr", default="0.05", help="learning rate (or one per layer, Eq. 8.3) when no --lr-grid")
+    p.add_argument("--lr-grid", default="0.02,0.05,0.1",
+                   help="comma list of rates: each setting trains on the first seed at each, and every seed then "
+                        "uses the one with the best validation accuracy; 'none': use --lr for every setting")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backend", default=None, help="array backend (default: $PYEQPROP_BACKEND, else numpy)")
     # booleans as in `pyeqprop train`: --augment alone is true, --augment true / --augment false say it
@@ -467,5 +517,13 @@ def run_study_cli(ns) -> int:
                                TrainConfig())
     if a.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {a.jobs}")
-    run_depth_study(base, out=a.out, depths=depths, settings=settings, seeds=seeds, jobs=a.jobs)
+    grid = None
+    if a.lr_grid.strip().lower() != "none":
+        try:
+            grid = [float(v) for v in a.lr_grid.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--lr-grid must be a comma list of rates or 'none', got {a.lr_grid!r}") from None
+        if not grid or any(not v > 0 for v in grid) or len(set(grid)) != len(grid):
+            raise ValueError(f"--lr-grid must name one or more distinct rates > 0, got {a.lr_grid!r}")
+    run_depth_study(base, out=a.out, depths=depths, settings=settings, seeds=seeds, jobs=a.jobs, lr_grid=grid)
     return 0
