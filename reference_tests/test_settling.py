@@ -35,13 +35,13 @@ def _examples(divisor: int, minimum: int = 4):
 
 
 FEEDBACK = (1.0, 0.3)
-"""Feedback gains γ of Eq. 3.18 the properties are checked at: the plain network and a weak top-down term."""
+"""Feedback gains ω of Eq. 3.18 the properties are checked at: the plain network and a weak top-down term."""
 
 
 def _contracting(cfg, target=0.4, feedback=1.0):
     """The config's network with weights scaled so that its Lipschitz bound is ≤ ½ (a unique fixed point).
 
-    The bound is the plain network's (γ = 1); with γ < 1 the top-down terms only shrink and the
+    The bound is the plain network's (ω = 1); with ω < 1 the top-down terms only shrink and the
     readout's nudge on s_L (c_L = 1) is unchanged, so it bounds the map at ``feedback`` too (Eq. 3.18)."""
     scale = contracting_weight_scale(cfg.net(weight_scale=1.0), target=target)
     while lipschitz_bound(cfg.net(weight_scale=scale)) > 0.5:
@@ -180,7 +180,7 @@ def _lyapunov_scale(net, x, s) -> np.ndarray:
 def test_lyapunov_never_increases_under_gauss_seidel(cfg, scale, feedback):
     """Eq. 3.15: F(s) = c Σ‖s_l‖² − Φ(s) does not rise over a Gauss–Seidel sweep (β = 0), at any weight
     scale (the nets need not contract: with large weights the dynamics have many fixed points), and with
-    a feedback gain γ < 1 F_γ = c Σ c_l‖s_l‖² − Φ_γ does not either (Eq. 3.18). Each
+    a feedback gain ω < 1 F_ω = c Σ c_l‖s_l‖² − Φ_ω does not either (Eq. 3.18). Each
     evaluation of F is within γ_d·S of the exact value (S its Σ|terms|), so a rise is allowed up to
     the sum of the two bounds."""
     net = cfg.net(weight_scale=scale, feedback=feedback)
@@ -224,7 +224,7 @@ def test_lyapunov_can_rise_under_the_synchronous_schedule():
 @given(cfg=crnn_configs(), T=st.integers(1, 5), feedback=st.sampled_from(FEEDBACK))
 def test_bptt_through_gauss_seidel_is_the_derivative_of_its_loss(cfg, T, feedback):
     """Eq. 5.6: BPTT through T Gauss–Seidel sweeps is the gradient of L(θ) = (1/n) Σ C(s_T(θ)), at feedback
-    gain 1 and below (Eq. 3.18: (∂u/∂s)ᵀ and (∂u/∂θ)ᵀ carry γ on their bottom-up and W_l-from-μ_{l−1} terms).
+    gain 1 and below (Eq. 3.18: (∂u/∂s)ᵀ and (∂u/∂θ)ᵀ carry ω on their bottom-up and W_l-from-μ_{l−1} terms).
 
     Along a random direction d, the central difference D(h) = [L(θ + hd) − L(θ − hd)]/(2h) tends to
     ⟨∂L/∂θ, d⟩ at rate h² within one piece (every block update's kinks and argmaxes unchanged at
@@ -295,7 +295,7 @@ def test_the_equilibrium_gradient_is_bptt_over_many_steps(cfg, schedule, feedbac
 def test_symmetric_ep_with_converged_phases_tends_to_the_equilibrium_gradient(cfg, schedule, feedback):
     """Eqs. 4.2, 4.4, 5.7: with every phase settled to τ (Eq. 3.14), symmetric EP approaches the
     equilibrium gradient at rate β² and one-sided EP at rate β, for either schedule and at feedback gain
-    1 or below (Eq. 3.18: EP differences ∂Φ_γ/∂θ, the solve M^{−1/2} H_Φ M^{−1/2}), for the β whose
+    1 or below (Eq. 3.18: EP differences ∂Φ_ω/∂θ, the solve M^{−1/2} H_Φ M^{−1/2}), for the β whose
     nudged states stay in the free state's piece. Floor: the phases' settling error τ/(1 − q) and
     round-off γ_d, each times the scale ‖∂Φ/∂θ‖ of the difference EP takes, over βn‖g‖, plus the
     relative round-off 2γ_d of the estimate itself."""

@@ -1,8 +1,8 @@
-"""The feedback gain γ and its per-layer energy weights (SPEC.md Eq. 3.18).
+"""The feedback gain ω and its per-layer energy weights (SPEC.md Eq. 3.18).
 
-Oracle: Φ_γ = Σ_l γ^{l−L} ⟨B_l(s_{l−1}), s_l⟩ − β C rebuilt in torch from the network's parameters
+Oracle: Φ_ω = Σ_l ω^{l−L} ⟨B_l(s_{l−1}), s_l⟩ − β C rebuilt in torch from the network's parameters
 (written from the SPEC, sharing no code with pyeqprop), differentiated by autograd. The settling,
-BPTT, equilibrium-gradient and EP-limit properties at γ < 1 are in reference_tests/test_settling.py;
+BPTT, equilibrium-gradient and EP-limit properties at ω < 1 are in reference_tests/test_settling.py;
 the dense Jacobian of the step and its radius in tests/test_spectrum.py.
 
 Tolerances: float64 sums of at most d terms are within γ_d = d·u/(1 − d·u) of Σ|terms|
@@ -32,7 +32,7 @@ def _net(feedback, **kw):
 
 
 def _torch_phi(net, x, s, params, beta, y):
-    """Φ_γ^β per batch in torch (Eqs. 3.2, 3.3, 3.6, 3.18): Σ_l γ^{l−L}⟨B_l, s_l⟩ − β ½‖s_L − onehot(y)‖²."""
+    """Φ_ω^β per batch in torch (Eqs. 3.2, 3.3, 3.6, 3.18): Σ_l ω^{l−L}⟨B_l, s_l⟩ − β ½‖s_L − onehot(y)‖²."""
     L = len(net.arch.layers)
     phi = 0.0
     for l, desc in enumerate(net.arch.layers):
@@ -60,7 +60,7 @@ def _case(feedback, beta):
 @pytest.mark.parametrize("feedback", [1.0, 0.3, 0.05])
 @pytest.mark.parametrize("beta", [0.0, 0.7])
 def test_the_drive_is_the_weighted_state_gradient_of_phi(feedback, beta):
-    """Eq. 3.18: u_l = (1/c_l) ∂Φ_γ^β/∂s_l with c_l = γ^{l−L}; dphi_ds is ∂Φ_γ^β/∂s itself, and phi is Φ_γ^β."""
+    """Eq. 3.18: u_l = (1/c_l) ∂Φ_ω^β/∂s_l with c_l = ω^{l−L}; dphi_ds is ∂Φ_ω^β/∂s itself, and phi is Φ_ω^β."""
     net, x, y, s = _case(feedback, beta)
     nudge = net.nudge(x, y, beta)
     P = {k: torch.from_numpy(np.asarray(v)) for k, v in net.params.items()}
@@ -80,7 +80,7 @@ def test_the_drive_is_the_weighted_state_gradient_of_phi(feedback, beta):
 
 @pytest.mark.parametrize("feedback", [1.0, 0.3])
 def test_dphi_dtheta_is_the_parameter_gradient_of_the_weighted_phi(feedback):
-    """Eqs. 3.9, 3.18: layer l's ∂Φ_γ/∂θ carries c_l; the EP estimators difference exactly these (Eq. 4.6)."""
+    """Eqs. 3.9, 3.18: layer l's ∂Φ_ω/∂θ carries c_l; the EP estimators difference exactly these (Eq. 4.6)."""
     net, x, y, s = _case(feedback, 0.0)
     nudge = net.nudge(x, y, 0.4)
     P = {k: torch.from_numpy(np.array(v)).requires_grad_(True) for k, v in net.params.items()}
@@ -100,10 +100,10 @@ DEEP = "c8-c8-c16m-c16-c16-c32m-c32-c32"
 
 
 def test_the_radius_is_sqrt_gamma_times_the_plain_networks_at_the_same_linearisation():
-    """Eq. 3.18: M⁻¹H_Φ is similar to √γ H, so with the same slopes and argmaxes the power iteration
-    returns √γ times the γ = 1 radius (same start vector: the iterates agree up to the factor, and
+    """Eq. 3.18: M⁻¹H_Φ is similar to √ω H, so with the same slopes and argmaxes the power iteration
+    returns √ω times the ω = 1 radius (same start vector: the iterates agree up to the factor, and
     each norm is a float64 sum of < 10⁴ terms). On the study's deep net at weight scale 4 the plain
-    network's step is unstable (radius > 1) and γ = 0.1 makes it contract."""
+    network's step is unstable (radius > 1) and ω = 0.1 makes it contract."""
     rng = np.random.default_rng(0)
     x = rng.uniform(0.0, 1.0, (4, 1, 8, 8))
     plain = CRNN(DEEP, (1, 8, 8), num_classes=10, readout="softmax", activation="half_hard_sigmoid",
@@ -121,13 +121,13 @@ def test_the_radius_is_sqrt_gamma_times_the_plain_networks_at_the_same_linearisa
 
 
 def test_a_vanishing_feedback_gain_gives_the_feed_forward_pass():
-    """Eq. 3.18: as γ → 0 the free fixed point is s_l = ρ(B_l(s_{l−1})), the teacher's forward pass (7.1).
+    """Eq. 3.18: as ω → 0 the free fixed point is s_l = ρ(B_l(s_{l−1})), the teacher's forward pass (7.1).
 
-    At the fixed point u_l = B_l(s_{l−1}) + γ T_l(s_{l+1}); with a_l the forward pass and e_l =
-    max|s_l − a_l|, e_l ≤ ρ'_max (G_l e_{l−1} + γ τ_l), where G_l is the ∞-norm of B_l's linear part
+    At the fixed point u_l = B_l(s_{l−1}) + ω T_l(s_{l+1}); with a_l the forward pass and e_l =
+    max|s_l − a_l|, e_l ≤ ρ'_max (G_l e_{l−1} + ω τ_l), where G_l is the ∞-norm of B_l's linear part
     (the largest Σ|W_l| over an output unit; a max pool does not increase it) and τ_l = max|T_l(s_{l+1})|,
-    read off the drive as (u_l − B_l)/γ. The settled state's own error (tol 1e-14) adds to e_L."""
-    gamma = 1e-12  # c_1 = γ^{-7} = 1e84: still a float64
+    read off the drive as (u_l − B_l)/ω. The settled state's own error (tol 1e-14) adds to e_L."""
+    gamma = 1e-12  # c_1 = ω^{-7} = 1e84: still a float64
     net = CRNN(DEEP, (1, 8, 8), num_classes=10, readout="softmax", activation="half_hard_sigmoid",
                dtype="float64", seed=1, weight_scale=4.0, feedback=gamma)
     x = np.random.default_rng(1).uniform(0.0, 1.0, (5, 1, 8, 8))

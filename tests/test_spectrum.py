@@ -29,8 +29,8 @@ F = torch.nn.functional
 
 
 def _torch_u(net, x, s_flat, n):
-    """u(s) = M⁻¹ ∂Φ_γ/∂s (Eqs. 3.7, 3.18, β = 0) in torch, from the flat per-batch state ``s_flat``:
-    Φ_γ = Σ_l γ^{l−L} ⟨B_l(s_{l−1}), s_l⟩ and u_l = γ^{L−l} ∂Φ_γ/∂s_l, written here from the SPEC."""
+    """u(s) = M⁻¹ ∂Φ_ω/∂s (Eqs. 3.7, 3.18, β = 0) in torch, from the flat per-batch state ``s_flat``:
+    Φ_ω = Σ_l ω^{l−L} ⟨B_l(s_{l−1}), s_l⟩ and u_l = ω^{L−l} ∂Φ_ω/∂s_l, written here from the SPEC."""
     P = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in net.params.items()}
     shapes = net.state_shapes(n)
     sizes = [int(np.prod(sh)) for sh in shapes]

@@ -11,7 +11,7 @@ from pyeqprop.cli import main
 
 def test_depth_study_writes_table_and_figures(tmp_path):
     out = tmp_path / "study"
-    # fixed step counts of the synchronous schedule on the plain network (γ = 1), so that the delay of
+    # fixed step counts of the synchronous schedule on the plain network (ω = 1), so that the delay of
     # Eq. 4.5 below holds exactly
     rc = main(["study", "depth", "--epochs", "2", "--teacher-epochs", "1", "--T1", "6", "--T2", "3",
                "--schedule", "synchronous", "--settle-tol", "0", "--feedback", "1", "--weight-scale", "2",
@@ -64,6 +64,8 @@ def test_depth_study_writes_table_and_figures(tmp_path):
         assert p["reference"] == "bptt" and p["seeds"] == 2
         assert abs(p["test_acc_diff"] - sum(diffs) / 2) <= 1e-12
         assert abs(p["test_acc_diff_std"] - abs(diffs[0] - diffs[1]) / 2 ** 0.5) <= 1e-12
+        higher = sum(by[(depth, setting, k)]["train_loss"] > by[(depth, "bptt", k)]["train_loss"] for k in (0, 1))
+        assert p["train_loss_higher"] == higher
     # every run's per-layer |g| per epoch (the curves of layer_grads_epochs.png), its last validation accuracy
     for r in rows:
         if r["setting"] != "teacher (backprop, feed-forward)":
@@ -122,9 +124,37 @@ def test_depth_study_chooses_each_settings_rate_on_the_validation_split(tmp_path
     assert len({r["lr"] for r in tuning}) == 2  # the rates differ, so the choice could go either way
 
 
+def test_depth_study_tries_a_smaller_rate_on_the_bottom_layers(tmp_path):
+    """--lr-bottom 1,0.1: every rate of the grid is tried as it is and with the bottom --bottom-layers conv
+    layers' rates times 0.1 (Eq. 8.3, one rate per layer); the chosen pair is the best on validation."""
+    from pyeqprop.study.depth import layer_rates
+    from pyeqprop.train.config import TrainConfig
+
+    cfg = TrainConfig(arch="c4-c4m-c4-f5")
+    assert layer_rates(cfg, (1, 8, 8), 10, 0.05, 0.1, 2) == [0.05 * 0.1, 0.05 * 0.1, 0.05, 0.05, 0.05]
+    assert layer_rates(cfg, (1, 8, 8), 10, 0.05, 1.0, 2) == [0.05]
+    out = tmp_path / "study"
+    rc = main(["study", "depth", "--epochs", "1", "--teacher-epochs", "1", "--T1", "10", "--T2", "5",
+               "--arch", "c4-c4m-c4", "--settings", "ep", "--lr-grid", "0.05", "--lr-bottom", "1,0.1",
+               "--bottom-layers", "1", "--seeds", "0,1", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert sorted(r["lr_bottom"] for r in res["tuning"]) == [0.1, 1.0]
+    best = sorted(res["tuning"], key=lambda r: (-r["val_acc"], r["train_loss"], r["lr"], r["lr_bottom"]))[0]
+    (chosen,) = res["chosen_lr"]
+    assert (chosen["lr"], chosen["lr_bottom"], chosen["bottom_layers"]) == (0.05, best["lr_bottom"], 1)
+    seed1 = next(r for r in res["rows"] if r["setting"] == "ep" and r["seed"] == 1)
+    assert seed1["lr_bottom"] == best["lr_bottom"]
+    import tomllib
+
+    saved = tomllib.loads((out / "runs" / "deep-s1-ep" / "config.toml").read_text())["lr"]
+    assert saved == ([0.05 * 0.1, 0.05, 0.05, 0.05] if best["lr_bottom"] == 0.1 else [0.05])
+
+
 @pytest.mark.parametrize("flag, value", [("--seeds", "0,x"), ("--seeds", "1,1"), ("--seeds", ","),
                                          ("--jobs", "0"), ("--lr-grid", "0.1,x"), ("--lr-grid", "0.1,0.1"),
-                                         ("--lr-grid", "0,0.1")])
+                                         ("--lr-grid", "0,0.1"), ("--lr-bottom", "1,x"),
+                                         ("--bottom-layers", "0")])
 def test_depth_study_rejects_bad_seeds_and_jobs(tmp_path, capsys, flag, value):
     rc = main(["study", "depth", flag, value, "--out", str(tmp_path / "s")])
     assert rc == 2

@@ -251,7 +251,7 @@ def add_diagnose_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help=f"with an orthogonal init: the spectral radius it is calibrated to (Eq. 3.16; default "
                              f"{DEFAULT_RADIUS})")
     parser.add_argument("--feedback", type=float, default=1.0,
-                        help="feedback gain γ of the top-down term (Eq. 3.18; default 1, the plain network)")
+                        help="feedback gain ω of the top-down term (Eq. 3.18; default 1, the plain network)")
     parser.add_argument("--spectrum", action="store_true",
                         help="instead of the signal table: the spectral radius of the linearised settling step "
                              "(Eq. 3.17) at the free phase of one batch, per network")

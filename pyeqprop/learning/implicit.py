@@ -12,9 +12,9 @@ Differentiating s* = ρ(u(s*, θ)) gives ds*/dθ = (I − DH)⁻¹ D ∂u/∂θ,
 
     A ν = D^{1/2} g,   A = I − D^{1/2} H D^{1/2},
 
-With a feedback gain γ < 1 (Eq. 3.18) ∂u/∂s = M⁻¹H_Φ is not symmetric (M = diag c_l); with
+With a feedback gain ω < 1 (Eq. 3.18) ∂u/∂s = M⁻¹H_Φ is not symmetric (M = diag c_l); with
 S = M^{−1/2} H_Φ M^{−1/2} the system reads (I − D M^{1/2} S M^{−1/2}) μ = D g, and μ = M^{1/2} D^{1/2} ν
-gives A ν = D^{1/2} M^{−1/2} g with A = I − D^{1/2} S D^{1/2}; for γ = 1, S = H and M = I.
+gives A ν = D^{1/2} M^{−1/2} g with A = I − D^{1/2} S D^{1/2}; for ω = 1, S = H and M = I.
 
 and A is positive definite exactly when every eigenvalue of the linearised step J = DH is below
 1 (J and D^{1/2} H D^{1/2} are similar); at a stable fixed point of a network whose J has
@@ -125,7 +125,7 @@ def equilibrium_gradient(net, x, y, *, T1, settling: Settling = FIXED, free_stat
     half = [xp.sqrt(net.act.grad(u)) for u in d.u]  # D^{1/2}
     g, grads = mean_cost_gradients(net, s, nudge, n)  # g = ∂L/∂s at s*, and the cost-only parameters' terms
     loss = float(to_numpy(xp.sum(net.cost(x, s, nudge)))) / n
-    root_c = [c ** 0.5 for c in net.layer_weights]  # M^{1/2} (all 1 when γ = 1)
+    root_c = [c ** 0.5 for c in net.layer_weights]  # M^{1/2} (all 1 when ω = 1)
 
     def apply(v):  # A v = v − D^{1/2} S D^{1/2} v
         hv = net.symmetric_hessian_vector([h * a for h, a in zip(half, v)], d.indices)

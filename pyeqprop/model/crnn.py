@@ -7,16 +7,16 @@ is per sample; sums over the batch are explicit.
 
     B_l(s_{l−1}) = P_l(conv(s_{l−1}; W_l, p_l) + b_l)        conv layer      (Eq. 3.1)
                  = W_l vec(s_{l−1}) + b_l                     fc layer
-    Φ(x, s; θ)   = Σ_l c_l ⟨B_l(s_{l−1}), s_l⟩,  c_l = γ^{l−L}                 (Eqs. 3.2, 3.18)
+    Φ(x, s; θ)   = Σ_l c_l ⟨B_l(s_{l−1}), s_l⟩,  c_l = ω^{l−L}                 (Eqs. 3.2, 3.18)
     Φ^β          = Φ − β C,  C = Σ_k w_k C_k                                   (Eqs. 3.5-3.6)
-    u_l = (1/c_l) ∂Φ^β/∂s_l = B_l(s_{l−1}) + γ T_l(s_{l+1}) − (β/c_l) ∂C/∂s_l  (Eqs. 3.7, 3.18)
+    u_l = (1/c_l) ∂Φ^β/∂s_l = B_l(s_{l−1}) + ω T_l(s_{l+1}) − (β/c_l) ∂C/∂s_l  (Eqs. 3.7, 3.18)
     T_l(s_{l+1}) = conv_transpose(P*_{l+1}(s_{l+1}); W_{l+1})   (P* = unpool at the current argmax)
                  = reshape(W_{l+1}ᵀ s_{l+1})                    (fc above)
     s_l ← ρ(u_l) for all l at once                                              (Eq. 3.8)
     ∂Φ/∂W_l = c_l conv2d_weight_grad(s_{l−1}, P*_l(s_l)),  ∂Φ/∂b_l = c_l Σ P*_l(s_l)   (Eq. 3.9)
             = c_l s_lᵀ vec(s_{l−1}),                      = c_l Σ s_l       (fc)
 
-γ is the feedback gain (default 1: Laborieux et al.'s network, every c_l = 1 and u = ∂Φ^β/∂s).
+ω is the feedback gain (default 1: Laborieux et al.'s network, every c_l = 1 and u = ∂Φ^β/∂s).
 
 The energy protocol (SPEC.md Eq. 3.12) is what every learning algorithm uses:
 ``init_state(n)``, ``nudge(x, y, beta)`` → :class:`Nudge`, ``drive(x, s, nudge)``,
@@ -124,8 +124,8 @@ class CRNN:
     radius : float or None
         The radius r of Eq. 3.16 (default 0.85); only for the orthogonal inits.
     feedback : float
-        The feedback gain γ ∈ (0, 1] of Eq. 3.18: layer l's energy weight is c_l = γ^{l−L}, so the
-        dynamics read u_l = B_l + γ T_l − (β/c_l) ∂C/∂s_l. 1 (the default) is the plain network
+        The feedback gain ω ∈ (0, 1] of Eq. 3.18: layer l's energy weight is c_l = ω^{l−L}, so the
+        dynamics read u_l = B_l + ω T_l − (β/c_l) ∂C/∂s_l. 1 (the default) is the plain network
         of Eqs. 3.2-3.8; smaller values weaken the top-down term against the bottom-up one, which
         lets the forward gain stay near 1 in a deep network while its settling map contracts.
 
@@ -249,9 +249,9 @@ class CRNN:
 
     @staticmethod
     def check_feedback(feedback) -> None:
-        """Raise a ``ValueError`` naming the value unless the feedback gain γ is a number in (0, 1] (Eq. 3.18)."""
+        """Raise a ``ValueError`` naming the value unless the feedback gain ω is a number in (0, 1] (Eq. 3.18)."""
         if isinstance(feedback, bool) or not isinstance(feedback, (int, float)) or not 0.0 < feedback <= 1.0:
-            raise ValueError(f"feedback must be a number in (0, 1] (the gain γ of the top-down term, Eq. 3.18), "
+            raise ValueError(f"feedback must be a number in (0, 1] (the gain ω of the top-down term, Eq. 3.18), "
                              f"got {feedback!r}")
 
     def check_input(self, x: Array) -> None:
@@ -330,8 +330,8 @@ class CRNN:
     # ------------------------------------------------------------------ Φ and its state gradient
     def drive(self, x: Array, state: list[Array], nudge: Nudge | None = None, *, layers: Iterable[int] | None = None,
               known: dict | None = None) -> Drive:
-        """u_l = (1/c_l) ∂Φ^β/∂s_l = B_l + γ T_l − (β/c_l) ∂C/∂s_l (Eqs. 3.7, 3.18) with the argmaxes used;
-        β from ``nudge`` (0 when None). With γ = 1 (every c_l = 1) this is ∂Φ^β/∂s_l.
+        """u_l = (1/c_l) ∂Φ^β/∂s_l = B_l + ω T_l − (β/c_l) ∂C/∂s_l (Eqs. 3.7, 3.18) with the argmaxes used;
+        β from ``nudge`` (0 when None). With ω = 1 (every c_l = 1) this is ∂Φ^β/∂s_l.
 
         ``layers``: the 0-based layers whose u_l is wanted (default all; the others are None in
         the result). u_l needs B_l(s_{l−1}) and the argmax of layer l + 1, so only those bottom-up
@@ -355,13 +355,13 @@ class CRNN:
             else:
                 bu[l], idx[l] = self.layers[l].bottom_up(self.params, state[l - 1], nudge.prep(l))
         u = [None] * L
-        gamma, c = self.feedback, self.layer_weights
+        omega, c = self.feedback, self.layer_weights
         for l in want:
             u[l] = bu[l]
             if l + 1 < L:
                 td = self.layers[l + 1].top_down(self.params, state[l + 1], idx[l + 1], state[l].shape,
                                                  nudge.prep(l + 1))
-                u[l] = u[l] + (td if gamma == 1.0 else gamma * td)
+                u[l] = u[l] + (td if omega == 1.0 else omega * td)
         beta = nudge.beta
         if beta != 0.0:
             for w_k, grads in self._weighted_cost_state_grads(state, nudge.ctx, None if layers is None else want):
@@ -384,7 +384,7 @@ class CRNN:
         return u if self.feedback == 1.0 else [c * a for c, a in zip(self.layer_weights, u)]
 
     def step(self, x: Array, state: list[Array], nudge: Nudge | None = None) -> list[Array]:
-        """One synchronous update of every layer, s_l ← ρ(u_l) (Eq. 3.8; u_l = ∂Φ^β/∂s_l when γ = 1)."""
+        """One synchronous update of every layer, s_l ← ρ(u_l) (Eq. 3.8; u_l = ∂Φ^β/∂s_l when ω = 1)."""
         d = self.drive(x, state, nudge)
         return [self.act.fn(u) for u in d.u]
 
@@ -433,7 +433,7 @@ class CRNN:
                                      for l in range(1, len(self.layers))]
 
     def _weighted(self, l, grads):
-        """Layer l's (dW, db) of ⟨B_l, s_l⟩ times its energy weight c_l (Eq. 3.18); as they are when γ = 1."""
+        """Layer l's (dW, db) of ⟨B_l, s_l⟩ times its energy weight c_l (Eq. 3.18); as they are when ω = 1."""
         if self.feedback == 1.0:
             return grads
         c = self.layer_weights[l]
@@ -505,9 +505,9 @@ class CRNN:
     def hessian_vector(self, mu: list[Array | None], indices: list) -> list[Array | None]:
         """(∂u/∂s)ᵀ μ at frozen argmaxes ``indices``: what BPTT propagates back through a step (Eq. 5.3).
 
-        (∂u/∂s)ᵀ μ)_l = γ P_l(conv(μ_{l−1}; W_l)) + T_l(μ_{l+1}), with μ_0 = 0 and P_l the
+        (∂u/∂s)ᵀ μ)_l = ω P_l(conv(μ_{l−1}; W_l)) + T_l(μ_{l+1}), with μ_0 = 0 and P_l the
         selection at the argmax: the drive of Eq. 3.7 without biases or input, applied to μ, its
-        bottom-up term times the feedback gain γ (Eq. 3.18). With γ = 1 it is H μ = ∂²Φ/∂s² · μ,
+        bottom-up term times the feedback gain ω (Eq. 3.18). With ω = 1 it is H μ = ∂²Φ/∂s² · μ,
         symmetric because Φ is bilinear in neighbouring layers. An entry of μ may be None (zero
         on that layer, as in a Gauss–Seidel half-sweep, Eq. 5.6); an output entry none of whose
         neighbours carries μ is None too.
@@ -515,18 +515,18 @@ class CRNN:
         return self._linear_drive(mu, indices, below=self.feedback, above=1.0)
 
     def jacobian_vector(self, mu: list[Array | None], indices: list) -> list[Array | None]:
-        """(∂u/∂s) μ at frozen argmaxes: P_l(conv(μ_{l−1}; W_l)) + γ T_l(μ_{l+1}) (Eqs. 3.17, 3.18).
+        """(∂u/∂s) μ at frozen argmaxes: P_l(conv(μ_{l−1}; W_l)) + ω T_l(μ_{l+1}) (Eqs. 3.17, 3.18).
 
-        The transpose of :meth:`hessian_vector`; the two are equal when γ = 1.
+        The transpose of :meth:`hessian_vector`; the two are equal when ω = 1.
         """
         return self._linear_drive(mu, indices, below=1.0, above=self.feedback)
 
     def symmetric_hessian_vector(self, mu: list[Array | None], indices: list) -> list[Array | None]:
-        """M^{−1/2} H_Φ M^{−1/2} μ = √γ (P_l(conv(μ_{l−1}; W_l)) + T_l(μ_{l+1})), M = diag(c_l) (Eq. 3.18).
+        """M^{−1/2} H_Φ M^{−1/2} μ = √ω (P_l(conv(μ_{l−1}; W_l)) + T_l(μ_{l+1})), M = diag(c_l) (Eq. 3.18).
 
         The symmetric operator similar to ∂u/∂s = M⁻¹ H_Φ (H_Φ = ∂²Φ/∂s², symmetric): what the
         equilibrium gradient (Eq. 5.7) and the spectral radius (Eq. 3.17) work with. Equal to
-        :meth:`hessian_vector` when γ = 1.
+        :meth:`hessian_vector` when ω = 1.
         """
         g = self.feedback ** 0.5
         return self._linear_drive(mu, indices, below=g, above=g)
@@ -559,8 +559,8 @@ class CRNN:
         """(∂u/∂θ)ᵀ μ summed over the batch at frozen argmaxes (Eq. 5.4), keyed by the network's parameters.
 
         By the product rule on Eq. 3.9: ∂/∂W_l ← conv2d_weight_grad(s_{l−1}, P*_l(μ_l)) +
-        γ conv2d_weight_grad(μ_{l−1}, P*_l(s_l)) (μ_0 = 0: x is fixed; γ the feedback gain of
-        Eq. 3.18, through which W_l reaches u_{l−1}), ∂/∂b_l ← Σ P*_l(μ_l). With γ = 1 it is
+        ω conv2d_weight_grad(μ_{l−1}, P*_l(s_l)) (μ_0 = 0: x is fixed; ω the feedback gain of
+        Eq. 3.18, through which W_l reaches u_{l−1}), ∂/∂b_l ← Σ P*_l(μ_l). With ω = 1 it is
         D_s(Σ_batch ∂Φ/∂θ)(s) · μ. An entry of μ may be None (zero on that layer); its terms are skipped.
         """
         out: dict = {}

@@ -62,13 +62,13 @@ def linearisation(net, x, state, nudge=None) -> tuple[list, list]:
 
 def step_jacobian_vector(net, slopes, indices, mu) -> list:
     """J μ = ρ'(u) ⊙ ((∂u/∂s) μ): the linearised synchronous step (Eq. 3.17) applied to μ; ∂u/∂s = H
-    (Eq. 5.3) when the feedback gain γ is 1, M⁻¹H_Φ otherwise (Eq. 3.18)."""
+    (Eq. 5.3) when the feedback gain ω is 1, M⁻¹H_Φ otherwise (Eq. 3.18)."""
     return [g * h for g, h in zip(slopes, net.jacobian_vector(list(mu), indices))]
 
 
 def symmetrised_step(net, root, indices, v) -> list:
     """A v = D^{1/2} S D^{1/2} v with ``root`` = ρ'(u)^{1/2} per layer and S = M^{−1/2} H_Φ M^{−1/2} (= H when
-    γ = 1; Eq. 3.18): the symmetric operator similar to J
+    ω = 1; Eq. 3.18): the symmetric operator similar to J
     (Eq. 3.17)."""
     return [r * h for r, h in zip(root, net.symmetric_hessian_vector([r * vi for r, vi in zip(root, v)], indices))]
 

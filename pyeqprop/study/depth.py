@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -146,49 +147,61 @@ def paired_differences(rows):
             if not pairs:
                 continue
             acc_m, acc_s = _mean_std([a["test_acc"] - b["test_acc"] for a, b in pairs])
-            loss_m, loss_s = _mean_std([a["train_loss"] - b["train_loss"] for a, b in pairs])
+            loss = [a["train_loss"] - b["train_loss"] for a, b in pairs]
+            loss_m, loss_s = _mean_std(loss)
             out.append({"depth": depth, "setting": name, "reference": ref, "seeds": len(pairs),
                         "test_acc_diff": acc_m, "test_acc_diff_std": acc_s,
-                        "train_loss_diff": loss_m, "train_loss_diff_std": loss_s})
+                        "train_loss_diff": loss_m, "train_loss_diff_std": loss_s,
+                        "train_loss_higher": sum(v > 0 for v in loss)})
     return out
 
 
 def _paired_table(paired) -> str:
-    lines = ["| depth | setting | minus | seeds | Δ test accuracy (points) | Δ final train loss |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| depth | setting | minus | seeds | Δ test accuracy (points) | Δ final train loss | "
+             "train loss higher on |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in paired:
         n = r["seeds"]
         lines.append(f"| {r['depth']} | {r['setting']} | {r['reference']} | {n} | "
                      f"{_pm(100 * r['test_acc_diff'], 100 * r['test_acc_diff_std'], n, '{:+.1f}')} | "
-                     f"{_pm(r['train_loss_diff'], r['train_loss_diff_std'], n, '{:+.3f}')} |")
+                     f"{_pm(r['train_loss_diff'], r['train_loss_diff_std'], n, '{:+.3f}')} | "
+                     f"{r.get('train_loss_higher', '–')} of {n} seeds |")
     return "\n".join(lines)
 
 
 def _plot_layer_epochs(study: Path, rows):
-    """layer_grads_epochs.png: per depth and setting, mean |∂/∂W_l| of each conv layer against the epoch
-    (mean over seeds)."""
+    """layer_grads_epochs.png: one row per depth, one panel per setting: mean |∂/∂W_l| of each conv layer
+    against the epoch (mean over seeds)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     keys = list(dict.fromkeys((r["depth"], r["setting"]) for r in rows if r.get("layer_grads")))
     if not keys:
         return
-    fig = Figure(figsize=(4 * len(keys), 3.4))
+    depths = list(dict.fromkeys(d for d, _ in keys))
+    names = list(dict.fromkeys(n for _, n in keys))
+    fig = Figure(figsize=(3.2 * len(names), 2.8 * len(depths)))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(keys), squeeze=False)[0]
-    for ax, (depth, name) in zip(axes, keys):
-        runs = [np.asarray(r["layer_grads"]) for r in rows
-                if (r["depth"], r["setting"]) == (depth, name) and r.get("layer_grads")]
-        mean = np.mean(np.stack(runs), axis=0)  # (epochs, conv layers)
-        for l in range(mean.shape[1]):
-            ax.plot(range(1, mean.shape[0] + 1), mean[:, l], color=f"C{l}", label=f"conv{l + 1}")
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_title(f"{depth}: {name}", fontsize=9)
-    axes[0].set_ylabel("mean |gradient|")
-    axes[-1].legend(fontsize=7)
+    axes = fig.subplots(len(depths), len(names), squeeze=False)
+    for i, depth in enumerate(depths):
+        for j, name in enumerate(names):
+            ax = axes[i][j]
+            runs = [np.asarray(r["layer_grads"]) for r in rows
+                    if (r["depth"], r["setting"]) == (depth, name) and r.get("layer_grads")]
+            if not runs:
+                ax.set_visible(False)
+                continue
+            mean = np.mean(np.stack(runs), axis=0)  # (epochs, conv layers)
+            for l in range(mean.shape[1]):
+                ax.plot(range(1, mean.shape[0] + 1), mean[:, l], color=f"C{l}", label=f"conv{l + 1}")
+            ax.set_yscale("log")
+            ax.set_title(f"{depth}: {name}", fontsize=9)
+            if i == len(depths) - 1:
+                ax.set_xlabel("epoch")
+        axes[i][0].set_ylabel("mean |gradient|")
+        axes[i][-1].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(study / "layer_grads_epochs.png", dpi=100)
+    fig.savefig(study / "layer_grads_epochs.png", dpi=90)
 
 
 def _plot(study: Path, rows, grads):
@@ -231,7 +244,9 @@ def _plot(study: Path, rows, grads):
 
 
 def _pm(mean, std, seeds, fmt):
-    return fmt.format(mean) + (" ± " + fmt.format(std) if seeds > 1 else "")
+    if math.isnan(mean):
+        return "–"
+    return fmt.format(mean) + (" ± " + fmt.replace("+", "").format(abs(std)) if seeds > 1 else "")
 
 
 def _table(summary) -> str:
@@ -312,25 +327,43 @@ def _run_jobs(todo, jobs, log):
 
 
 def choose_rates(tuning):
-    """Per (depth, setting), the learning rate of the tuning run with the best final validation accuracy
-    (ties: the lower final training loss, then the smaller rate). ``tuning``: rows with ``lr``."""
+    """Per (depth, setting), the (rate, bottom factor) of the tuning run with the best final validation
+    accuracy (ties: the lower final training loss, then the smaller rate, then the smaller factor).
+    ``tuning``: rows with ``lr`` and ``lr_bottom``."""
     best = {}
     for r in tuning:
         key = (r["depth"], r["setting"])
-        rank = (-r["val_acc"], r["train_loss"], r["lr"])
+        rank = (-r["val_acc"], r["train_loss"], r["lr"], r.get("lr_bottom", 1.0))
         if key not in best or rank < best[key][0]:
-            best[key] = (rank, r["lr"])
-    return {key: lr for key, (_, lr) in best.items()}
+            best[key] = (rank, (r["lr"], r.get("lr_bottom", 1.0)))
+    return {key: choice for key, (_, choice) in best.items()}
 
 
-def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), jobs=1, lr_grid=None, log=print):
+def layer_rates(cfg, input_shape, num_classes, rate: float, bottom: float, bottom_layers: int) -> list[float]:
+    """One rate per layer (Eq. 8.3: the neuron layers, then a softmax readout): ``rate`` everywhere, times
+    ``bottom`` on the first ``bottom_layers`` conv layers; [rate] when ``bottom`` is 1."""
+    from ..model.arch import ConvLayer, parse_arch
+
+    if bottom == 1.0:
+        return [float(rate)]
+    arch = parse_arch(cfg.arch, input_shape, num_classes, cfg.readout)
+    rates, convs = [], 0
+    for layer in arch.layers:
+        convs += isinstance(layer, ConvLayer)
+        rates.append(float(rate) * (bottom if isinstance(layer, ConvLayer) and convs <= bottom_layers else 1.0))
+    return rates + ([float(rate)] if arch.readout is not None else [])
+
+
+def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), jobs=1, lr_grid=None,
+                    lr_bottom=(1.0,), bottom_layers=2, log=print):
     """Train every (depth, seed, setting) of the study from TrainConfig ``base``; returns the summary.
 
     Teachers are trained first, in this process; the student runs then go to ``jobs`` worker
     processes (1: in this process). With ``lr_grid`` (rates), each (depth, setting) first trains on
-    the first seed once per rate, and every seed then uses the rate with the best validation
-    accuracy (:func:`choose_rates`; the first seed's run at that rate is the tuning run itself): the
-    test split is never looked at to choose. Rows keep the order depth, seed, setting whatever the
+    the first seed once per rate and per factor of ``lr_bottom`` (applied to the rates of the first
+    ``bottom_layers`` conv layers, :func:`layer_rates`), and every seed then uses the pair with the
+    best validation accuracy (:func:`choose_rates`; the first seed's run at that pair is the tuning
+    run itself): the test split is never looked at to choose. Rows keep the order depth, seed, setting whatever the
     order the runs finish in. Writes results.json (per-seed ``rows``, the per-setting ``summary``
     over seeds, the ``paired`` differences to the exact gradient, first-epoch ``layer_grads``
     averaged over seeds, the ``tuning`` runs and ``chosen_lr``, the configuration), results.md,
@@ -345,12 +378,13 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
     study = Path(out)
     (study / "runs").mkdir(parents=True, exist_ok=True)
     xp = get_namespace(base.backend)
-    rows, plan, agreement = [], [], {}
+    rows, plan, agreement, shapes = [], [], {}, {}
     for depth, arch in depths.items():
         per_seed = []
         for seed in seeds:
             cfg = dataclasses.replace(base, arch=arch, seed=seed)
             data = prepare_data(cfg, xp)
+            shapes[depth] = (data.input_shape, data.num_classes)  # for the per-layer rates
             tag = f"{depth}-s{seed}"
             tdir = study / "runs" / f"{tag}-teacher"
             tdir.mkdir(parents=True, exist_ok=True)
@@ -377,28 +411,40 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
             + " ".join(f"{v:+.2f}" for v in agreement[depth]["cos_exact"]) + "; norm ratio "
             + " ".join(f"{v:.2f}" for v in agreement[depth]["ratio_exact"]))
     tuning, chosen, done = [], {}, {}
+
+    def rated(cfg, depth, rate, bottom):
+        return dataclasses.replace(cfg, lr=layer_rates(cfg, *shapes[depth], rate, bottom, bottom_layers))
+
     if lr_grid:
         first = [(cfg, depth, name) for _, cfg, depth, name in plan if cfg.seed == seeds[0]]
-        jobs_t = [(dataclasses.replace(cfg, lr=[float(lr)], out=str(Path(cfg.out).parent / "tune"
-                                                                      / f"{Path(cfg.out).name}-lr{lr:g}")),
-                   depth, name) for cfg, depth, name in first for lr in lr_grid]
-        log(f"choosing the learning rate of each setting from {', '.join(f'{v:g}' for v in lr_grid)} on the "
-            f"validation split of seed {seeds[0]} ({len(jobs_t)} runs)")
-        for (cfg, _, _), (row, curve) in zip(jobs_t, _run_jobs(jobs_t, jobs, log)):
-            row["lr"] = cfg.lr[0]
+        def tune_dir(cfg, lr, f):
+            tag = f"{Path(cfg.out).name}-lr{lr:g}" + ("" if f == 1.0 else f"-bottom{f:g}")
+            return str(Path(cfg.out).parent / "tune" / tag)
+
+        jobs_t = [(dataclasses.replace(rated(cfg, depth, lr, f), out=tune_dir(cfg, lr, f)), depth, name, lr, f)
+                  for cfg, depth, name in first for lr in lr_grid for f in lr_bottom]
+        log(f"choosing the learning rate of each setting from {', '.join(f'{v:g}' for v in lr_grid)}"
+            + (f" × bottom {bottom_layers} conv layers' factor {', '.join(f'{v:g}' for v in lr_bottom)}"
+               if tuple(lr_bottom) != (1.0,) else "")
+            + f" on the validation split of seed {seeds[0]} ({len(jobs_t)} runs)")
+        for (_, _, _, lr, f), (row, curve) in zip(jobs_t, _run_jobs([j[:3] for j in jobs_t], jobs, log)):
+            row["lr"], row["lr_bottom"] = lr, f
             tuning.append(row)
-            done[(row["depth"], row["setting"], row["lr"])] = (row, curve)
+            done[(row["depth"], row["setting"], lr, f)] = (row, curve)
         chosen = choose_rates(tuning)
-        for (depth, name), lr in chosen.items():
-            log(f"[{depth}] {name}: learning rate {lr:g} (validation accuracy "
-                + ", ".join(f"{r['lr']:g}: {100 * r['val_acc']:.1f}%" for r in tuning
+        for (depth, name), (lr, f) in chosen.items():
+            log(f"[{depth}] {name}: learning rate {lr:g}" + ("" if f == 1.0 else f", bottom factor {f:g}")
+                + " (validation accuracy "
+                + ", ".join(f"{r['lr']:g}" + ("" if r["lr_bottom"] == 1.0 else f"×{r['lr_bottom']:g}")
+                            + f": {100 * r['val_acc']:.1f}%" for r in tuning
                             if (r["depth"], r["setting"]) == (depth, name)) + ")")
     todo, slots, results = [], [], {}
     for slot, cfg, depth, name in plan:
         if (depth, name) in chosen:
-            cfg = dataclasses.replace(cfg, lr=[chosen[(depth, name)]])
+            lr, f = chosen[(depth, name)]
+            cfg = rated(cfg, depth, lr, f)
             if cfg.seed == seeds[0]:
-                results[slot] = done[(depth, name, chosen[(depth, name)])]
+                results[slot] = done[(depth, name, lr, f)]
                 continue
         todo.append((cfg, depth, name))
         slots.append(slot)
@@ -406,7 +452,8 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
     per_setting = {}
     for slot, cfg, depth, name in plan:  # in slot order
         row, curve = results[slot]
-        row["lr"] = chosen.get((depth, name), cfg.lr[0] if len(cfg.lr) == 1 else list(cfg.lr))
+        lr, f = chosen.get((depth, name), (cfg.lr[0] if len(cfg.lr) == 1 else list(cfg.lr), 1.0))
+        row["lr"], row["lr_bottom"] = lr, f
         rows[slot] = row
         per_setting.setdefault(depth, {}).setdefault(name, []).append(curve)
     grads = {depth: {name: np.mean(np.asarray(v), axis=0).tolist() for name, v in by.items()}
@@ -415,7 +462,8 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
     paired = paired_differences(rows)
     (study / "results.json").write_text(json.dumps({"rows": rows, "summary": summary, "paired": paired,
                                                     "layer_grads": grads, "tuning": tuning,
-                                                    "chosen_lr": [{"depth": d, "setting": n, "lr": v}
+                                                    "chosen_lr": [{"depth": d, "setting": n, "lr": v[0],
+                                                                   "lr_bottom": v[1], "bottom_layers": bottom_layers}
                                                                   for (d, n), v in chosen.items()],
                                                     "ep_vs_bptt_at_init": agreement, "seeds": list(seeds),
                                                     "config": base.to_dict(), "depths": depths}, indent=1))
@@ -447,7 +495,7 @@ def build_study_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-scale", type=float, default=4.0,
                    help="student weight scale (Eq. 3.10; default 4, the teacher's: forward gain near 1 per layer)")
     p.add_argument("--feedback", type=float, default=0.1,
-                   help="feedback gain γ of the student (Eq. 3.18; default 0.1: the deep net passes its input "
+                   help="feedback gain ω of the student (Eq. 3.18; default 0.1: the deep net passes its input "
                         "and still settles; 1 is the plain network)")
     p.add_argument("--teacher-epochs", type=int, default=20)
     p.add_argument("--teacher-weight-scale", type=float, default=4.0,
@@ -460,9 +508,14 @@ def build_study_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--dtype", default="float32", help="float32 or float64")
     p.add_argument("--lr", default="0.05", help="learning rate (or one per layer, Eq. 8.3) when no --lr-grid")
-    p.add_argument("--lr-grid", default="0.02,0.05,0.1",
+    p.add_argument("--lr-grid", default="0.02,0.05",
                    help="comma list of rates: each setting trains on the first seed at each, and every seed then "
                         "uses the one with the best validation accuracy; 'none': use --lr for every setting")
+    p.add_argument("--lr-bottom", default="1,0.1",
+                   help="with --lr-grid: comma list of factors on the rates of the bottom --bottom-layers conv layers, "
+                        "each tried with every rate (default 1,0.1: as they are, and a tenth on conv1-2; 1: the same "
+                        "rate everywhere)")
+    p.add_argument("--bottom-layers", type=int, default=2, help="conv layers --lr-bottom applies to (default 2)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backend", default=None, help="array backend (default: $PYEQPROP_BACKEND, else numpy)")
     # booleans as in `pyeqprop train`: --augment alone is true, --augment true / --augment false say it
@@ -525,5 +578,14 @@ def run_study_cli(ns) -> int:
             raise ValueError(f"--lr-grid must be a comma list of rates or 'none', got {a.lr_grid!r}") from None
         if not grid or any(not v > 0 for v in grid) or len(set(grid)) != len(grid):
             raise ValueError(f"--lr-grid must name one or more distinct rates > 0, got {a.lr_grid!r}")
-    run_depth_study(base, out=a.out, depths=depths, settings=settings, seeds=seeds, jobs=a.jobs, lr_grid=grid)
+    try:
+        bottom = [float(v) for v in a.lr_bottom.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--lr-bottom must be a comma list of factors, got {a.lr_bottom!r}") from None
+    if not bottom or any(not v > 0 for v in bottom) or len(set(bottom)) != len(bottom):
+        raise ValueError(f"--lr-bottom must name one or more distinct factors > 0, got {a.lr_bottom!r}")
+    if a.bottom_layers < 1:
+        raise ValueError(f"--bottom-layers must be >= 1, got {a.bottom_layers}")
+    run_depth_study(base, out=a.out, depths=depths, settings=settings, seeds=seeds, jobs=a.jobs, lr_grid=grid,
+                    lr_bottom=bottom, bottom_layers=a.bottom_layers)
     return 0

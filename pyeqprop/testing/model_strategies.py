@@ -75,7 +75,7 @@ class CRNNConfig:
         return np.random.default_rng(self.seed)
 
     def net(self, *, xp="numpy", dtype="float64", weight_scale=1.0, seed=None, feedback=1.0):
-        """The CRNN of this config (initialisation seed = ``seed`` or the config's seed; feedback gain γ of
+        """The CRNN of this config (initialisation seed = ``seed`` or the config's seed; feedback gain ω of
         Eq. 3.18)."""
         from ..model import CRNN
 

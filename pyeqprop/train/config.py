@@ -131,8 +131,8 @@ class TrainConfig:
                        choices=Imported("pyeqprop.model.params", "NETWORK_INITS"))
     init_radius: float = option(0.85, "with an orthogonal init: the spectral radius r of the linearised settling "
                                       "step it is calibrated to (Eqs. 3.16-3.17)", gt=0)
-    feedback: float = option(1.0, "feedback gain γ of the top-down term (Eq. 3.18): layer l's energy weight is "
-                                  "γ^(l−L); 1: the plain network of Eqs. 3.2-3.8", gt=0, le=1)
+    feedback: float = option(1.0, "feedback gain ω of the top-down term (Eq. 3.18): layer l's energy weight is "
+                                  "ω^(l−L); 1: the plain network of Eqs. 3.2-3.8", gt=0, le=1)
     # EP
     estimator: str = option("symmetric", "gradient estimator: one-sided (Eq. 4.1), symmetric (Eq. 4.2) or "
                                          "random-sign EP (Eq. 4.3); or the exact gradients bptt (Eq. 5.4, "
