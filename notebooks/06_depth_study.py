@@ -14,17 +14,21 @@
 # ---
 
 # %% [markdown]
-# # 06 · Depth study: plain EP against intermediate signals
+# # 06 · Depth study: plain EP against intermediate signals and the exact gradient
 #
 # The claim of Lin, Bal & Sengupta (arXiv 2508.15989): plain EP's learning signal fades with
 # depth, and local error heads plus distillation (Eq. 6.1) restore it. `pyeqprop study depth`
 # trains a shallow and a deep CRNN on the digits under EP, EP + local errors, EP +
-# distillation, EP + both, BPTT (Eq. 5.4) and the backprop teacher (Eq. 7.3). This notebook
-# shows the committed results of that command (`docs/results/`), then re-runs a tiny
-# version so CI checks the command still works.
+# distillation, EP + both, the exact equilibrium gradient of the same network (Eq. 5.7) and
+# the backprop teacher (Eq. 7.3), each setting at the learning rate its validation accuracy
+# chose. The deep net (8 conv layers) trains because of the feedback gain ω = 0.1 (Eq. 3.18):
+# its forward pass keeps its gain while the settling still contracts. This notebook shows the
+# committed results of that command (`docs/results/`), then re-runs a tiny version so CI checks
+# the command still works.
 
 # %%
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -40,25 +44,36 @@ print("committed results:", [str(p.parent.name) for p in committed] or "none (in
 
 # %% [markdown]
 # ## The committed runs
-# `docs/results/depth/`: `pyeqprop study depth --jobs 2` with its defaults (student weight
-# scale 2, teacher weight scale 4, 8 epochs, seeds 0, 1, 2, T2 = 10, λ = 0.1, γ = 1, heads and
-# maps starting at zero, Eq. 6.7); `depth-T2-10/`, `depth-T2-4/` and `depth-T2-2/`: EP
-# against EP + local errors on the deep net over five seeds, at the default T2 and with a
-# nudged phase shorter than the depth; `depth-kd01/`: distillation at γ = 0.1. For each: the mean ± sample std over the seeds of the final training loss and
-# test accuracy per setting, plain EP against BPTT per conv layer at initialisation, then the
-# training-loss curves (one line per seed) and the mean |gradient| of each conv layer's
-# weights over the first epoch. `docs/results/README.md` lists the commands.
+# `docs/results/depth/`: `pyeqprop study depth --arch c8-c8-c16m-c16-c16-c32m-c32-c32 --jobs 2`,
+# the deep net with the study's defaults (feedback gain 0.1, student and teacher weight scale 4,
+# 10 epochs, seeds 0-4, Gauss–Seidel phases settled to 1e-5, λ = 0.1, kd weight 1, heads and maps
+# starting at zero, Eq. 6.7; each setting's rates chosen on seed 0's validation split from 0.02
+# or 0.05, with conv1-2 at that rate or a tenth of it); `depth-one-rate/`: the shallow and the
+# deep net with one rate for all layers, chosen from 0.02, 0.05, 0.1. For each: the mean ±
+# sample std over the seeds per setting, the paired differences to the exact gradient, the
+# chosen rates, plain EP against the equilibrium gradient per conv layer at initialisation,
+# then the training-loss curves (one line per seed) and the mean |gradient| of each conv layer's
+# weights, over the first epoch and against the epoch. `docs/results/README.md` lists the commands.
 
 # %%
 def show(results):
     for r in results["summary"]:
+        val = "" if math.isnan(r.get("val_acc", math.nan)) else f"val {100 * r['val_acc']:5.1f}%  "
         print(f"{r['depth']:>8} {r['setting']:<34} train loss {r['train_loss']:.3f} ± {r['train_loss_std']:.3f}  "
-              f"test {100 * r['test_acc']:5.1f} ± {100 * r['test_acc_std']:4.1f}%  "
+              f"{val}test {100 * r['test_acc']:5.1f} ± {100 * r['test_acc_std']:4.1f}%  "
               f"({r['seeds']} seeds, {r['seconds']:.0f} s per run)")
+    for p in results.get("paired", []):
+        print(f"{p['depth']:>8} {p['setting']:<34} minus {p['reference']}: test "
+              f"{100 * p['test_acc_diff']:+.1f} ± {100 * p['test_acc_diff_std']:.1f} points, train loss "
+              f"{p['train_loss_diff']:+.3f} ± {p['train_loss_diff_std']:.3f} ({p['seeds']} seeds)")
+    for c in results.get("chosen_lr", []):
+        bottom = c.get("lr_bottom", 1.0)
+        print(f"{c['depth']:>8} {c['setting']:<34} learning rate {c['lr']:g}"
+              + ("" if bottom == 1.0 else f", ×{bottom:g} on conv1-{c['bottom_layers']}") + " (chosen on validation)")
     for depth, agree in results["ep_vs_bptt_at_init"].items():
-        print(f"{depth:>8} plain EP vs BPTT at init, per conv layer: cosine "
-              + " ".join(f"{v:+.2f}" for v in agree["cos"]) + "; norm ratio "
-              + " ".join(f"{v:.2f}" for v in agree["ratio"]))
+        print(f"{depth:>8} plain EP vs the equilibrium gradient at init, per conv layer: cosine "
+              + " ".join(f"{v:+.2f}" for v in agree["cos_exact"]) + "; norm ratio "
+              + " ".join(f"{v:.2f}" for v in agree["ratio_exact"]))
     rows = results["rows"]
     depths = list(results["layer_grads"])
     fig, axes = plt.subplots(2, len(depths), figsize=(5 * len(depths), 6.5), squeeze=False)
@@ -79,6 +94,23 @@ def show(results):
         axes[1][j].legend(fontsize=7)
     fig.tight_layout()
     plt.show()
+    deep = [r for r in rows if r["depth"] == depths[-1] and r.get("layer_grads")]
+    names = list(dict.fromkeys(r["setting"] for r in deep))
+    if names:  # per conv layer against the epoch, mean over seeds
+        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            runs = [r["layer_grads"] for r in deep if r["setting"] == name]
+            mean = [[sum(run[e][l] for run in runs) / len(runs) for l in range(len(runs[0][0]))]
+                    for e in range(len(runs[0]))]
+            for l in range(len(mean[0])):
+                ax.plot(range(1, len(mean) + 1), [m[l] for m in mean], label=f"conv{l + 1}")
+            ax.set_yscale("log")
+            ax.set_title(f"{depths[-1]}: {name}", fontsize=8)
+            ax.set_xlabel("epoch")
+        axes[0][0].set_ylabel("mean |gradient|")
+        axes[0][-1].legend(fontsize=6)
+        fig.tight_layout()
+        plt.show()
 
 
 for path in committed:
@@ -87,17 +119,20 @@ for path in committed:
 
 # %% [markdown]
 # ## A tiny re-run
-# One epoch, few steps, three settings, two seeds: enough to exercise the whole command (teacher, EP
-# with and without local errors, BPTT, table, figures), not to reproduce the numbers above.
-# The full run is `pyeqprop study depth --jobs 2 --out study-depth` (about half an hour on 2 cores).
+# One epoch, few steps, three settings, two seeds, no learning-rate search: enough to exercise
+# the whole command (teacher, EP with and without local errors, the equilibrium gradient,
+# table, paired differences, figures), not to reproduce the numbers above. The full run is
+# `pyeqprop study depth --jobs 2 --out study-depth` (see `docs/results/README.md` for its time).
 
 # %%
 from pyeqprop.study.depth import run_depth_study
 from pyeqprop.train.config import TrainConfig
 
 out = Path(tempfile.mkdtemp(prefix="pyeqprop-nb06-"))
-base = TrainConfig(epochs=1, teacher_epochs=1, T1=6, T2=3, progress="none")
+base = TrainConfig(epochs=1, teacher_epochs=1, T1=20, T2=10, feedback=0.1, weight_scale=4.0, teacher_weight_scale=4.0,
+                   schedule="gauss-seidel", settle_tol=1e-5, progress="none")
 depths = {"shallow": "c4m", "deep": "c4-c4m-c4-c4"} if CI else {"shallow": "c16m-c32m",
                                                                   "deep": "c8-c8-c16m-c16-c16-c32m-c32-c32"}
-run_depth_study(base, out=out, depths=depths, settings=("ep", "ep+local", "bptt"), seeds=(0, 1), log=lambda m: None)
+run_depth_study(base, out=out, depths=depths, settings=("ep", "ep+local", "implicit"), seeds=(0, 1),
+                log=lambda m: None)
 show(json.loads((out / "results.json").read_text()))

@@ -104,7 +104,8 @@ def test_depth_study_chooses_each_settings_rate_on_the_validation_split(tmp_path
     row being that tuning run; the test accuracy plays no part."""
     out = tmp_path / "study"
     rc = main(["study", "depth", "--epochs", "2", "--teacher-epochs", "1", "--T1", "20", "--T2", "10",
-               "--arch", "c4-c4m", "--settings", "ep,implicit", "--lr-grid", "0.002,0.2", "--seeds", "0,1",
+               "--arch", "c4-c4m", "--settings", "ep,implicit", "--lr-grid", "0.002,0.2", "--lr-bottom", "1",
+               "--seeds", "0,1",
                "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
