@@ -156,17 +156,19 @@ def paired_differences(rows):
     return out
 
 
+def _markdown(head, body) -> str:
+    """A markdown table: the header cells, then one list of cells per row."""
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
 def _paired_table(paired) -> str:
-    lines = ["| depth | setting | minus | seeds | Δ test accuracy (points) | Δ final train loss | "
-             "train loss higher on |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in paired:
-        n = r["seeds"]
-        lines.append(f"| {r['depth']} | {r['setting']} | {r['reference']} | {n} | "
-                     f"{_pm(100 * r['test_acc_diff'], 100 * r['test_acc_diff_std'], n, '{:+.1f}')} | "
-                     f"{_pm(r['train_loss_diff'], r['train_loss_diff_std'], n, '{:+.3f}')} | "
-                     f"{r.get('train_loss_higher', '–')} of {n} seeds |")
-    return "\n".join(lines)
+    head = ["depth", "setting", "minus", "seeds", "Δ test accuracy (points)", "Δ final train loss",
+            "train loss higher on"]
+    return _markdown(head, [[r["depth"], r["setting"], r["reference"], str(r["seeds"]),
+                             _pm(100 * r["test_acc_diff"], 100 * r["test_acc_diff_std"], r["seeds"], "{:+.1f}"),
+                             _pm(r["train_loss_diff"], r["train_loss_diff_std"], r["seeds"], "{:+.3f}"),
+                             f"{r.get('train_loss_higher', '–')} of {r['seeds']} seeds"] for r in paired])
 
 
 def _plot_layer_epochs(study: Path, rows):
@@ -250,17 +252,13 @@ def _pm(mean, std, seeds, fmt):
 
 
 def _table(summary) -> str:
-    lines = ["| depth | arch | setting | seeds | final train loss | val accuracy (%) | test accuracy (%) | epochs "
-             "| wall time (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in summary:
-        n = r["seeds"]
-        lines.append(f"| {r['depth']} | `{r['arch']}` | {r['setting']} | {n} | "
-                     f"{_pm(r['train_loss'], r['train_loss_std'], n, '{:.3f}')} | "
-                     f"{_pm(100 * r['val_acc'], 100 * r['val_acc_std'], n, '{:.1f}')} | "
-                     f"{_pm(100 * r['test_acc'], 100 * r['test_acc_std'], n, '{:.1f}')} | {r['epochs']} | "
-                     f"{r['seconds']:.0f} |")
-    return "\n".join(lines)
+    head = ["depth", "arch", "setting", "seeds", "final train loss", "val accuracy (%)", "test accuracy (%)",
+            "epochs", "wall time (s)"]
+    return _markdown(head, [[r["depth"], f"`{r['arch']}`", r["setting"], str(r["seeds"]),
+                             _pm(r["train_loss"], r["train_loss_std"], r["seeds"], "{:.3f}"),
+                             _pm(100 * r["val_acc"], 100 * r["val_acc_std"], r["seeds"], "{:.1f}"),
+                             _pm(100 * r["test_acc"], 100 * r["test_acc_std"], r["seeds"], "{:.1f}"),
+                             str(r["epochs"]), f"{r['seconds']:.0f}"] for r in summary])
 
 
 def _train_setting(job):
@@ -535,6 +533,17 @@ def build_study_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_list(text: str, flag: str, what: str) -> list[float]:
+    """The distinct numbers > 0 of a comma list, or a ``ValueError`` naming ``flag`` and the text."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be a comma list of {what}, got {text!r}") from None
+    if not values or any(not v > 0 for v in values) or len(set(values)) != len(values):
+        raise ValueError(f"{flag} must name one or more distinct {what} > 0, got {text!r}")
+    return values
+
+
 def run_study_cli(ns) -> int:
     from ..train.config import TrainConfig, config_from_mapping
 
@@ -570,20 +579,8 @@ def run_study_cli(ns) -> int:
                                TrainConfig())
     if a.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {a.jobs}")
-    grid = None
-    if a.lr_grid.strip().lower() != "none":
-        try:
-            grid = [float(v) for v in a.lr_grid.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"--lr-grid must be a comma list of rates or 'none', got {a.lr_grid!r}") from None
-        if not grid or any(not v > 0 for v in grid) or len(set(grid)) != len(grid):
-            raise ValueError(f"--lr-grid must name one or more distinct rates > 0, got {a.lr_grid!r}")
-    try:
-        bottom = [float(v) for v in a.lr_bottom.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--lr-bottom must be a comma list of factors, got {a.lr_bottom!r}") from None
-    if not bottom or any(not v > 0 for v in bottom) or len(set(bottom)) != len(bottom):
-        raise ValueError(f"--lr-bottom must name one or more distinct factors > 0, got {a.lr_bottom!r}")
+    grid = None if a.lr_grid.strip().lower() == "none" else _positive_list(a.lr_grid, "--lr-grid", "rates")
+    bottom = _positive_list(a.lr_bottom, "--lr-bottom", "factors")
     if a.bottom_layers < 1:
         raise ValueError(f"--bottom-layers must be >= 1, got {a.bottom_layers}")
     run_depth_study(base, out=a.out, depths=depths, settings=settings, seeds=seeds, jobs=a.jobs, lr_grid=grid,
