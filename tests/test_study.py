@@ -15,8 +15,8 @@ def test_depth_study_writes_table_and_figures(tmp_path):
     # Eq. 4.5 below holds exactly
     rc = main(["study", "depth", "--epochs", "2", "--teacher-epochs", "1", "--T1", "6", "--T2", "3",
                "--schedule", "synchronous", "--settle-tol", "0", "--feedback", "1", "--weight-scale", "2",
-               "--lr-grid", "none", "--shallow", "c4m", "--deep", "c4-c4m-c4-c4", "--settings", "ep,ep+local,bptt", "--seeds", "0,1",
-               "--out", str(out)])
+               "--lr-grid", "none", "--shallow", "c4m", "--deep", "c4-c4m-c4-c4", "--settings", "ep,ep+local,bptt",
+               "--seeds", "0,1", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["feedback"] == 1.0 and res["config"]["schedule"] == "synchronous"
@@ -88,8 +88,8 @@ def test_depth_study_in_worker_processes(tmp_path):
     out = tmp_path / "study"
     rc = main(["study", "depth", "--epochs", "1", "--teacher-epochs", "1", "--T1", "6", "--T2", "3",
                "--schedule", "synchronous", "--settle-tol", "0", "--feedback", "1", "--weight-scale", "2",
-               "--lr-grid", "none", "--arch", "c4-c4m-c4-c4", "--settings", "ep,ep+local", "--jobs", "2", "--seeds", "0",
-               "--out", str(out)])
+               "--lr-grid", "none", "--arch", "c4-c4m-c4-c4", "--settings", "ep,ep+local", "--jobs", "2",
+               "--seeds", "0", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert [r["setting"] for r in res["rows"]] == ["teacher (backprop, feed-forward)", "ep", "ep+local"]

@@ -105,7 +105,8 @@ def run_spectrum_cli(ns) -> int:
         n = min(ns.batch, data.x_train.shape[0])
         x = data.x_train[:n, ...]
         print(f"spectrum: run {ns.run} ({cfg.arch}, init {cfg.init}, feedback {cfg.feedback:g}), {data.name} "
-              f"batch {n}, free phase T1 {cfg.T1}" + (f" to tolerance {cfg.settle_tol:g}" if cfg.settle_tol > 0 else ""))
+              f"batch {n}, free phase T1 {cfg.T1}"
+              + (f" to tolerance {cfg.settle_tol:g}" if cfg.settle_tol > 0 else ""))
         for name, epoch, params in nets:
             net = build_network(cfg, data.input_shape, data.num_classes, xp)
             if params is not None:
