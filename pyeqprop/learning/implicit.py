@@ -131,9 +131,9 @@ def equilibrium_gradient(net, x, y, *, T1, settling: Settling = FIXED, free_stat
         hv = net.symmetric_hessian_vector([h * a for h, a in zip(half, v)], d.indices)
         return [a - h * b for a, h, b in zip(v, half, hv)]
 
-    b = [h * a if rc == 1.0 else (h * a) / rc for h, a, rc in zip(half, g, root_c)]  # D^{1/2} M^{−1/2} g
+    b = [(h * a) / rc for h, a, rc in zip(half, g, root_c)]  # D^{1/2} M^{−1/2} g
     nu, it, rel = conjugate_gradient(apply, b, rtol=rtol, max_iter=max_iter, xp=xp)
-    mu = [h * a if rc == 1.0 else rc * (h * a) for h, a, rc in zip(half, nu, root_c)]  # μ = M^{1/2} D^{1/2} ν
+    mu = [rc * (h * a) for h, a, rc in zip(half, nu, root_c)]  # μ = M^{1/2} D^{1/2} ν
     for k, v in net.dphi_dtheta_tangent(x, s, mu, d.indices).items():
         grads[k] = grads[k] + v
     return ImplicitResult(grads, loss, free, it, rel, rel <= rtol, mu)

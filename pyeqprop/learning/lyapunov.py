@@ -24,8 +24,6 @@ def lyapunov(net, x, state, nudge=None):
     c = quadratic_weight(net)
     sq = None
     for s_l, c_l in zip(state, net.layer_weights):
-        v = xp.sum(xp.reshape(s_l * s_l, (n, -1)), axis=1)  # (n, …) -> (n,)
-        if c_l != 1.0:
-            v = c_l * v
+        v = c_l * xp.sum(xp.reshape(s_l * s_l, (n, -1)), axis=1)  # (n, …) -> (n,)
         sq = v if sq is None else sq + v
     return c * sq - net.phi(x, state, nudge)

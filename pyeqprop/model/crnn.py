@@ -361,7 +361,9 @@ class CRNN:
             if l + 1 < L:
                 td = self.layers[l + 1].top_down(self.params, state[l + 1], idx[l + 1], state[l].shape,
                                                  nudge.prep(l + 1))
-                u[l] = u[l] + (td if omega == 1.0 else omega * td)
+                if omega != 1.0:  # the settling loop's hot path: scale the fresh T_l in place, no copy
+                    td *= omega
+                u[l] = u[l] + td
         beta = nudge.beta
         if beta != 0.0:
             for w_k, grads in self._weighted_cost_state_grads(state, nudge.ctx, None if layers is None else want):
@@ -380,8 +382,7 @@ class CRNN:
 
     def dphi_ds(self, x: Array, state: list[Array], nudge: Nudge | None = None) -> list[Array]:
         """∂Φ^β/∂s_l = c_l u_l for l = 1 … L, per sample (Eqs. 3.7, 3.18)."""
-        u = self.drive(x, state, nudge).u
-        return u if self.feedback == 1.0 else [c * a for c, a in zip(self.layer_weights, u)]
+        return [c * a for c, a in zip(self.layer_weights, self.drive(x, state, nudge).u)]
 
     def step(self, x: Array, state: list[Array], nudge: Nudge | None = None) -> list[Array]:
         """One synchronous update of every layer, s_l ← ρ(u_l) (Eq. 3.8; u_l = ∂Φ^β/∂s_l when ω = 1)."""
@@ -417,9 +418,7 @@ class CRNN:
         total = None
         for l, layer in enumerate(self.layers):
             b_l = nudge.x_drive[0] if l == 0 else layer.bottom_up(self.params, state[l - 1], nudge.prep(l))[0]
-            term = xp.sum(xp.reshape(b_l * state[l], (x.shape[0], -1)), axis=1)  # (n, …) -> (n,)
-            if self.feedback != 1.0:
-                term = self.layer_weights[l] * term
+            term = self.layer_weights[l] * xp.sum(xp.reshape(b_l * state[l], (x.shape[0], -1)), axis=1)  # (n,)
             total = term if total is None else total + term
         if nudge.beta != 0.0:
             total = total - nudge.beta * self.cost(x, state, nudge)
@@ -433,9 +432,7 @@ class CRNN:
                                      for l in range(1, len(self.layers))]
 
     def _weighted(self, l, grads):
-        """Layer l's (dW, db) of ⟨B_l, s_l⟩ times its energy weight c_l (Eq. 3.18); as they are when ω = 1."""
-        if self.feedback == 1.0:
-            return grads
+        """Layer l's (dW, db) of ⟨B_l, s_l⟩ times its energy weight c_l (Eq. 3.18; exact, c_l = 1, when ω = 1)."""
         c = self.layer_weights[l]
         return tuple(None if g is None else c * g for g in grads)
 
@@ -540,13 +537,13 @@ class CRNN:
             term = None
             if l > 0 and mu[l - 1] is not None:
                 term = self.layers[l].bottom_up_linear(self.params, mu[l - 1], indices[l])
-                if below != 1.0:
-                    term = below * term
+                if below != 1.0:  # a fresh array: scaled in place (BPTT and the solve call this every step)
+                    term *= below
             if l < L - 1 and mu[l + 1] is not None:
                 shape = tuple(mu[l].shape) if mu[l] is not None else (mu[l + 1].shape[0], *self.arch.state_shapes[l])
                 td = self.layers[l + 1].top_down(self.params, mu[l + 1], indices[l + 1], shape)
                 if above != 1.0:
-                    td = above * td
+                    td *= above
                 term = td if term is None else term + td
             if term is None and all(m is not None for m in mu):
                 term = self.xp.zeros((mu[l].shape[0], *self.arch.state_shapes[l]), dtype=self.dtype,
@@ -571,7 +568,9 @@ class CRNN:
                 self._accumulate(out, layer.bias, db)
             if l > 0 and mu[l - 1] is not None:
                 dW, _ = layer.param_adjoint(mu[l - 1], state[l], indices[l], with_bias=False)  # μ_{l−1} ⊗ P*(s_l)
-                self._accumulate(out, layer.weight, dW if self.feedback == 1.0 else self.feedback * dW)
+                if self.feedback != 1.0:
+                    dW *= self.feedback  # a fresh array
+                self._accumulate(out, layer.weight, dW)
         return out
 
     # ------------------------------------------------------------------ inference
