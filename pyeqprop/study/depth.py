@@ -136,14 +136,15 @@ def paired_differences(rows):
     by = {(r["depth"], r["setting"], r["seed"]): r for r in rows}
     out = []
     for depth in dict.fromkeys(r["depth"] for r in rows):
-        ref = next((e for e in EXACT if any(k[:2] == (depth, e) for k in by)), None)
+        names = list(dict.fromkeys(r["setting"] for r in rows if r["depth"] == depth))
+        ref = next((e for e in EXACT if e in names), None)
         if ref is None:
             continue
-        for name in dict.fromkeys(r["setting"] for r in rows if r["depth"] == depth):
+        for name in names:
             if name == ref:
                 continue
-            pairs = [(by[(depth, name, s)], by[(depth, ref, s)]) for (d, n, s) in by
-                     if d == depth and n == name and (depth, ref, s) in by]
+            pairs = [(r, by[(depth, ref, r["seed"])]) for r in rows
+                     if (r["depth"], r["setting"]) == (depth, name) and (depth, ref, r["seed"]) in by]
             if not pairs:
                 continue
             acc_m, acc_s = _mean_std([a["test_acc"] - b["test_acc"] for a, b in pairs])
@@ -262,7 +263,8 @@ def _table(summary) -> str:
 
 
 def _train_setting(job):
-    """Train one (depth, seed, setting) run; returns its table row and first-epoch conv gradients."""
+    """Train one (depth, seed, setting) run; returns its table row (``layer_grads``: the conv gradients of every
+    epoch)."""
     from ..train.loop import train
 
     cfg, depth, name = job
@@ -274,7 +276,7 @@ def _train_setting(job):
            "val_acc": hist[-1].get("val_acc", float("nan")) if hist else float("nan"),
            "epochs": len(hist), "seconds": res.seconds, "curve": [h["train_loss"] for h in hist],
            "layer_grads": [conv_gradient_curve(hist, convs, e) for e in range(len(hist))]}
-    return row, conv_gradient_curve(hist, convs)
+    return row
 
 
 _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -286,11 +288,10 @@ def _run_jobs(todo, jobs, log):
     Workers start by "spawn" with each BLAS limited to cpu_count // jobs threads (unless the
     caller set those variables): ``jobs`` processes each using every core would oversubscribe.
     """
-    def done(out):
-        row = out[0]
+    def done(row):
         log(f"[{row['depth']}, seed {row['seed']}] {row['setting']}: train loss {row['train_loss']:.4f}, "
             f"test {100 * row['test_acc']:.2f}%, {row['seconds']:.0f}s; first-epoch mean |grad| per conv layer "
-            + " ".join(f"{v:.1e}" for v in out[1]))
+            + " ".join(f"{v:.1e}" for v in row["layer_grads"][0]))
 
     results = [None] * len(todo)
     if jobs == 1:
@@ -425,10 +426,10 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
             + (f" × bottom {bottom_layers} conv layers' factor {', '.join(f'{v:g}' for v in lr_bottom)}"
                if tuple(lr_bottom) != (1.0,) else "")
             + f" on the validation split of seed {seeds[0]} ({len(jobs_t)} runs)")
-        for (_, _, _, lr, f), (row, curve) in zip(jobs_t, _run_jobs([j[:3] for j in jobs_t], jobs, log)):
+        for (_, _, _, lr, f), row in zip(jobs_t, _run_jobs([j[:3] for j in jobs_t], jobs, log)):
             row["lr"], row["lr_bottom"] = lr, f
             tuning.append(row)
-            done[(row["depth"], row["setting"], lr, f)] = (row, curve)
+            done[(row["depth"], row["setting"], lr, f)] = row
         chosen = choose_rates(tuning)
         for (depth, name), (lr, f) in chosen.items():
             log(f"[{depth}] {name}: learning rate {lr:g}" + ("" if f == 1.0 else f", bottom factor {f:g}")
@@ -449,11 +450,11 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
     results.update(zip(slots, _run_jobs(todo, jobs, log)))
     per_setting = {}
     for slot, cfg, depth, name in plan:  # in slot order
-        row, curve = results[slot]
+        row = results[slot]
         lr, f = chosen.get((depth, name), (cfg.lr[0] if len(cfg.lr) == 1 else list(cfg.lr), 1.0))
         row["lr"], row["lr_bottom"] = lr, f
         rows[slot] = row
-        per_setting.setdefault(depth, {}).setdefault(name, []).append(curve)
+        per_setting.setdefault(depth, {}).setdefault(name, []).append(row["layer_grads"][0])
     grads = {depth: {name: np.mean(np.asarray(v), axis=0).tolist() for name, v in by.items()}
              for depth, by in per_setting.items()}
     summary = summarise(rows)
