@@ -19,7 +19,7 @@ from pyeqprop import backend
 from pyeqprop.cli import main
 from pyeqprop.data.augment import PADDING_MODES  # (pyeqprop.data.augment is also a function's name)
 from pyeqprop.learning import estimators, signals
-from pyeqprop.learning.settle import SCHEDULES
+from pyeqprop.learning.settle import NUDGED_FORMS, SCHEDULES
 from pyeqprop.model import params, readout
 from pyeqprop.ops import activations
 from pyeqprop.train import progress
@@ -41,6 +41,7 @@ HOME = {
     "backend": backend.BACKENDS,
     "progress": progress.PROGRESS_MODES,
     "schedule": SCHEDULES,
+    "nudged_phase": NUDGED_FORMS,
 }
 CHOICES = [name for name, opt in OPTIONS.items() if opt.choices is not None]
 RANGED = [name for name, opt in OPTIONS.items() if (opt.gt, opt.ge, opt.lt, opt.le) != (None,) * 4]
@@ -184,7 +185,7 @@ AWKWARD = {
     "arch": "c4m-f8", "readout": "mse", "activation": "hard_sigmoid", "dtype": "float64", "weight_scale": 1e-300,
     "init": "delta-orthogonal", "init_radius": 1.25, "feedback": 0.1 + 0.2,
     "estimator": "implicit", "beta": 0.125, "T1": 1, "T2": 123456789, "T_eval": 7, "schedule": "gauss-seidel",
-    "settle_tol": 1e-9, "check_every": 1, "shards": 2, "epochs": 2, "batch_size": 1,
+    "settle_tol": 1e-9, "check_every": 1, "nudged_phase": "difference", "shards": 2, "epochs": 2, "batch_size": 1,
     "lr": [0.25, 1e-7, 3.0], "momentum": 0.0, "weight_decay": 0.0, "lr_min": -0.0, "cosine_epochs": -1,
     "local_layers": "1,3", "local_weight": 2.5, "local_grid": 3, "local_loss": "mse", "kd_layers": "none",
     "kd_weight": 0.3333333333333333, "kd_normalisation": "sum", "output_kd_weight": 0.5, "temperature": 1e3,
@@ -280,14 +281,15 @@ def test_a_config_toml_of_the_earlier_format_still_loads(tmp_path):
     new_value_lines = [line for line in dump_toml(cfg).splitlines() if line and not line.startswith("#")]
     old_keys = {line.split(" = ")[0] for line in OLD_CONFIG_TOML.splitlines()}
     # the key = value lines are written as before; options added since (settling, Eq. 3.14; shards, Eq. 4.7;
-    # init, Eq. 3.16) take
+    # init, Eq. 3.16; nudged_phase, Eq. 4.8) take
     # their defaults
     assert [line for line in new_value_lines if line.split(" = ")[0] in old_keys] == OLD_CONFIG_TOML.splitlines()
     assert {line.split(" = ")[0] for line in new_value_lines} - old_keys == {"schedule", "settle_tol", "check_every",
                                                                                      "shards", "val_fraction",
                                                                                      "checkpoint_batches",
                                                                                      "checkpoint_minutes", "init",
-                                                                                     "init_radius", "feedback"}
+                                                                                     "init_radius", "feedback",
+                                                                                     "nudged_phase"}
 
 
 # ---------------------------------------------------------------------- (d) --help

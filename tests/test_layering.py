@@ -23,7 +23,8 @@ PROTOCOL = {"init_state", "nudge", "drive", "step", "dphi_dtheta", "dphi_ds", "p
             "dphi_dtheta_tangent", "check_state", "check_input", "logits", "params", "cost_terms", "layers", "act",
             "xp", "dtype", "device", "readout_term", "num_classes", "arch", "add_cost_term", "conv_layer_indices",
             "state_shapes", "network_param_names", "update", "dtype_name", "input_drive",
-            "dphi_dtheta_diff", "symmetric_hessian_vector", "layer_weights"}
+            "dphi_dtheta_diff", "symmetric_hessian_vector", "layer_weights",
+            "free_base", "delta_drive", "delta_update", "dphi_dtheta_delta_diff"}
 """The network members a learning algorithm may use (SPEC.md Eq. 3.12)."""
 
 

@@ -8,7 +8,8 @@ settling=FIXED)``; adding an estimator is one function and one line in the regis
 schedule (Eqs. 3.8, 3.13) and whether T1/T2 are step counts or caps on settling to a tolerance
 (Eq. 3.14). s^0 is the free state after T1 steps from zero (Eq. 3.8, β = 0), a fixed point
 only if the phase converged (``Settled.converged``, or its residual); nudged phases start from
-s^0 and run T2 steps with Φ^{±β}.
+s^0 and run T2 steps with Φ^{±β}, in s or, with ``settling.nudged = "difference"``, in δ = s − s^0
+(Eq. 4.8), whose estimate is formed from δ without any state difference.
 
     one-sided    g = −1/(β n) [∂Φ^β/∂θ(s^β) − ∂Φ/∂θ(s^0)]                       (Eq. 4.1)
     symmetric    g = −1/(2β n) [∂Φ^β/∂θ(s^β) − ∂Φ^{−β}/∂θ(s^{−β})]              (Eq. 4.2)
@@ -39,7 +40,7 @@ import numpy as np
 from ..backend import Array
 from .bptt import bptt
 from .implicit import equilibrium_gradient
-from .settle import FIXED, Settled, Settling, settle
+from .settle import FIXED, Settled, Settling, settle, settle_difference
 from .shards import sharded
 
 if TYPE_CHECKING:
@@ -94,15 +95,31 @@ def _free_phase(net, x, y, T1, free_state, record, settling):
     return nudge, Settled(list(free_state), float("nan"), [], 0)  # settled elsewhere: its residual is not known here
 
 
+def _nudged_phase(net, x, T2, nudge, free, base, record, settling) -> Settled:
+    """One nudged phase from the free one: in s (Eqs. 3.8, 3.13) or in δ = s − s⁰ (Eq. 4.8), by
+    ``settling.nudged``; ``base`` is the free phase's :class:`~pyeqprop.model.crnn.FreeBase` for the latter."""
+    if settling.nudged == "difference":
+        return settle_difference(net, x, T2, nudge=nudge, base=base, record=record, settling=settling)
+    return settle(net, x, T2, nudge=nudge, state=free.state, record=record, settling=settling)
+
+
+def _base(net, x, free, nudge, settling):
+    return net.free_base(x, free.state, nudge) if settling.nudged == "difference" else None
+
+
 def symmetric(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=False, settling=FIXED) -> Estimate:
     """g = −1/(2βn) [∂Φ^β/∂θ(s^β) − ∂Φ^{−β}/∂θ(s^{−β})] (Eq. 4.2), the difference formed before the
     reductions (Eq. 4.6); error O(β²) (Eq. 4.4)."""
     beta = _check(beta, T1, T2)
     nudge, free = _free_phase(net, x, y, T1, free_state, record, settling)
     n = x.shape[0]
-    plus = settle(net, x, T2, nudge=nudge.at(beta), state=free.state, record=record, settling=settling)
-    minus = settle(net, x, T2, nudge=nudge.at(-beta), state=free.state, record=record, settling=settling)
-    diff = net.dphi_dtheta_diff(x, plus.state, nudge.at(beta), minus.state, nudge.at(-beta))  # Eq. 4.6
+    base = _base(net, x, free, nudge, settling)
+    plus = _nudged_phase(net, x, T2, nudge.at(beta), free, base, record, settling)
+    minus = _nudged_phase(net, x, T2, nudge.at(-beta), free, base, record, settling)
+    if base is None:
+        diff = net.dphi_dtheta_diff(x, plus.state, nudge.at(beta), minus.state, nudge.at(-beta))  # Eq. 4.6
+    else:
+        diff = net.dphi_dtheta_delta_diff(x, base, plus.delta, nudge.at(beta), minus.delta, nudge.at(-beta))  # 4.8
     scale = -1.0 / (2.0 * beta * n)
     return Estimate({k: scale * v for k, v in diff.items()}, free, [plus, minus], [beta, -beta])
 
@@ -110,8 +127,12 @@ def symmetric(net, x, y, *, beta, T1, T2, sign=None, free_state=None, record=Fal
 def _one_sided_at(net, x, y, b, T1, T2, free_state, record, settling) -> Estimate:
     nudge, free = _free_phase(net, x, y, T1, free_state, record, settling)
     n = x.shape[0]
-    nudged = settle(net, x, T2, nudge=nudge.at(b), state=free.state, record=record, settling=settling)
-    diff = net.dphi_dtheta_diff(x, nudged.state, nudge.at(b), free.state, nudge)  # Eq. 4.6
+    base = _base(net, x, free, nudge, settling)
+    nudged = _nudged_phase(net, x, T2, nudge.at(b), free, base, record, settling)
+    if base is None:
+        diff = net.dphi_dtheta_diff(x, nudged.state, nudge.at(b), free.state, nudge)  # Eq. 4.6
+    else:
+        diff = net.dphi_dtheta_delta_diff(x, base, nudged.delta, nudge.at(b), None, nudge)  # Eq. 4.8
     scale = -1.0 / (b * n)
     return Estimate({k: scale * v for k, v in diff.items()}, free, [nudged], [b])
 

@@ -12,6 +12,11 @@ sweep, odd layers then even layers (Eq. 3.13). :class:`Settling` says which, and
   past its first r_t ≤ tol. ``Settled.converged`` says whether it reached tol.
 
 ``record=True`` keeps every step's residual (one transfer per step).
+
+A nudged phase can run in the state s itself (``nudged="state"``, Eqs. 3.8, 3.13) or in its
+difference from the free state, δ = s − s⁰ (``nudged="difference"``, Eq. 4.8:
+:func:`settle_difference`): the same steps, with δ's rounding relative to δ and not to s. Its
+residual is in gradient units, r_t = max_l (c_l/|β|) max |δ_l,t − δ_l,t−1| (Eq. 4.8).
 """
 from __future__ import annotations
 
@@ -23,11 +28,14 @@ from ..backend import Array, to_numpy
 if TYPE_CHECKING:
     from ..model.crnn import CRNN, Nudge
 
-__all__ = ["SCHEDULES", "CHECK_EVERY", "Settling", "Settled", "settle", "sweep", "residual", "predict",
-           "gauss_seidel_blocks"]
+__all__ = ["SCHEDULES", "NUDGED_FORMS", "CHECK_EVERY", "Settling", "Settled", "settle", "sweep", "residual",
+           "predict", "gauss_seidel_blocks", "settle_difference", "sweep_difference", "difference_residual"]
 
 SCHEDULES = ("synchronous", "gauss-seidel")
 """The update schedules: all layers at once (Eq. 3.8) or odd layers, then even layers (Eq. 3.13)."""
+
+NUDGED_FORMS = ("state", "difference")
+"""How a nudged phase is settled: in the state s (Eqs. 3.8, 3.13) or in δ = s − s⁰ (Eq. 4.8)."""
 
 CHECK_EVERY = 5
 """Steps between two residual checks when settling to a tolerance (Eq. 3.14)."""
@@ -41,11 +49,14 @@ class Settling:
     tol : float ≥ 0. 0: run exactly T steps; > 0: stop at the first checked step with r_t ≤ tol
         (T is then the most steps a phase may take).
     check_every : int ≥ 1, the steps between residual checks when tol > 0.
+    nudged : "state" | "difference", the variables a nudged phase settles in (Eq. 4.8); the free
+        phase always settles in s. With "difference" tol bounds the nudged residual in gradient units.
     """
 
     schedule: str = "synchronous"
     tol: float = 0.0
     check_every: int = CHECK_EVERY
+    nudged: str = "state"
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -54,6 +65,9 @@ class Settling:
             raise ValueError(f"tol must be a number >= 0 (0: a fixed number of steps), got {self.tol!r}")
         if int(self.check_every) != self.check_every or self.check_every < 1:
             raise ValueError(f"check_every must be an integer >= 1, got {self.check_every!r}")
+        if self.nudged not in NUDGED_FORMS:
+            raise ValueError(f"nudged must be one of {', '.join(NUDGED_FORMS)} (the variables a nudged phase "
+                             f"settles in, Eq. 4.8), got {self.nudged!r}")
 
 
 FIXED = Settling()
@@ -66,7 +80,9 @@ class Settled:
 
     state : s after the last step; residual : r of the last step (NaN when no step ran);
     residuals : every r_t when recorded; steps : steps (sweeps) taken;
-    converged : whether r ≤ tol was reached (None when settling a fixed number of steps).
+    converged : whether r ≤ tol was reached (None when settling a fixed number of steps);
+    delta : δ = s − s⁰ as settled, for a difference-variable phase (Eq. 4.8; its residuals are in
+        gradient units); None otherwise.
     """
 
     state: list
@@ -74,6 +90,7 @@ class Settled:
     residuals: list = field(default_factory=list)
     steps: int = 0
     converged: bool | None = None
+    delta: list | None = None
 
 
 def residual(new, old) -> float:
@@ -153,6 +170,70 @@ def settle(net: CRNN, x: Array, T: int, *, nudge: Nudge | None = None, state: li
     if tol > 0.0 and converged is None:
         converged = False  # T = 0: nothing ran
     return Settled(s, res, hist, steps, converged)
+
+
+def difference_residual(new, old, weights, beta) -> float:
+    """r = max_l (c_l/|β|) max |new_l − old_l| (Eq. 4.8): a step's change of δ in the units of the
+    estimate it feeds (layer l's estimate is c_l/β times a difference of states), as a Python float."""
+    xp = new[0].__array_namespace__()
+    worst = xp.stack([(c / abs(beta)) * xp.max(xp.abs(a - b)) for a, b, c in zip(new, old, weights)])
+    return float(to_numpy(xp.max(worst)))
+
+
+def sweep_difference(net, x, base, delta, nudge, schedule: str):
+    """One step of ``schedule`` in difference variables from δ (Eq. 4.8): the new δ. A Gauss–Seidel
+    sweep's second half reuses the first half's ΔB_l and argmax, as :func:`sweep` does."""
+    if schedule == "synchronous":
+        return net.delta_update(x, base, delta, nudge)[0]
+    first, second = gauss_seidel_blocks(len(net.layers))
+    d1, drv = net.delta_update(x, base, delta, nudge, layers=first)
+    if not second:
+        return d1
+    known = {l: (drv.bottom_up[l], drv.indices[l]) for l in first if l > 0}
+    return net.delta_update(x, base, d1, nudge, layers=second, known=known)[0]
+
+
+def settle_difference(net: CRNN, x: Array, T: int, *, nudge: Nudge, base, record: bool = False,
+                      settling: Settling = FIXED) -> Settled:
+    """Settle a nudged phase in δ = s − s⁰ from δ = 0 (Eq. 4.8): δ ← ρ(u⁰ + Δu(δ)) − ρ(u⁰) by ``settling``.
+
+    Parameters
+    ----------
+    net : CRNN; x : (n, c, h, w) input; T : int ≥ 0, steps (tol = 0) or the most steps (tol > 0).
+    nudge : the batch's :class:`~pyeqprop.model.crnn.Nudge` at this phase's β (≠ 0).
+    base : :class:`~pyeqprop.model.crnn.FreeBase` of the free state s⁰ (``net.free_base``).
+    record, settling : as in :func:`settle`; tol bounds the residual of :func:`difference_residual`.
+
+    Returns
+    -------
+    Settled with ``delta`` (list of (n, …) arrays), ``state`` = s⁰ + δ (for readers of the state; the
+    estimate uses ``delta``), and the residual, steps and convergence of the δ steps.
+    """
+    if int(T) != T or T < 0:
+        raise ValueError(f"T must be a non-negative integer, got {T!r}")
+    if nudge.beta == 0.0:
+        raise ValueError("a difference-variable phase needs a nudge with beta != 0 (at beta = 0, delta = 0)")
+    xp = net.xp
+    d = [xp.zeros_like(s) for s in base.state]
+    tol, k = settling.tol, settling.check_every
+    res, hist, steps, converged = float("nan"), [], 0, None
+    weights = net.layer_weights
+    for t in range(int(T)):
+        new = sweep_difference(net, x, base, d, nudge, settling.schedule)
+        steps = t + 1
+        last = t == T - 1
+        if record or last or (tol > 0.0 and steps % k == 0):
+            res = difference_residual(new, d, weights, nudge.beta)
+            if record:
+                hist.append(res)
+        d = new
+        if tol > 0.0 and (record or last or steps % k == 0):
+            converged = res <= tol
+            if converged:
+                break
+    if tol > 0.0 and converged is None:
+        converged = False
+    return Settled([s + dl for s, dl in zip(base.state, d)], res, hist, steps, converged, d)
 
 
 def predict(net, x, T, *, settling: Settling = FIXED):

@@ -44,7 +44,7 @@ from .layers import make_layers, param_specs
 from .params import DEFAULT_RADIUS, NETWORK_INITS, init_params, orthogonal_init
 from .readout import make_readout
 
-__all__ = ["CRNN", "Drive", "Nudge"]
+__all__ = ["CRNN", "Drive", "Nudge", "FreeBase"]
 
 DType = Any
 """A floating dtype: "float32"/"float64", a NumPy type or dtype, or a dtype of the network's namespace."""
@@ -57,6 +57,22 @@ class Drive:
     u: list  # u_l = ∂Φ^β/∂s_l, shape of s_l
     indices: list  # max-pool indices of layer l (None unless P_l is max)
     bottom_up: list = field(default_factory=list)  # B_l(s_{l−1})
+
+
+@dataclass(frozen=True)
+class FreeBase:
+    """What a difference-variable nudged phase (Eq. 4.8) keeps of the free state s⁰, built once per batch.
+
+    state : s⁰_1 … s⁰_L; u : the free drives u⁰_l at s⁰ (Eq. 3.18, β = 0);
+    pre_pool : per layer, z⁰_l = conv(s⁰_{l−1}) + b_l before max pooling (None without max pooling,
+        and for layer 1, whose input x no phase changes);
+    indices : the max-pool argmaxes at s⁰ (None without max pooling).
+    """
+
+    state: list
+    u: list
+    pre_pool: list
+    indices: list
 
 
 @dataclass(frozen=True)
@@ -489,6 +505,122 @@ class CRNN:
         for st, nd, sign in ((state, nudge, 1.0), (state2, nudge2, -1.0)):
             if nd.beta == 0.0:
                 continue
+            for (w_k, term), c in zip(self.cost_terms, nd.ctx):
+                if w_k != 0.0:
+                    for name, g in term.param_grads(self.params, st, c).items():
+                        self._accumulate(out, name, (-sign * nd.beta * w_k) * g)
+        for name in self.params:
+            if name not in out:
+                out[name] = xp.zeros_like(self.params[name])
+        return {k: out[k] for k in self.params}
+
+    # ------------------------------------------------------------------ difference variables (Eq. 4.8)
+    def free_base(self, x: Array, state: list[Array], nudge: Nudge | None = None) -> FreeBase:
+        """The :class:`FreeBase` of free state s⁰ = ``state``: u⁰ = the free drive at s⁰, and z⁰, argmax⁰ of
+        every max-pooling layer above the first (Eq. 4.8). ``nudge``: the batch's (its β is not used)."""
+        nudge = self._free(x, nudge)
+        self.check_state(state, x.shape[0])
+        d = self.drive(x, state, nudge.at(0.0) if nudge.beta != 0.0 else nudge)
+        z, idx = [None] * len(self.layers), list(d.indices)
+        for l in range(1, len(self.layers)):
+            z[l], _ = self.layers[l].pre_pool(self.params, state[l - 1], nudge.prep(l))
+        return FreeBase(list(state), d.u, z, idx)
+
+    def _cost_layers(self) -> set:
+        return {term.layer for w_k, term in self.cost_terms if w_k != 0.0}
+
+    def _phase_state(self, base: FreeBase, delta: list[Array], layers) -> list[Array]:
+        """s⁰ + δ on ``layers`` (those a cost term reads), s⁰ elsewhere: what the cost terms are evaluated at."""
+        full = list(base.state)
+        for l in layers:
+            full[l] = base.state[l] + delta[l]
+        return full
+
+    def delta_drive(self, x: Array, base: FreeBase, delta: list[Array], nudge: Nudge, *,
+                    layers: Iterable[int] | None = None, known: dict | None = None) -> Drive:
+        """Δu_l = u_l^β(s⁰ + δ) − u⁰_l, formed from δ without s⁰ + δ (Eq. 4.8):
+
+            Δu_l = ΔB_l(δ_{l−1}) + ω ΔT_l(δ_{l+1}) − (β w_k/c_l) ∂C_k/∂s_l(s⁰ + δ),
+
+        ΔB, ΔT the layers' ``bottom_up_delta``/``top_down_delta`` (their argmax at s⁰ + δ). Returns a
+        :class:`Drive` whose ``u`` holds Δu_l, ``indices`` the argmaxes at s⁰ + δ and ``bottom_up``
+        the ΔB_l (None at layer 1: x is fixed). ``layers``, ``known`` as in :meth:`drive`.
+        """
+        L = len(self.layers)
+        if layers is None:
+            want = need = range(L)
+        else:
+            want = sorted(layers)
+            need = sorted(set(want) | {l + 1 for l in want if l + 1 < L})
+        dB, idx = [None] * L, [None] * L
+        for l in need:
+            if l == 0:
+                idx[0] = base.indices[0]
+            elif known is not None and l in known:
+                dB[l], idx[l] = known[l]
+            else:
+                dB[l], idx[l] = self.layers[l].bottom_up_delta(self.params, delta[l - 1], base.pre_pool[l],
+                                                               base.indices[l], nudge.prep(l))
+        du = [None] * L
+        omega, c = self.feedback, self.layer_weights
+        for l in want:
+            u = dB[l]
+            if l + 1 < L:
+                td = self.layers[l + 1].top_down_delta(self.params, delta[l + 1], base.state[l + 1], idx[l + 1],
+                                                       base.indices[l + 1], delta[l].shape, nudge.prep(l + 1))
+                if omega != 1.0:
+                    td *= omega
+                u = td if u is None else u + td
+            du[l] = self.xp.zeros_like(delta[l]) if u is None else u
+        beta = nudge.beta
+        if beta != 0.0:
+            cost_layers = self._cost_layers() if layers is None else self._cost_layers() & set(want)
+            full = self._phase_state(base, delta, cost_layers)
+            for w_k, grads in self._weighted_cost_state_grads(full, nudge.ctx, None if layers is None else want):
+                for l, g in grads.items():
+                    if du[l] is not None:
+                        du[l] = du[l] - (beta * w_k / c[l]) * g
+        return Drive(du, idx, dB)
+
+    def delta_update(self, x: Array, base: FreeBase, delta: list[Array], nudge: Nudge, *,
+                     layers: Iterable[int] | None = None, known: dict | None = None) -> tuple[list[Array], Drive]:
+        """δ_l ← ρ(u⁰_l + Δu_l) − ρ(u⁰_l) (Eq. 4.8, the difference of ρ by Eq. 2.12) for the 0-based
+        ``layers`` (default all), the others kept. Returns (new δ, the :meth:`delta_drive` used)."""
+        d = self.delta_drive(x, base, delta, nudge, layers=layers, known=known)
+        return [dl if du is None else self.act.delta(u0, du) for dl, u0, du in zip(delta, base.u, d.u)], d
+
+    def dphi_dtheta_delta_diff(self, x: Array, base: FreeBase, delta: list[Array], nudge: Nudge,
+                               delta2: list[Array] | None, nudge2: Nudge) -> dict[str, Array]:
+        """Σ_batch [∂Φ^β/∂θ(s⁰ + δ) − ∂Φ^{β2}/∂θ(s⁰ + δ²)] from the differences δ, δ² (Eq. 4.8): what
+        :meth:`dphi_dtheta_diff` gives, with no state difference ever formed. ``delta2`` None: the free
+        phase itself (δ² = 0, at s⁰'s argmaxes). Cost-only parameters as in (4.6), at s⁰ + δ.
+        """
+        xp = self.xp
+        phases = [(delta, nudge), (delta2, nudge2)]
+        args = []
+        for d, nd in phases:
+            if d is None:
+                args.append((None, list(base.indices)))
+                continue
+            idx = [base.indices[0]] + [None if base.indices[l] is None else
+                                       self.layers[l].bottom_up_delta(self.params, d[l - 1], base.pre_pool[l],
+                                                                      base.indices[l], nd.prep(l))[1]
+                                       for l in range(1, len(self.layers))]
+            args.append((d, idx))
+        (d1, idx1), (d2, idx2) = args
+        out: dict = {}
+        for l, layer in enumerate(self.layers):
+            a = x if l == 0 else base.state[l - 1]
+            da1 = None if l == 0 or d1 is None else d1[l - 1]
+            da2 = None if l == 0 or d2 is None else d2[l - 1]
+            grads = layer.param_adjoint_delta(a, da1, base.state[l], None if d1 is None else d1[l], idx1[l],
+                                              da2, None if d2 is None else d2[l], idx2[l])
+            out[layer.weight], out[layer.bias] = self._weighted(l, grads)
+        cost_layers = self._cost_layers()
+        for d, nd, sign in ((d1, nudge, 1.0), (d2, nudge2, -1.0)):
+            if nd.beta == 0.0:
+                continue
+            st = base.state if d is None else self._phase_state(base, d, cost_layers)
             for (w_k, term), c in zip(self.cost_terms, nd.ctx):
                 if w_k != 0.0:
                     for name, g in term.param_grads(self.params, st, c).items():

@@ -18,6 +18,14 @@ idx)``                     idx: (conv2d_weight_grad(a, P*(s)), Σ P*(s))  |  (s�
                            vec(a), Σ s)
 ``param_adjoint_diff(a,    ∂⟨B(a), s⟩/∂θ − ∂⟨B(a'), s'⟩/∂θ formed before the       Eq. 4.6
 s, idx, a', s', idx')``    reductions: ⟨a − a', P*s⟩ + ⟨a', P*s − P*'s'⟩ terms
+``bottom_up_delta(θ, da,   ΔB = B(a + da) − B(a) without forming a + da, from the  Eq. 4.8
+z, idx)``                  free pre-pool map z = conv(a) + b and its argmax idx,
+                           and the argmax at a + da
+``top_down_delta(θ, ds,    ΔT = T'(s + ds) − T(s) (T' at the argmax idx', T at     Eq. 4.8
+s, idx', idx, shape)``     idx) without forming s + ds
+``param_adjoint_delta(a,   ∂⟨B(a + da¹), s + ds¹⟩/∂θ − ∂⟨B(a + da²), s + ds²⟩/∂θ   Eq. 4.8
+da¹, s, ds¹, idx¹, da²,    from the differences: the difference-variable form of
+ds², idx²)``               ``param_adjoint_diff``
 ``argmax(θ, a)``           the max-pool argmax of B(a); None without max pooling   Eq. 2.6
                            (and then no convolution runs)
 ``unpool(g, idx)``         P*_idx(g)                                               Eqs. 2.7-2.8
@@ -44,13 +52,43 @@ __all__ = ["ConvMap", "DenseMap", "make_layer", "make_layers", "param_specs"]
 
 
 class _Named:
-    """What every layer object holds: its description, its name and its parameters' names."""
+    """What every layer object holds: its description, its name and its parameters' names; and the
+    difference-variable parameter adjoint (Eq. 4.8), which needs only the layer's ``unpool`` and its
+    two reductions ``weight_grad`` and ``bias_grad``."""
 
     def __init__(self, desc):
         self.desc = desc
         self.name = desc.name
         self.weight, self.bias = f"{desc.name}.weight", f"{desc.name}.bias"
         self.state_shape = desc.state_shape
+
+    def param_adjoint_delta(self, a, da1, s, ds1, idx1, da2, ds2, idx2):
+        """Σ_batch [∂⟨B(a + da¹), s + ds¹⟩ − ∂⟨B(a + da²), s + ds²⟩]/∂(W, b), each phase at its own argmax,
+        from the phase differences da, ds (Eq. 4.8).
+
+        With g^i = P*_{idx^i}(s + ds^i) and the difference of the two formed from the small parts,
+
+            Δg = P*_{idx¹}(ds¹) − P*_{idx²}(ds²) + [P*_{idx¹}(s) − P*_{idx²}(s)],
+
+        dW = W-adjoint(a, Δg) + W-adjoint(da¹, g¹) − W-adjoint(da², g²) and db = Σ Δg. The bracket is
+        exactly 0 where the argmaxes agree. ``da``/``ds`` None: zero (the free phase, or the input x,
+        which no phase changes).
+        """
+        dg = None if ds1 is None else self.unpool(ds1, idx1)  # (n, o, h_conv, w_conv) or (n, out)
+        if ds2 is not None:
+            term = self.unpool(ds2, idx2)
+            dg = -term if dg is None else dg - term
+        if idx1 is not None:  # max pooling: non-zero only where the argmax moved
+            moved = self.unpool(s, idx1) - self.unpool(s, idx2)
+            dg = moved if dg is None else dg + moved
+        if dg is None:  # neither phase differs from the base
+            dg = self.unpool(s, idx1) * 0.0
+        dW = self.weight_grad(a, dg)
+        if da1 is not None:
+            dW = dW + self.weight_grad(da1, self.unpool(s if ds1 is None else s + ds1, idx1))
+        if da2 is not None:
+            dW = dW - self.weight_grad(da2, self.unpool(s if ds2 is None else s + ds2, idx2))
+        return dW, self.bias_grad(dg)
 
 
 class ConvMap(_Named):
@@ -103,6 +141,34 @@ class ConvMap(_Named):
         """The max-pool argmax of B(a), or None without max pooling (then no convolution is run)."""
         return self.bottom_up(params, a, prep)[1] if self.pool == "max" else None
 
+    def pre_pool(self, params, a, prep=None):
+        """z = conv(a; W, p) + b, the map before max pooling, and its argmax; (None, None) unless P is max.
+        What :meth:`bottom_up_delta` needs of the free state (Eq. 4.8)."""
+        if self.pool != "max":
+            return None, None
+        z = conv2d(a, params[self.weight], params[self.bias], padding=self.padding,
+                   weight_matrix=prep)  # (n, o, h_conv, w_conv)
+        return z, max_pool2d(z)[1]
+
+    def bottom_up_delta(self, params, da, z, idx, prep=None):
+        """ΔB = B(a + da) − B(a) without forming a + da, and the argmax of B(a + da) (Eq. 4.8).
+
+        ``z``, ``idx``: :meth:`pre_pool` at a. With dz = conv(da; W, p) (no bias):
+
+            ΔB = P_{idx'}(dz) + [P_{idx'}(z) − P_{idx}(z)],   idx' = argmax of z + dz   (max pooling),
+            ΔB = P(dz)                                                                  (avg, identity).
+
+        The bracket is exactly 0 where the argmax did not move; z + dz is formed only to find idx'.
+        Returns (ΔB, idx'), idx' None without max pooling.
+        """
+        dz = conv2d(da, params[self.weight], padding=self.padding, weight_matrix=prep)  # (n, o, h_conv, w_conv)
+        if self.pool == "max":
+            moved = max_pool2d(z + dz)[1]
+            return max_pool2d_select(dz, moved) + (max_pool2d_select(z, moved) - max_pool2d_select(z, idx)), moved
+        if self.pool == "avg":
+            return avg_pool2d(dz), None
+        return dz, None
+
     def bottom_up_linear(self, params, a, idx):
         """P_idx(conv(a; W, p)): B without its bias, the pooling a selection at ``idx`` (Eq. 5.3)."""
         z = conv2d(a, params[self.weight], padding=self.padding)  # (n, o, h_conv, w_conv)
@@ -126,6 +192,28 @@ class ConvMap(_Named):
         g = self.unpool(s, idx)  # (n, o, h_conv, w_conv)
         return conv2d_transpose(g, params[self.weight], padding=self.padding, output_size=below_shape[2:],
                                 weight_matrix=prep)
+
+    def top_down_delta(self, params, ds, s, moved, idx, below_shape, prep=None):
+        """ΔT = T_{idx'}(s + ds) − T_{idx}(s) without forming s + ds (Eq. 4.8), shape ``below_shape``:
+
+            ΔT = conv_transpose(P*_{idx'}(ds) + [P*_{idx'}(s) − P*_{idx}(s)]; W),
+
+        the bracket only with max pooling (``moved`` = idx' and ``idx`` its argmaxes), and exactly 0
+        where they agree."""
+        g = self.unpool(ds, moved)  # (n, o, h_conv, w_conv)
+        if self.pool == "max":
+            g = g + (self.unpool(s, moved) - self.unpool(s, idx))
+        return conv2d_transpose(g, params[self.weight], padding=self.padding, output_size=below_shape[2:],
+                                weight_matrix=prep)
+
+    def weight_grad(self, a, g):
+        """Σ_batch ∂⟨conv(a; W, p), g⟩/∂W for g of the pre-pool shape (Eq. 2.4)."""
+        return conv2d_weight_grad(a, g, kernel_size=self.kernel, padding=self.padding)
+
+    @staticmethod
+    def bias_grad(g):
+        """Σ_batch ∂⟨b, g⟩/∂b, summed over the batch and the plane."""
+        return conv2d_bias_grad(g)
 
     def param_adjoint(self, a, s, idx, *, with_bias=True):
         """Σ_batch ∂⟨B(a), s⟩/∂(W, b) at frozen argmax ``idx`` (Eq. 3.9): (dW, db); db is None without bias."""
@@ -182,6 +270,28 @@ class DenseMap(_Named):
     def argmax(self, params, a, prep=None):
         """None: an fc layer has no pooling."""
         return None
+
+    def pre_pool(self, params, a, prep=None):
+        """(None, None): an fc layer has no pooling (Eq. 4.8)."""
+        return None, None
+
+    def bottom_up_delta(self, params, da, z=None, idx=None, prep=None):
+        """ΔB = B(a + da) − B(a) = W vec(da), and no argmax (Eq. 4.8)."""
+        return self.bottom_up_linear(params, da), None
+
+    def top_down_delta(self, params, ds, s, moved, idx, below_shape, prep=None):
+        """ΔT = T(s + ds) − T(s) = reshape(Wᵀ ds) (Eq. 4.8)."""
+        return self.top_down(params, ds, None, below_shape)
+
+    def weight_grad(self, a, g):
+        """Σ_batch ∂⟨W vec(a), g⟩/∂W = gᵀ vec(a) (Eq. 2.11)."""
+        return linear_weight_grad(self._flat(a), g)
+
+    @staticmethod
+    def bias_grad(g):
+        """Σ_batch g."""
+        xp = namespace_of(g)
+        return xp.sum(g, axis=0)
 
     def bottom_up_linear(self, params, a, idx=None):
         """W vec(a): B without its bias (Eq. 5.3)."""

@@ -13,8 +13,8 @@ import numpy as np
 
 from ..backend import namespace_of
 
-__all__ = ["hard_sigmoid", "hard_sigmoid_grad", "half_hard_sigmoid", "half_hard_sigmoid_grad",
-           "Activation", "get_activation", "ACTIVATIONS"]
+__all__ = ["hard_sigmoid", "hard_sigmoid_grad", "half_hard_sigmoid", "half_hard_sigmoid_grad", "clip_delta",
+           "hard_sigmoid_delta", "half_hard_sigmoid_delta", "Activation", "get_activation", "ACTIVATIONS"]
 
 
 def hard_sigmoid(u):
@@ -41,14 +41,42 @@ def half_hard_sigmoid_grad(u):
     return 0.5 * xp.astype((u > 0.0) & (u < 2.0), u.dtype)
 
 
+def clip_delta(v, dv):
+    """clip(v + dv, 0, 1) − clip(v, 0, 1) without forming v + dv, Eq. (2.12).
+
+    Notation: v, dv arrays of one shape (a pre-activation in units of the kink spacing, and its
+    change). With clip(v + dv, 0, 1) = v + clip(dv, −v, 1 − v):
+
+        Δ = (v − clip(v, 0, 1)) + min(max(dv, −v), 1 − v).
+
+    Inside the linear piece the first term is 0 and Δ = dv exactly however small dv is next to v;
+    outside it the two terms are fl(v − k) and −fl(v − k) (k the nearer kink), so Δ = 0 exactly
+    when v + dv stays outside. Same shape, dtype and namespace as v.
+    """
+    xp = namespace_of(v, dv)
+    return (v - xp.clip(v, min=0.0, max=1.0)) + xp.minimum(xp.maximum(dv, -v), 1.0 - v)
+
+
+def hard_sigmoid_delta(u, du):
+    """ρ(u + du) − ρ(u) by Eq. 2.12 for ρ = clip(u, 0, 1) (Eq. 2.9), without forming u + du."""
+    return clip_delta(u, du)
+
+
+def half_hard_sigmoid_delta(u, du):
+    """ρ(u + du) − ρ(u) by Eq. 2.12 for ρ = clip(u/2, 0, 1) (Eq. 2.10), without forming u + du."""
+    return clip_delta(0.5 * u, 0.5 * du)
+
+
 @dataclass(frozen=True)
 class Activation:
-    """An activation with its derivative and the positions of its kinks (in u)."""
+    """An activation with its derivative, its finite difference ρ(u + du) − ρ(u) (Eq. 2.12) and the
+    positions of its kinks (in u)."""
 
     name: str
     fn: Callable
     grad: Callable
     kinks: tuple[float, ...]
+    delta: Callable
 
     @property
     def max_slope(self) -> float:
@@ -58,8 +86,9 @@ class Activation:
 
 
 ACTIVATIONS = {
-    "hard_sigmoid": Activation("hard_sigmoid", hard_sigmoid, hard_sigmoid_grad, (0.0, 1.0)),
-    "half_hard_sigmoid": Activation("half_hard_sigmoid", half_hard_sigmoid, half_hard_sigmoid_grad, (0.0, 2.0)),
+    "hard_sigmoid": Activation("hard_sigmoid", hard_sigmoid, hard_sigmoid_grad, (0.0, 1.0), hard_sigmoid_delta),
+    "half_hard_sigmoid": Activation("half_hard_sigmoid", half_hard_sigmoid, half_hard_sigmoid_grad, (0.0, 2.0),
+                                    half_hard_sigmoid_delta),
 }
 
 

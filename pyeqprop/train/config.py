@@ -151,6 +151,11 @@ class TrainConfig:
                                     "T1/T2 steps; 0: exactly T1/T2 steps", ge=0)
     check_every: int = option(CHECK_EVERY, "steps between two residual checks when settle_tol > 0 (one host "
                                            "transfer each, Eq. 3.14)", ge=1)
+    nudged_phase: str = option("state", "variables the nudged phases settle in: the state s (Eqs. 3.8, 3.13) or "
+                                        "its difference from the free state, δ = s − s⁰ (Eq. 4.8: no float "
+                                        "rounding of s in the estimate; settle_tol then bounds the nudged "
+                                        "residual in gradient units)",
+                               choices=Imported("pyeqprop.learning.settle", "NUDGED_FORMS"))
     shards: int = option(1, "contiguous sub-batches whose phases settle in parallel threads, one BLAS thread "
                             "each, combined by Eq. 4.7 (host backends; 2 uses both cores of a 2-core machine); "
                             "1: the whole batch in one thread", ge=1)
@@ -238,7 +243,7 @@ class TrainConfig:
     @property
     def settling(self) -> Settling:
         """How every phase settles (Eqs. 3.8, 3.13, 3.14)."""
-        return Settling(self.schedule, self.settle_tol, self.check_every)
+        return Settling(self.schedule, self.settle_tol, self.check_every, self.nudged_phase)
 
     @property
     def eval_steps(self) -> int:
