@@ -266,3 +266,23 @@ def test_the_default_nudged_phase_is_the_state_form():
     """The conformance vectors and every existing run keep the state form unless asked."""
     assert Settling().nudged == "state"
     assert dataclasses.replace(Settling(), nudged="difference").nudged == "difference"
+
+
+def test_the_difference_estimate_is_the_same_on_every_backend(xp):
+    """The δ phases and their estimate (Eq. 4.8) in pure Array API code: on the backend under test and on
+    NumPy the float64 estimates agree within twice the a-priori rounding of one computation,
+    2 γ_{T2·(d_max + 16)} max|g| per parameter (reductions may run in another order)."""
+    from pyeqprop import backend
+
+    T2, out = 30, []
+    for name in (xp, "numpy"):
+        net = pe.CRNN("c4-c6m-c6a-f12", (1, 8, 8), num_classes=10, dtype="float64", xp=name, seed=0, feedback=0.5)
+        rng = np.random.default_rng(0)
+        x = backend.asarray(rng.uniform(0, 1, (3, 1, 8, 8)), xp=net.xp, dtype="float64")
+        y = backend.asarray(rng.integers(0, 10, 3), xp=net.xp)
+        r = ep_estimate(net, x, y, beta=0.2, T1=50, T2=T2, settling=Settling("gauss-seidel", nudged="difference"))
+        out.append({k: backend.to_numpy(v) for k, v in r.grads.items()})
+    d_max = max(layer.desc.in_channels * layer.kernel ** 2 for layer in net.layers if layer.kind == "conv")
+    g = gamma(np.float64, T2 * (d_max + 16))
+    for k, ref in out[1].items():
+        assert np.max(np.abs(out[0][k] - ref)) <= 2 * g * float(np.max(np.abs(ref))), k

@@ -53,3 +53,18 @@ def test_ep_step_flops_counts_each_product():
     F1, F2 = 2 * 2 * 8 * 8 * 9 * 1 * 4, 2 * 2 * 4 * 4 * 9 * 4 * 6
     T1, T2 = 7, 3
     assert ep_step_flops("c4m-c6m", (1, 8, 8), 2, T1, T2) == F1 + (T1 + 2 * T2) * 2 * F2 + 2 * F2 + F1 + 2 * F2
+
+
+def test_bench_precision_tells_the_two_nudged_forms_apart_on_the_deep_net():
+    """The precision bench's deep case (ω = 0.1, SPEC 3.18): with nudged phases in s, float32 rounding is
+    all of conv1's estimate (error above its own size); in δ = s − s⁰ (Eq. 4.8) what is left is the float32
+    run's own settling (free phase and δ to 3e-7, against 1e-10 in float64), at least 1000 times smaller
+    there. No rounding bound applies to that remainder: the two dtypes settle to different tolerances."""
+    from pyeqprop.bench.precision import CASES, precision_table
+
+    arch, shape, _, network = CASES["digits-8conv"]
+    state, _ = precision_table(arch, shape, 8, nudged="state", network=network)
+    diff, phases = precision_table(arch, shape, 8, nudged="difference", network=network)
+    assert all(c for ph in phases.values() for _, c, _ in ph)
+    assert state["conv1.weight"] > 1.0
+    assert diff["conv1.weight"] < 1e-3 * state["conv1.weight"]

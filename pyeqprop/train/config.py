@@ -152,8 +152,8 @@ class TrainConfig:
     check_every: int = option(CHECK_EVERY, "steps between two residual checks when settle_tol > 0 (one host "
                                            "transfer each, Eq. 3.14)", ge=1)
     nudged_phase: str = option("state", "variables the nudged phases settle in: the state s (Eqs. 3.8, 3.13) or "
-                                        "its difference from the free state, δ = s − s⁰ (Eq. 4.8: no float "
-                                        "rounding of s in the estimate; settle_tol then bounds the nudged "
+                                        "its difference from the free state, δ = s − s⁰ (Eq. 4.8: δ is not "
+                                        "rounded to the float spacing of s; settle_tol then bounds the nudged "
                                         "residual in gradient units)",
                                choices=Imported("pyeqprop.learning.settle", "NUDGED_FORMS"))
     shards: int = option(1, "contiguous sub-batches whose phases settle in parallel threads, one BLAS thread "

@@ -19,7 +19,8 @@ and the network (with its intermediate signals) built first, so a bad ``--arch``
 metrics.jsonl keys: ``epoch`` (1-based), ``train_loss``/``train_acc`` (running mean over the
 epoch's batches at the free state), ``val_loss``/``val_acc`` (after the epoch, on the validation
 split held out of the training split; None without one), ``test_loss``/``test_acc`` (after the epoch, T_eval
-steps), ``residual_free``/``residual_nudged`` (largest settling residual of the epoch),
+steps), ``residual_free``/``residual_nudged`` (largest settling residual of the epoch; the nudged one in
+gradient units with ``nudged_phase = "difference"``, Eq. 4.8),
 ``lr`` (largest rate of the epoch), ``seconds`` (training time of the epoch). The file is
 rewritten from the checkpoint's history on resume, so it always matches latest.npz.
 
