@@ -151,25 +151,37 @@ def settle(net: CRNN, x: Array, T: int, *, nudge: Nudge | None = None, state: li
     if state is not None:
         net.check_state(state, x.shape[0])
     s = net.init_state(x.shape[0]) if state is None else list(state)
+    s, res, hist, steps, converged = _iterate(lambda v: sweep(net, x, v, nudge, settling.schedule)[0], residual,
+                                              s, T, settling, record)
+    return Settled(s, res, hist, steps, converged)
+
+
+def _iterate(step, change, v, T: int, settling: Settling, record: bool):
+    """v ← step(v) up to T times, stopping once change(new, old) ≤ settling.tol, checked every
+    ``check_every`` steps, at the last step and, with ``record``, at every step (Eq. 3.14).
+
+    Returns (v, the last residual measured (NaN when none was), the recorded residuals, the steps
+    taken, converged: None for a fixed count (tol = 0), False when T = 0 with tol > 0).
+    """
     tol, k = settling.tol, settling.check_every
     res, hist, steps, converged = float("nan"), [], 0, None
     for t in range(int(T)):
-        new, _ = sweep(net, x, s, nudge, settling.schedule)
+        new = step(v)
         steps = t + 1
         last = t == T - 1
-        if record:
-            res = residual(new, s)
-            hist.append(res)
-        elif last or (tol > 0.0 and steps % k == 0):
-            res = residual(new, s)
-        s = new
-        if tol > 0.0 and (record or last or steps % k == 0):
+        check = tol > 0.0 and (record or last or steps % k == 0)
+        if record or last or check:
+            res = change(new, v)
+            if record:
+                hist.append(res)
+        v = new
+        if check:
             converged = res <= tol
             if converged:
                 break
     if tol > 0.0 and converged is None:
         converged = False  # T = 0: nothing ran
-    return Settled(s, res, hist, steps, converged)
+    return v, res, hist, steps, converged
 
 
 def difference_residual(new, old, weights, beta) -> float:
@@ -215,24 +227,10 @@ def settle_difference(net: CRNN, x: Array, T: int, *, nudge: Nudge, base, record
         raise ValueError("a difference-variable phase needs a nudge with beta != 0 (at beta = 0, delta = 0)")
     xp = net.xp
     d = [xp.zeros_like(s) for s in base.state]
-    tol, k = settling.tol, settling.check_every
-    res, hist, steps, converged = float("nan"), [], 0, None
     weights = net.layer_weights
-    for t in range(int(T)):
-        new = sweep_difference(net, x, base, d, nudge, settling.schedule)
-        steps = t + 1
-        last = t == T - 1
-        if record or last or (tol > 0.0 and steps % k == 0):
-            res = difference_residual(new, d, weights, nudge.beta)
-            if record:
-                hist.append(res)
-        d = new
-        if tol > 0.0 and (record or last or steps % k == 0):
-            converged = res <= tol
-            if converged:
-                break
-    if tol > 0.0 and converged is None:
-        converged = False
+    d, res, hist, steps, converged = _iterate(
+        lambda v: sweep_difference(net, x, base, v, nudge, settling.schedule),
+        lambda new, old: difference_residual(new, old, weights, nudge.beta), d, T, settling, record)
     return Settled([s + dl for s, dl in zip(base.state, d)], res, hist, steps, converged, d)
 
 

@@ -493,7 +493,6 @@ class CRNN:
         ⟨a − a2, P*s⟩ and ⟨a2, P*s − P*2 s2⟩ terms, each at its own phase's argmax. Cost-only
         parameters: −β w_k ∂C_k/∂θ(s) + β2 w_k ∂C_k/∂θ(s2).
         """
-        xp = self.xp
         self.check_state(state, x.shape[0])
         self.check_state(state2, x.shape[0])
         idx, idx2 = self._argmaxes(nudge, state), self._argmaxes(nudge2, state2)
@@ -502,7 +501,12 @@ class CRNN:
             a, a2 = (x, x) if l == 0 else (state[l - 1], state2[l - 1])
             dW, db = self._weighted(l, layer.param_adjoint_diff(a, state[l], idx[l], a2, state2[l], idx2[l]))
             out[layer.weight], out[layer.bias] = dW, db
-        for st, nd, sign in ((state, nudge, 1.0), (state2, nudge2, -1.0)):
+        return self._with_cost_params(out, ((state, nudge, 1.0), (state2, nudge2, -1.0)))
+
+    def _with_cost_params(self, out: dict, phases) -> dict:
+        """``out`` completed: each phase's (state, nudge, sign) adds −sign β w_k ∂C_k/∂θ of the cost
+        terms' own parameters (Eq. 4.6; none at β = 0), and parameters nothing touched get zeros."""
+        for st, nd, sign in phases:
             if nd.beta == 0.0:
                 continue
             for (w_k, term), c in zip(self.cost_terms, nd.ctx):
@@ -511,7 +515,7 @@ class CRNN:
                         self._accumulate(out, name, (-sign * nd.beta * w_k) * g)
         for name in self.params:
             if name not in out:
-                out[name] = xp.zeros_like(self.params[name])
+                out[name] = self.xp.zeros_like(self.params[name])
         return {k: out[k] for k in self.params}
 
     # ------------------------------------------------------------------ difference variables (Eq. 4.8)
@@ -595,7 +599,6 @@ class CRNN:
         :meth:`dphi_dtheta_diff` gives, with no state difference ever formed. ``delta2`` None: the free
         phase itself (δ² = 0, at s⁰'s argmaxes). Cost-only parameters as in (4.6), at s⁰ + δ.
         """
-        xp = self.xp
         phases = [(delta, nudge), (delta2, nudge2)]
         args = []
         for d, nd in phases:
@@ -617,18 +620,8 @@ class CRNN:
                                               da2, None if d2 is None else d2[l], idx2[l])
             out[layer.weight], out[layer.bias] = self._weighted(l, grads)
         cost_layers = self._cost_layers()
-        for d, nd, sign in ((d1, nudge, 1.0), (d2, nudge2, -1.0)):
-            if nd.beta == 0.0:
-                continue
-            st = base.state if d is None else self._phase_state(base, d, cost_layers)
-            for (w_k, term), c in zip(self.cost_terms, nd.ctx):
-                if w_k != 0.0:
-                    for name, g in term.param_grads(self.params, st, c).items():
-                        self._accumulate(out, name, (-sign * nd.beta * w_k) * g)
-        for name in self.params:
-            if name not in out:
-                out[name] = xp.zeros_like(self.params[name])
-        return {k: out[k] for k in self.params}
+        return self._with_cost_params(out, [(base.state if d is None else self._phase_state(base, d, cost_layers),
+                                             nd, sign) for d, nd, sign in ((d1, nudge, 1.0), (d2, nudge2, -1.0))])
 
     # ------------------------------------------------------------------ frozen-argmax linear parts (BPTT)
     def hessian_vector(self, mu: list[Array | None], indices: list) -> list[Array | None]:
