@@ -92,7 +92,8 @@ def assert_metrics_agree(run, ref):
     for g, w in zip(got, want):
         assert set(g) == set(w)
         for key in ("epoch", "train_acc", "val_acc", "test_acc", "steps_free", "steps_nudged", "residual_free",
-                    "residual_nudged", "unconverged_free", "unconverged_nudged", "lr"):
+                    "residual_nudged", "unconverged_free", "unconverged_nudged", "lr",
+                    "saturated_free"):  # the ranks' saturated counts added up (Eq. 3.19)
             assert g[key] == w[key], (key, g[key], w[key])
         for key in ("train_loss", "val_loss", "test_loss"):
             assert abs(g[key] - w[key]) <= REL * abs(w[key]), (key, g[key], w[key])

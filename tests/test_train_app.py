@@ -75,7 +75,7 @@ def test_metrics_have_the_documented_keys_one_line_per_epoch(run):
         assert tuple(r) == METRIC_KEYS
         assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
         scalars = [k for k in METRIC_KEYS if k not in ("grad_mean_abs", "steps_free", "steps_nudged",
-                                                       "unconverged_free", "unconverged_nudged")]
+                                                       "unconverged_free", "unconverged_nudged", "saturated_free")]
         assert all(math.isfinite(r[k]) for k in scalars)
         # fixed step counts (settle_tol = 0): every phase took exactly T1 / T2 steps, no tolerance to miss
         assert r["steps_free"] == {"min": 5, "median": 5.0, "p90": 5.0, "max": 5}
@@ -84,6 +84,11 @@ def test_metrics_have_the_documented_keys_one_line_per_epoch(run):
         # the learning signal per neuron layer: the epoch's mean of mean |g| over its weight tensor
         assert list(r["grad_mean_abs"]) == ["conv1.weight"]
         assert math.isfinite(r["grad_mean_abs"]["conv1.weight"]) and r["grad_mean_abs"]["conv1.weight"] > 0.0
+        # the saturated fractions of the free states per neuron layer (Eq. 3.19): fractions of one count
+        sat = r["saturated_free"]
+        assert list(sat) == ["conv1"]
+        assert 0.0 <= sat["conv1"]["low"] and 0.0 <= sat["conv1"]["high"]
+        assert sat["conv1"]["low"] + sat["conv1"]["high"] <= 1.0
     # the cosine schedule over 2 epochs: the full rate, then the midpoint between lr and lr_min
     cfg = tiny(run)
     assert lines[0]["lr"] == cfg.lr[0]

@@ -84,6 +84,13 @@ class Activation:
         lo, hi = self.kinks
         return float(self.grad(np.asarray([0.5 * (lo + hi)], dtype=np.float64))[0])
 
+    @property
+    def saturated_values(self) -> tuple[float, float]:
+        """(ρ(κ_lo), ρ(κ_hi)): the values ρ takes exactly where ρ' = 0, below and above the linear piece
+        (0 and 1 for Eqs. 2.9-2.10; the saturation fractions of Eq. 3.19 count them)."""
+        lo, hi = (float(v) for v in self.fn(np.asarray(self.kinks, dtype=np.float64)))
+        return lo, hi
+
 
 ACTIVATIONS = {
     "hard_sigmoid": Activation("hard_sigmoid", hard_sigmoid, hard_sigmoid_grad, (0.0, 1.0), hard_sigmoid_delta),

@@ -76,9 +76,11 @@ __all__ = ["train", "RunResult", "METRIC_KEYS"]
 
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "residual_free",
                "residual_nudged", "lr", "seconds", "grad_mean_abs", "steps_free", "steps_nudged",
-               "unconverged_free", "unconverged_nudged")
+               "unconverged_free", "unconverged_nudged", "saturated_free")
 # grad_mean_abs: {layer weight: epoch mean of mean |g|}; steps_*: {min, median, p90, max} of the steps the
-# epoch's phases took; unconverged_*: the fraction of phases that hit T1/T2 above settle_tol (None when 0)
+# epoch's phases took; unconverged_*: the fraction of phases that hit T1/T2 above settle_tol (None when 0);
+# saturated_free: {neuron layer: {"low", "high"}}, the fractions of the epoch's free-state entries at ρ = 0
+# and at ρ = 1 (Eq. 3.19)
 
 
 @dataclass
@@ -119,7 +121,8 @@ class Progress:
 
 def _fresh_accum() -> dict:
     return {"loss": 0.0, "correct": 0, "seen": 0, "res_free": 0.0, "res_nudged": 0.0, "time": 0.0, "grad": {},
-            "batches": 0, "steps_free": [], "steps_nudged": [], "unconverged_free": 0, "unconverged_nudged": 0}
+            "batches": 0, "steps_free": [], "steps_nudged": [], "unconverged_free": 0, "unconverged_nudged": 0,
+            "saturated": {}}
 
 
 def _add_step(acc: dict, m) -> None:
@@ -137,6 +140,9 @@ def _add_step(acc: dict, m) -> None:
     acc.setdefault("steps_nudged", []).extend(m.steps_nudged)
     acc["unconverged_free"] = acc.get("unconverged_free", 0) + m.unconverged_free
     acc["unconverged_nudged"] = acc.get("unconverged_nudged", 0) + m.unconverged_nudged
+    sums = acc.setdefault("saturated", {})  # setdefault: a checkpoint from before this field
+    for name, counts in m.saturated_free.items():  # (n_lo, n_hi, size): fractions over the batches counted
+        sums[name] = [a + b for a, b in zip(sums.get(name, [0, 0, 0]), counts)]
 
 
 def _distribution(steps: list) -> dict | None:
@@ -160,7 +166,15 @@ def _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, tol) -> dict:
             "steps_free": _distribution(acc.get("steps_free", [])),
             "steps_nudged": _distribution(acc.get("steps_nudged", [])),
             "unconverged_free": acc.get("unconverged_free", 0) / n_free if tol > 0 and n_free else None,
-            "unconverged_nudged": acc.get("unconverged_nudged", 0) / n_nudged if tol > 0 and n_nudged else None}
+            "unconverged_nudged": acc.get("unconverged_nudged", 0) / n_nudged if tol > 0 and n_nudged else None,
+            "saturated_free": _saturation(acc.get("saturated"))}
+
+
+def _saturation(sums: dict | None) -> dict | None:
+    """The epoch's fractions of free-state entries at ρ = 0 and ρ = 1 per neuron layer (Eq. 3.19)."""
+    if not sums:
+        return None
+    return {name: {"low": lo / size, "high": hi / size} for name, (lo, hi, size) in sums.items()}
 
 
 def _evaluate_epoch(cfg, net, data, acc, epoch, lr_now) -> dict:

@@ -322,19 +322,29 @@ class DataParallel:
 
     # ------------------------------------------------------------------ the epoch's sums
     def own_share(self, acc):
-        """The running sums a rank starts from on resume: rank 0 keeps the checkpoint's loss, correct count and
-        samples seen, the other ranks start those at 0 (:meth:`epoch_sums` adds them up)."""
+        """The running sums a rank starts from on resume: rank 0 keeps the checkpoint's loss, correct count,
+        samples seen and saturated counts, the other ranks start those at 0 (:meth:`epoch_sums` adds them up)."""
         if acc is None or self.is_root:
             return acc
-        return {**acc, "loss": 0.0, "correct": 0, "seen": 0}
+        zero = {name: [0, 0, 0] for name in acc.get("saturated", {})}  # the same layers as rank 0's
+        return {**acc, "loss": 0.0, "correct": 0, "seen": 0, "saturated": zero}
 
     def epoch_sums(self, acc):
-        """The epoch's running sums with the readout loss, correct count and samples seen added over ranks
-        (the rest is the same on every rank already). One collective; the identity with one process."""
+        """The epoch's running sums with the readout loss, correct count, samples seen and saturated counts
+        (Eq. 3.19) added over ranks (the rest is the same on every rank already). One collective; the
+        identity with one process."""
         if self.size == 1 or acc is None:
             return acc
-        rows = self.comm.allgather_rows(np.asarray([acc["loss"], acc["correct"], acc["seen"]], dtype=np.float64))
+        sat = acc.get("saturated") or {}
+        names = list(sat)  # the same layers in the same order on every rank
+        counts = [c for name in names for c in sat[name]]
+        rows = self.comm.allgather_rows(np.asarray([acc["loss"], acc["correct"], acc["seen"], *counts],
+                                                   dtype=np.float64))
         loss = 0.0
         for r in range(self.size):
             loss += float(rows[r, 0])
-        return {**acc, "loss": loss, "correct": int(rows[:, 1].sum()), "seen": int(rows[:, 2].sum())}
+        total = [int(v) for v in rows[:, 3:].sum(axis=0)]  # this rank's shard's counts, added over ranks
+        out = {**acc, "loss": loss, "correct": int(rows[:, 1].sum()), "seen": int(rows[:, 2].sum())}
+        if sat:
+            out["saturated"] = {name: total[3 * i:3 * i + 3] for i, name in enumerate(names)}
+        return out

@@ -13,10 +13,12 @@ from the estimate, before it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..backend import to_numpy
 from ..learning.estimators import Estimate, draw_sign, estimate
+from ..model.saturation import saturated_counts
 from .errors import TrainingDiverged
 
 __all__ = ["Update", "StepMetrics", "train_step", "step_metrics", "batch_estimate", "check_params_finite"]
@@ -48,6 +50,8 @@ class StepMetrics:
     steps_free, steps_nudged : steps each phase took (Eq. 3.14); one entry per nudged phase.
     unconverged_free, unconverged_nudged : phases that stopped at their cap above the tolerance
         (0 when settling fixed step counts: there is no tolerance to miss).
+    saturated_free : {neuron layer name: (n_lo, n_hi, size)}: the free state's entries at ρ's lower and
+        upper values and the layer's entry count over the batch (Eq. 3.19).
     """
 
     loss_sum: float
@@ -60,6 +64,7 @@ class StepMetrics:
     steps_nudged: list = field(default_factory=list)
     unconverged_free: int = 0
     unconverged_nudged: int = 0
+    saturated_free: dict = field(default_factory=dict)
 
 
 def _all_finite(xp, arrays) -> bool:
@@ -134,7 +139,8 @@ def train_step(net, xb, yb, cfg, rng, *, where=(0, 0)) -> Update:
 
 
 def step_metrics(net, upd: Update, xb, yb) -> StepMetrics:
-    """The batch's loss, correct count and |g| at the current parameters, in one host transfer."""
+    """The batch's loss, correct count, |g| and saturated counts (Eq. 3.19) at the current parameters,
+    in one host transfer (float64: exact for the float32 values and for the counts)."""
     xp = net.xp
     est = upd.estimate
     term = net.readout_term
@@ -142,8 +148,14 @@ def step_metrics(net, upd: Update, xb, yb) -> StepMetrics:
     loss = xp.sum(term.value(net.params, st, term.prepare(net.params, xb, yb)))
     correct = xp.sum(xp.astype(xp.argmax(net.logits(st), axis=1) == yb, loss.dtype))
     keys = list(upd.grad_mean_abs)
-    host = to_numpy(xp.stack([loss, correct, *upd.grad_mean_abs.values()])).tolist()
+    sat = [c for pair in saturated_counts(net, st) for c in pair]
+    host = to_numpy(xp.stack([xp.astype(v, xp.float64) for v in (loss, correct, *upd.grad_mean_abs.values(), *sat)]))
+    host = host.tolist()
+    k = 2 + len(keys)
+    sizes = [math.prod(s.shape) for s in st]
+    saturated = {layer.name: (int(host[k + 2 * l]), int(host[k + 2 * l + 1]), sizes[l])
+                 for l, layer in enumerate(net.layers)}
     return StepMetrics(host[0], int(host[1]), int(xb.shape[0]), est.free.residual,
-                       max([0.0] + [ph.residual for ph in est.nudged]), dict(zip(keys, host[2:])),
+                       max([0.0] + [ph.residual for ph in est.nudged]), dict(zip(keys, host[2:k])),
                        est.free.steps, [ph.steps for ph in est.nudged], int(est.free.converged is False),
-                       sum(int(ph.converged is False) for ph in est.nudged))
+                       sum(int(ph.converged is False) for ph in est.nudged), saturated)
