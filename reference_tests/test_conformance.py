@@ -266,6 +266,20 @@ class InclusiveKinks(PyeqpropAdapter):
         return 0.5 * ((u >= 0) & (u <= 2)).astype(np.float64)
 
 
+class DeltaAtFreeArgmax(PyeqpropAdapter):
+    """The δ step (Eq. 4.8) with every max pool kept at s⁰'s argmax: Δu from the linear map at s⁰
+    (``jacobian_vector`` at frozen argmaxes) plus the nudge at s⁰ + δ, the bug the argmax brackets fix."""
+
+    def crnn_delta_step(self, spec, params, x, state, delta, y, beta):
+        net = self._net(spec, params)
+        s0 = list(state)
+        plus = [a + d for a, d in zip(s0, delta)]
+        free = net.drive(x, s0)
+        du = net.jacobian_vector(list(delta), free.indices)
+        force = [a - b for a, b in zip(net.drive(x, plus, net.nudge(x, y, beta)).u, net.drive(x, plus).u)]
+        return [net.act.fn(u + d + f) - net.act.fn(u) for u, d, f in zip(free.u, du, force)]
+
+
 def _transpose_bug_cases(manifest):
     out = set()
     for name, e in manifest["cases"].items():
@@ -284,6 +298,9 @@ WRONG = {
     "ties_to_last": (TiesToLast, lambda m: {n for n, e in m["cases"].items()
                                             if e["method"] == "max_pool2d" and e["notes"]["tied_windows"]}),
     "inclusive_kinks": (InclusiveKinks, lambda m: {"hard_sigmoid_grad", "half_hard_sigmoid_grad"}),
+    "delta_at_free_argmax": (DeltaAtFreeArgmax, lambda m: {n for n, e in m["cases"].items()
+                                                           if e["method"] == "crnn_delta_step"
+                                                           and e["notes"]["moved_argmaxes"]}),
 }
 
 

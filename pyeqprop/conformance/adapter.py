@@ -30,6 +30,9 @@ layer states s_1 … s_L; ``y`` int64 labels; gradients are dicts keyed like ``p
 
     crnn_phi(spec, params, x, state, y, beta) -> phi (n,)                Φ^β     (3.2, 3.6)
     crnn_step(spec, params, x, state, y, beta) -> state                  one step (3.7, 3.8)
+    crnn_delta_step(spec, params, x, state, delta, y, beta) -> delta     one step in δ = s − s⁰ (4.8)
+        state: s⁰; returns ρ(u^β(s⁰ + δ)) − ρ(u(s⁰)) (u(s⁰) the free drive, β = 0), every max pool
+        at its own argmax (at s⁰ + δ in the first term, at s⁰ in the second)
     crnn_dphi_dtheta(spec, params, x, state, y, beta) -> grads           Σ_batch ∂Φ^β/∂θ (3.9)
     crnn_settle(spec, params, x, T) -> state                             T free steps from 0 (3.8)
     ep_gradients(spec, params, x, y, beta, T1, T2, estimator, sign) -> grads      (4.1-4.3)
@@ -88,6 +91,7 @@ PROTOCOL = {
     "half_hard_sigmoid_grad": (("u",), (("y", "array"),)),
     "crnn_phi": (("spec", "params", "x", "state", "y", "beta"), (("phi", "array"),)),
     "crnn_step": (("spec", "params", "x", "state", "y", "beta"), (("state", "list"),)),
+    "crnn_delta_step": (("spec", "params", "x", "state", "delta", "y", "beta"), (("delta", "list"),)),
     "crnn_dphi_dtheta": (("spec", "params", "x", "state", "y", "beta"), (("grads", "dict"),)),
     "crnn_settle": (("spec", "params", "x", "T"), (("state", "list"),)),
     "ep_gradients": (("spec", "params", "x", "y", "beta", "T1", "T2", "estimator", "sign"), (("grads", "dict"),)),
@@ -198,6 +202,11 @@ class PyeqpropAdapter:
     def crnn_step(self, spec, params, x, state, y, beta):
         net = self._net(spec, params)
         return net.step(x, list(state), net.nudge(x, y, beta))
+
+    def crnn_delta_step(self, spec, params, x, state, delta, y, beta):
+        net = self._net(spec, params)
+        nudge = net.nudge(x, y, beta)
+        return net.delta_update(x, net.free_base(x, list(state), nudge), list(delta), nudge)[0]
 
     def crnn_dphi_dtheta(self, spec, params, x, state, y, beta):
         net = self._net(spec, params)

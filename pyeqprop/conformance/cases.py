@@ -345,6 +345,9 @@ def _model_cases():
                 _model_args(net, beta=beta), {**common, "state": state}, params, {"state": new},
                 {f"state/{l}": tol_entry(bd.rho * amax(uabs[l]), bd.drive_depth) for l in range(bd.L)}, seed))
 
+        # ---- one step in difference variables δ = s − s⁰ (Eqs. 4.8, 2.12)
+        cases.append(_delta_step_case(cfg, net, x, y, state, seed, what))
+
         # ---- ∂Φ^β/∂θ at the random state (Eq. 3.9)
         g = net.dphi_dtheta(x, state, net.nudge(x, y, BETA))
         gabs = bd.dphi_abs(state, idx)
@@ -409,6 +412,48 @@ def _model_cases():
         for c in cases[first:]:
             c.notes = {**_init_note(seed, ws), **c.notes}
     return cases
+
+
+DELTA_SIZE = 0.3  # δ uniform in [−0.3, 0.3): large enough to move some max-pool argmaxes of s⁰ + δ
+
+
+def _delta_step_case(cfg, net, x, y, s0, seed, what):
+    """δ' = ρ(u^β(s⁰ + δ)) − ρ(u(s⁰)) at a random s⁰ and δ (Eq. 4.8), the pools at their own argmaxes.
+
+    Tolerance: pyeqprop forms Δu = u^β(s⁰ + δ) − u(s⁰) from δ (ΔB with the argmax brackets of
+    layers whose pool moved) and δ' = ρ(u⁰ + Δu) − ρ(u⁰) by Eq. 2.12; a port may instead evaluate both
+    drives and subtract. With S⁺, S⁰ the Σ|terms| of u^β(s⁰ + δ) and u(s⁰) and γ_d the depth's bound,
+    u⁰ is within γ_d S⁰ and Δu within γ_d (S⁺ + 2S⁰) (conv(δ) has terms below S⁺ + S⁰, a bracket
+    z⁰[argmax⁺] − z⁰[argmax⁰] adds S⁰), so u⁰ + Δu is within γ_d (S⁺ + 3S⁰); ρ is ρ'-Lipschitz,
+    so δ' is within ρ' γ_d (S⁺ + 4S⁰), the state form's ρ' γ_d (S⁺ + S⁰) included. Two such results
+    differ by at most γ = 2γ_d times ρ'(S⁺ + 4S⁰) (:mod:`.tolerances`). Both states' argmax gaps are
+    asserted above TIE_SAFETY times twice their bounds, so every computation picks the same windows.
+    """
+    rng = np.random.default_rng(seed + 700)
+    delta = [rng.uniform(-DELTA_SIZE, DELTA_SIZE, s.shape) for s in s0]
+    plus = [a + b for a, b in zip(s0, delta)]
+    nudge = net.nudge(x, y, BETA)
+    base = net.free_base(x, s0, nudge)
+    out = net.delta_update(x, base, delta, nudge)[0]
+    bd = CRNNBounds(net, x, y)
+    idx0, idx_plus = bd.indices(s0), bd.indices(plus)
+    for st in (s0, plus):
+        bd.check_state(st)
+    assert bd.min_gap > 2.0, f"argmax gap {bd.min_gap} of {cfg}: draw another δ"
+    moved = sum(int(np.count_nonzero(a != b)) for a, b in zip(idx0, idx_plus) if a is not None)
+    s_plus = bd.drive_abs(plus, idx_plus, BETA)
+    s_zero = bd.drive_abs(s0, idx0, 0.0)
+    tol = {f"delta/{l}": tol_entry(bd.rho * amax(s_plus[l] + 4.0 * s_zero[l]), bd.drive_depth + 2)
+           for l in range(bd.L)}
+    return Case(
+        f"crnn_delta_step_{cfg}", "crnn_delta_step", ["4.8", "2.12"],
+        f"one synchronous step in δ = s − s⁰: ρ(u^β(s⁰ + δ)) − ρ(u(s⁰)) at random s⁰ in [0, 1) and δ in "
+        f"[−{DELTA_SIZE}, {DELTA_SIZE}), β = {BETA}, each pool at its own argmax ({moved} argmaxes of s⁰ + δ "
+        f"differ from s⁰'s); {what}",
+        ["args/spec", "params", "inputs/x", "inputs/state", "inputs/delta", "inputs/y", "args/beta"],
+        _model_args(net, beta=BETA), {"x": x, "y": y, "state": s0, "delta": delta}, _params(net), {"delta": out},
+        tol, seed, {**bd.conditioning(), "moved_argmaxes": moved, "delta_drawn_from": f"numpy.random.default_rng("
+                                                                                      f"{seed + 700})"})
 
 
 # =========================================================================== intermediate signals (§6)

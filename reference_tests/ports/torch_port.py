@@ -207,6 +207,15 @@ class TorchPort:
         net = _Net(spec, params)
         return [_n(s) for s in net.step(_t(x), [_t(s) for s in state], _t(y), beta)]
 
+    def crnn_delta_step(self, spec, params, x, state, delta, y, beta):
+        """ρ(u^β(s⁰ + δ)) − ρ(u(s⁰)) (Eq. 4.8) by two plain steps: in float64 the state form is exact enough."""
+        net = _Net(spec, params)
+        x, y = _t(x), _t(y)
+        s0 = [_t(s) for s in state]
+        plus = net.step(x, [a + _t(d) for a, d in zip(s0, delta)], y, beta)
+        free = net.step(x, s0, y, 0.0)
+        return [_n(a - b) for a, b in zip(plus, free)]
+
     def crnn_dphi_dtheta(self, spec, params, x, state, y, beta):
         net = _Net(spec, params)
         return {k: _n(v) for k, v in net.dphi_dtheta(_t(x), [_t(s) for s in state], _t(y), beta).items()}
