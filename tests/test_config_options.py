@@ -23,6 +23,7 @@ from pyeqprop.learning.settle import NUDGED_FORMS, SCHEDULES
 from pyeqprop.model import params, readout
 from pyeqprop.ops import activations
 from pyeqprop.train import progress
+from pyeqprop.train.step import UNCONVERGED_POLICIES
 from pyeqprop.train.config import (OPTIONS, ConfigError, TrainConfig, config_from_mapping, dump_toml, load_toml,
                                    option)
 from pyeqprop.train.config import declarations
@@ -42,6 +43,7 @@ HOME = {
     "progress": progress.PROGRESS_MODES,
     "schedule": SCHEDULES,
     "nudged_phase": NUDGED_FORMS,
+    "unconverged": UNCONVERGED_POLICIES,
 }
 CHOICES = [name for name, opt in OPTIONS.items() if opt.choices is not None]
 RANGED = [name for name, opt in OPTIONS.items() if (opt.gt, opt.ge, opt.lt, opt.le) != (None,) * 4]
@@ -185,7 +187,8 @@ AWKWARD = {
     "arch": "c4m-f8", "readout": "mse", "activation": "hard_sigmoid", "dtype": "float64", "weight_scale": 1e-300,
     "init": "delta-orthogonal", "init_radius": 1.25, "feedback": 0.1 + 0.2,
     "estimator": "implicit", "beta": 0.125, "T1": 1, "T2": 123456789, "T_eval": 7, "schedule": "gauss-seidel",
-    "settle_tol": 1e-9, "check_every": 1, "nudged_phase": "difference", "shards": 2, "epochs": 2, "batch_size": 1,
+    "settle_tol": 1e-9, "check_every": 1, "nudged_phase": "difference", "unconverged": "skip",
+    "shards": 2, "epochs": 2, "batch_size": 1,
     "lr": [0.25, 1e-7, 3.0], "momentum": 0.0, "weight_decay": 0.0, "lr_min": -0.0, "cosine_epochs": -1,
     "local_layers": "1,3", "local_weight": 2.5, "local_grid": 3, "local_loss": "mse", "kd_layers": "none",
     "kd_weight": 0.3333333333333333, "kd_normalisation": "sum", "output_kd_weight": 0.5, "temperature": 1e3,
@@ -289,7 +292,7 @@ def test_a_config_toml_of_the_earlier_format_still_loads(tmp_path):
                                                                                      "checkpoint_batches",
                                                                                      "checkpoint_minutes", "init",
                                                                                      "init_radius", "feedback",
-                                                                                     "nudged_phase"}
+                                                                                     "nudged_phase", "unconverged"}
 
 
 # ---------------------------------------------------------------------- (d) --help

@@ -75,12 +75,13 @@ def test_metrics_have_the_documented_keys_one_line_per_epoch(run):
         assert tuple(r) == METRIC_KEYS
         assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
         scalars = [k for k in METRIC_KEYS if k not in ("grad_mean_abs", "steps_free", "steps_nudged",
-                                                       "unconverged_free", "unconverged_nudged", "saturated_free")]
+                                                       "unconverged_free", "unconverged_nudged", "skipped_updates",
+                                                       "saturated_free")]
         assert all(math.isfinite(r[k]) for k in scalars)
         # fixed step counts (settle_tol = 0): every phase took exactly T1 / T2 steps, no tolerance to miss
         assert r["steps_free"] == {"min": 5, "median": 5.0, "p90": 5.0, "max": 5}
         assert r["steps_nudged"] == {"min": 2, "median": 2.0, "p90": 2.0, "max": 2}
-        assert r["unconverged_free"] is None and r["unconverged_nudged"] is None
+        assert r["unconverged_free"] is None and r["unconverged_nudged"] is None and r["skipped_updates"] is None
         # the learning signal per neuron layer: the epoch's mean of mean |g| over its weight tensor
         assert list(r["grad_mean_abs"]) == ["conv1.weight"]
         assert math.isfinite(r["grad_mean_abs"]["conv1.weight"]) and r["grad_mean_abs"]["conv1.weight"] > 0.0

@@ -291,3 +291,45 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     assert (run / "best.npz").read_bytes() == best_before
     c = load_checkpoint(run / "latest.npz")
     assert all(np.all(np.isfinite(v)) for v in c.params.values())
+
+
+# ---------------------------------------------------------------- unconverged phases (SPEC 3.14)
+def _init_params(cfg):
+    from pyeqprop import backend
+    from pyeqprop.train.data import prepare_data
+    from pyeqprop.train.student import build_network
+
+    xp = backend.get_namespace("numpy")
+    data = prepare_data(cfg, xp)
+    net = build_network(cfg, tuple(data.x_train.shape[1:]), data.num_classes, xp)
+    return {k: np.asarray(v) for k, v in net.params.items()}
+
+
+def test_skip_leaves_the_parameters_where_no_phase_converged(tmp_path):
+    # a tolerance no phase reaches in T1 = 5 / T2 = 2 steps: every batch's update is skipped (Eq. 3.14)
+    cfg = tiny(tmp_path / "skip", settle_tol=1e-300, unconverged="skip", epochs=1)
+    train(cfg, log=quiet)
+    rows = metrics(tmp_path / "skip")
+    assert rows[0]["unconverged_nudged"] == 1.0 and rows[0]["skipped_updates"] == 1.0  # one nudged phase a batch
+    c = load_checkpoint(tmp_path / "skip" / "latest.npz")
+    init = _init_params(cfg)
+    assert set(init) < set(c.params)
+    for k in init:
+        np.testing.assert_array_equal(c.params[k], init[k], err_msg=k)
+    for k in set(c.params) - set(init):  # local heads and distillation maps: still at their zero start
+        assert not np.any(c.params[k]), k
+    assert all(not np.any(v) for v in c.optimizer_state["velocity"].values())
+    # "apply" uses the same unconverged estimates: the parameters move
+    train(tiny(tmp_path / "apply", settle_tol=1e-300, unconverged="apply", epochs=1), log=quiet)
+    assert metrics(tmp_path / "apply")[0]["skipped_updates"] == 0.0
+    moved = load_checkpoint(tmp_path / "apply" / "latest.npz").params
+    assert any(not np.array_equal(moved[k], init[k]) for k in init)
+
+
+def test_skip_changes_nothing_when_every_phase_converges(tmp_path):
+    # a tolerance every phase meets at its first check: "skip" and "apply" are the same run bitwise
+    for policy in ("skip", "apply"):
+        train(tiny(tmp_path / policy, settle_tol=1e30, unconverged=policy, epochs=1), log=quiet)
+    assert metrics(tmp_path / "skip") == metrics(tmp_path / "apply")
+    assert metrics(tmp_path / "skip")[0]["skipped_updates"] == 0.0
+    assert_same_state(tmp_path / "skip", tmp_path / "apply")

@@ -505,6 +505,9 @@ def build_study_parser() -> argparse.ArgumentParser:
     p.add_argument("--nudged-phase", default="difference", choices=("state", "difference"),
                    help="variables the nudged phases settle in (Eq. 4.8; default difference: δ = s − s⁰, whose "
                         "float32 estimate is not rounded away at the bottom layers)")
+    p.add_argument("--unconverged", default="skip", choices=("apply", "skip"),
+                   help="a batch whose phase stopped unconverged (Eq. 3.14): skip its update (default: one such "
+                        "estimate, far from the gradient, can wreck a deep net in one step) or apply it")
     p.add_argument("--T1", type=int, default=100, help="most free-phase steps (the count when --settle-tol 0)")
     p.add_argument("--T2", type=int, default=60, help="most nudged-phase steps")
     p.add_argument("--beta", type=float, default=0.5)
@@ -575,7 +578,7 @@ def run_study_cli(ns) -> int:
     base = config_from_mapping({**signals, "dataset": a.dataset, "epochs": a.epochs, "teacher_epochs": a.teacher_epochs,
                                 "T1": a.T1, "T2": a.T2, "beta": a.beta, "lr": a.lr, "batch_size": a.batch_size,
                                 "feedback": a.feedback, "schedule": a.schedule, "settle_tol": a.settle_tol,
-                                "nudged_phase": a.nudged_phase, "dtype": a.dtype,
+                                "nudged_phase": a.nudged_phase, "unconverged": a.unconverged, "dtype": a.dtype,
                                 **({"backend": a.backend} if a.backend else {}), "augment": a.augment,
                                 "progress": "none",
                                 "download": a.download, "data_root": a.data_root,

@@ -156,6 +156,10 @@ class TrainConfig:
                                         "rounded to the float spacing of s; settle_tol then bounds the nudged "
                                         "residual in gradient units)",
                                choices=Imported("pyeqprop.learning.settle", "NUDGED_FORMS"))
+    unconverged: str = option("apply", "a batch's update when one of its phases stopped at T1/T2 above settle_tol "
+                                       "(Eq. 3.14): apply it, or skip the batch (no step, momentum untouched; "
+                                       "metrics.jsonl counts it in skipped_updates)",
+                              choices=Imported("pyeqprop.train.step", "UNCONVERGED_POLICIES"))
     shards: int = option(1, "contiguous sub-batches whose phases settle in parallel threads, one BLAS thread "
                             "each, combined by Eq. 4.7 (host backends; 2 uses both cores of a 2-core machine); "
                             "1: the whole batch in one thread", ge=1)

@@ -68,7 +68,7 @@ from .parallel import DataParallel, on_root
 from .progress import ProgressBar
 from .runfolder import (changed_keys, check_can_create, check_fresh, claim_run_dir, record_resume,
                         recorded_config)
-from .step import check_params_finite, step_metrics
+from .step import check_params_finite, skips_update, step_metrics
 from .student import build_network, learning_rates, make_signal_config
 from .teacher import build_teacher, get_teacher, rebuild_teacher
 
@@ -76,9 +76,10 @@ __all__ = ["train", "RunResult", "METRIC_KEYS"]
 
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "residual_free",
                "residual_nudged", "lr", "seconds", "grad_mean_abs", "steps_free", "steps_nudged",
-               "unconverged_free", "unconverged_nudged", "saturated_free")
+               "unconverged_free", "unconverged_nudged", "skipped_updates", "saturated_free")
 # grad_mean_abs: {layer weight: epoch mean of mean |g|}; steps_*: {min, median, p90, max} of the steps the
 # epoch's phases took; unconverged_*: the fraction of phases that hit T1/T2 above settle_tol (None when 0);
+# skipped_updates: the fraction of batches not applied for that (unconverged = "skip"; None when settle_tol 0);
 # saturated_free: {neuron layer: {"low", "high"}}, the fractions of the epoch's free-state entries at ρ = 0
 # and at ρ = 1 (Eq. 3.19)
 
@@ -122,7 +123,7 @@ class Progress:
 def _fresh_accum() -> dict:
     return {"loss": 0.0, "correct": 0, "seen": 0, "res_free": 0.0, "res_nudged": 0.0, "time": 0.0, "grad": {},
             "batches": 0, "steps_free": [], "steps_nudged": [], "unconverged_free": 0, "unconverged_nudged": 0,
-            "saturated": {}}
+            "saturated": {}, "skipped": 0}
 
 
 def _add_step(acc: dict, m) -> None:
@@ -140,6 +141,7 @@ def _add_step(acc: dict, m) -> None:
     acc.setdefault("steps_nudged", []).extend(m.steps_nudged)
     acc["unconverged_free"] = acc.get("unconverged_free", 0) + m.unconverged_free
     acc["unconverged_nudged"] = acc.get("unconverged_nudged", 0) + m.unconverged_nudged
+    acc["skipped"] = acc.get("skipped", 0) + m.skipped  # get: a checkpoint from before this field
     sums = acc.setdefault("saturated", {})  # setdefault: a checkpoint from before this field
     for name, counts in m.saturated_free.items():  # (n_lo, n_hi, size): fractions over the batches counted
         sums[name] = [a + b for a, b in zip(sums.get(name, [0, 0, 0]), counts)]
@@ -167,6 +169,7 @@ def _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, tol) -> dict:
             "steps_nudged": _distribution(acc.get("steps_nudged", [])),
             "unconverged_free": acc.get("unconverged_free", 0) / n_free if tol > 0 and n_free else None,
             "unconverged_nudged": acc.get("unconverged_nudged", 0) / n_nudged if tol > 0 and n_nudged else None,
+            "skipped_updates": acc.get("skipped", 0) / max(acc.get("batches", 0), 1) if tol > 0 else None,
             "saturated_free": _saturation(acc.get("saturated"))}
 
 
@@ -528,9 +531,12 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches, dp, pending=No
                         upd, xb, yb = dp.train_step(net, xb, yb, cfg, rng, where=(epoch + 1, b + 1),
                                                     stop=stop.requested)
                         busy = True
-                        opt.step(upd.grads)
-                        check_params_finite(net, (epoch + 1, b + 1))
+                        skip = skips_update(upd.estimate, cfg.unconverged)  # the same on every rank
+                        if not skip:
+                            opt.step(upd.grads)
+                            check_params_finite(net, (epoch + 1, b + 1))
                         m = step_metrics(net, upd, xb, yb)
+                        m.skipped = int(skip)
                         _add_step(acc, m)
                         total_batches += 1
                         prog.batch = b + 1

@@ -21,7 +21,19 @@ from ..learning.estimators import Estimate, draw_sign, estimate
 from ..model.saturation import saturated_counts
 from .errors import TrainingDiverged
 
-__all__ = ["Update", "StepMetrics", "train_step", "step_metrics", "batch_estimate", "check_params_finite"]
+__all__ = ["Update", "StepMetrics", "train_step", "step_metrics", "batch_estimate", "check_params_finite",
+           "UNCONVERGED_POLICIES", "skips_update"]
+
+UNCONVERGED_POLICIES = ("apply", "skip")
+"""What a batch does with an update one of whose phases stopped unconverged (SPEC 3.14, "Unconverged updates")."""
+
+
+def skips_update(est: Estimate, policy: str) -> bool:
+    """Whether the batch's update is skipped: ``policy`` "skip" and a phase of ``est`` stopped at its cap
+    above the tolerance (``converged is False``; fixed step counts, ``None``, never skip). Eq. 3.14."""
+    if policy not in UNCONVERGED_POLICIES:
+        raise ValueError(f"unconverged policy must be one of {', '.join(UNCONVERGED_POLICIES)}, got {policy!r}")
+    return policy == "skip" and any(ph.converged is False for ph in est.phases())
 
 
 @dataclass
@@ -52,6 +64,7 @@ class StepMetrics:
         (0 when settling fixed step counts: there is no tolerance to miss).
     saturated_free : {neuron layer name: (n_lo, n_hi, size)}: the free state's entries at ρ's lower and
         upper values and the layer's entry count over the batch (Eq. 3.19).
+    skipped : 1 when the batch's update was not applied (``unconverged = "skip"``, Eq. 3.14), else 0.
     """
 
     loss_sum: float
@@ -65,6 +78,7 @@ class StepMetrics:
     unconverged_free: int = 0
     unconverged_nudged: int = 0
     saturated_free: dict = field(default_factory=dict)
+    skipped: int = 0
 
 
 def _all_finite(xp, arrays) -> bool:
