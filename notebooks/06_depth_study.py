@@ -44,13 +44,15 @@ print("committed results:", [str(p.parent.name) for p in committed] or "none (in
 
 # %% [markdown]
 # ## The committed runs
-# `docs/results/depth/`: `pyeqprop study depth --arch c8-c8-c16m-c16-c16-c32m-c32-c32 --jobs 2`,
+# `docs/results/depth/`: `pyeqprop study depth --arch c8-c8-c16m-c16-c16-c32m-c32-c32 --unconverged apply --jobs 2`,
 # the deep net with the study's defaults (feedback gain 0.1, student and teacher weight scale 4,
 # 10 epochs, seeds 0-4, Gauss–Seidel phases settled to 1e-5, the nudged ones in difference variables
 # (SPEC Eq. 4.8; `depth-state/`: the same study with them in the state), λ = 0.1, kd weight 1, heads and maps
 # starting at zero, Eq. 6.7; each setting's rates chosen on seed 0's validation split from 0.02
 # or 0.05, with conv1-2 at that rate or a tenth of it); `depth-one-rate/`: the shallow and the
-# deep net with one rate for all layers, chosen from 0.02, 0.05, 0.1. For each: the mean ±
+# deep net with one rate for all layers, chosen from 0.02, 0.05, 0.1; `depth-b005/`: β = 0.05, every
+# setting at rate 0.05, batches with an unconverged phase skipped (`--unconverged skip`, SPEC Eq. 3.14;
+# README "Depth study", finding 5). For each: the mean ±
 # sample std over the seeds per setting, the paired differences to the exact gradient, the
 # chosen rates, plain EP against the equilibrium gradient per conv layer at initialisation,
 # then the training-loss curves (one line per seed) and the mean |gradient| of each conv layer's
