@@ -535,8 +535,7 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches, dp, pending=No
                         if not skip:
                             opt.step(upd.grads)
                             check_params_finite(net, (epoch + 1, b + 1))
-                        m = step_metrics(net, upd, xb, yb)
-                        m.skipped = int(skip)
+                        m = step_metrics(net, upd, xb, yb, skipped=skip)
                         _add_step(acc, m)
                         total_batches += 1
                         prog.batch = b + 1

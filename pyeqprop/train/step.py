@@ -152,9 +152,10 @@ def train_step(net, xb, yb, cfg, rng, *, where=(0, 0)) -> Update:
     return Update(est, mags)
 
 
-def step_metrics(net, upd: Update, xb, yb) -> StepMetrics:
+def step_metrics(net, upd: Update, xb, yb, *, skipped: bool = False) -> StepMetrics:
     """The batch's loss, correct count, |g| and saturated counts (Eq. 3.19) at the current parameters,
-    in one host transfer (float64: exact for the float32 values and for the counts)."""
+    in one host transfer (float64: exact for the float32 values and for the counts). ``skipped``: the
+    update was not applied (Eq. 3.14)."""
     xp = net.xp
     est = upd.estimate
     term = net.readout_term
@@ -172,4 +173,4 @@ def step_metrics(net, upd: Update, xb, yb) -> StepMetrics:
     return StepMetrics(host[0], int(host[1]), int(xb.shape[0]), est.free.residual,
                        max([0.0] + [ph.residual for ph in est.nudged]), dict(zip(keys, host[2:k])),
                        est.free.steps, [ph.steps for ph in est.nudged], int(est.free.converged is False),
-                       sum(int(ph.converged is False) for ph in est.nudged), saturated)
+                       sum(int(ph.converged is False) for ph in est.nudged), saturated, int(skipped))
