@@ -44,7 +44,8 @@ print("committed results:", [str(p.parent.name) for p in committed] or "none (in
 
 # %% [markdown]
 # ## The committed runs
-# `docs/results/depth/`: `pyeqprop study depth --arch c8-c8-c16m-c16-c16-c32m-c32-c32 --unconverged apply --jobs 2`,
+# `docs/results/depth/`: `pyeqprop study depth --arch c8-c8-c16m-c16-c16-c32m-c32-c32 --unconverged apply
+# --asymmetry-limit 0 --jobs 2`,
 # the deep net with the study's defaults (feedback gain 0.1, student and teacher weight scale 4,
 # 10 epochs, seeds 0-4, Gauss–Seidel phases settled to 1e-5, the nudged ones in difference variables
 # (SPEC Eq. 4.8; `depth-state/`: the same study with them in the state), λ = 0.1, kd weight 1, heads and maps

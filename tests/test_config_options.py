@@ -188,7 +188,7 @@ AWKWARD = {
     "init": "delta-orthogonal", "init_radius": 1.25, "feedback": 0.1 + 0.2,
     "estimator": "implicit", "beta": 0.125, "T1": 1, "T2": 123456789, "T_eval": 7, "schedule": "gauss-seidel",
     "settle_tol": 1e-9, "check_every": 1, "nudged_phase": "difference", "unconverged": "skip",
-    "shards": 2, "epochs": 2, "batch_size": 1,
+    "asymmetry_limit": 0.1 + 0.2, "shards": 2, "epochs": 2, "batch_size": 1,
     "lr": [0.25, 1e-7, 3.0], "momentum": 0.0, "weight_decay": 0.0, "lr_min": -0.0, "cosine_epochs": -1,
     "local_layers": "1,3", "local_weight": 2.5, "local_grid": 3, "local_loss": "mse", "kd_layers": "none",
     "kd_weight": 0.3333333333333333, "kd_normalisation": "sum", "output_kd_weight": 0.5, "temperature": 1e3,
@@ -203,14 +203,16 @@ def test_dump_load_round_trips_every_field_exactly(tmp_path):
     assert list(AWKWARD) == list(OPTIONS)
     defaults = TrainConfig()
     assert all(AWKWARD[k] != getattr(defaults, k) for k in AWKWARD)  # every field differs from its default
-    cfg = TrainConfig(**AWKWARD).validate()
-    path = tmp_path / "config.toml"
-    path.write_text(dump_toml(cfg), encoding="utf-8")
-    back = config_from_mapping(load_toml(path))
-    assert back == cfg
-    for name in OPTIONS:
-        assert type(getattr(back, name)) is type(getattr(cfg, name)), name
-    assert str(back.lr_min) == "-0.0"
+    # asymmetry_limit > 0 needs the symmetric estimator (Eq. 4.9): each of the two is awkward in one round trip
+    for awkward in ({**AWKWARD, "asymmetry_limit": 0.0}, {**AWKWARD, "estimator": "symmetric"}):
+        cfg = TrainConfig(**awkward).validate()
+        path = tmp_path / "config.toml"
+        path.write_text(dump_toml(cfg), encoding="utf-8")
+        back = config_from_mapping(load_toml(path))
+        assert back == cfg
+        for name in OPTIONS:
+            assert type(getattr(back, name)) is type(getattr(cfg, name)), name
+        assert str(back.lr_min) == "-0.0"
 
 
 def test_config_toml_is_flat_commented_and_keeps_the_old_value_lines():
@@ -284,7 +286,7 @@ def test_a_config_toml_of_the_earlier_format_still_loads(tmp_path):
     new_value_lines = [line for line in dump_toml(cfg).splitlines() if line and not line.startswith("#")]
     old_keys = {line.split(" = ")[0] for line in OLD_CONFIG_TOML.splitlines()}
     # the key = value lines are written as before; options added since (settling, Eq. 3.14; shards, Eq. 4.7;
-    # init, Eq. 3.16; nudged_phase, Eq. 4.8) take
+    # init, Eq. 3.16; nudged_phase, Eq. 4.8; asymmetry_limit, Eq. 4.9) take
     # their defaults
     assert [line for line in new_value_lines if line.split(" = ")[0] in old_keys] == OLD_CONFIG_TOML.splitlines()
     assert {line.split(" = ")[0] for line in new_value_lines} - old_keys == {"schedule", "settle_tol", "check_every",
@@ -292,7 +294,8 @@ def test_a_config_toml_of_the_earlier_format_still_loads(tmp_path):
                                                                                      "checkpoint_batches",
                                                                                      "checkpoint_minutes", "init",
                                                                                      "init_radius", "feedback",
-                                                                                     "nudged_phase", "unconverged"}
+                                                                                     "nudged_phase", "unconverged",
+                                                                                     "asymmetry_limit"}
 
 
 # ---------------------------------------------------------------------- (d) --help

@@ -304,3 +304,25 @@ def test_bench_scaling_reports_both_rank_counts_and_the_efficiency():
     assert set(table) == {1, 2} and all(v > 0 for v in table.values())
     eff = float(proc.stdout.rsplit("efficiency S2/(2 S1) = ", 1)[1].split()[0])
     assert eff == pytest.approx(table[2] / (2 * table[1]), abs=0.01)
+
+
+def test_two_ranks_add_up_the_response_sums_of_the_asymmetry_check(tmp_path):
+    """The symmetric estimator's response sums (Eq. 4.9) add over the ranks' shards: the epoch's largest a_l
+    agree with the one-process run of the same global batches, and a limit below them skips every batch on
+    every rank alike."""
+    sym = ["--estimator", "symmetric", "--epochs", "1"]
+    ref = tmp_path / "one"
+    train(TrainConfig(**{**TINY, "estimator": "symmetric", "epochs": 1, "asymmetry_limit": 1e30, "out": str(ref)}),
+          log=quiet)
+    run = tmp_path / "two"
+    rc, out, err = mpirun(2, *sym, "--asymmetry-limit", "1e30", "--out", str(run))
+    assert rc == 0, (out, err)
+    (g,), (w,) = rows(run), rows(ref)
+    assert g["skipped_asymmetric"] == w["skipped_asymmetric"] == 0.0
+    for k, v in w["asymmetry_max"].items():
+        assert abs(g["asymmetry_max"][k] - v) <= REL * v, (k, g["asymmetry_max"][k], v)
+    skip = tmp_path / "skip"
+    rc, out, err = mpirun(2, *sym, "--asymmetry-limit", "1e-300", "--out", str(skip))
+    assert rc == 0, (out, err)
+    assert rows(skip)[0]["skipped_asymmetric"] == 1.0
+    assert load_checkpoint(skip / "latest.npz").optimizer_state["steps"] == 0

@@ -76,7 +76,7 @@ def test_metrics_have_the_documented_keys_one_line_per_epoch(run):
         assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
         scalars = [k for k in METRIC_KEYS if k not in ("grad_mean_abs", "steps_free", "steps_nudged",
                                                        "unconverged_free", "unconverged_nudged", "skipped_updates",
-                                                       "saturated_free")]
+                                                       "saturated_free", "skipped_asymmetric", "asymmetry_max")]
         assert all(math.isfinite(r[k]) for k in scalars)
         # fixed step counts (settle_tol = 0): every phase took exactly T1 / T2 steps, no tolerance to miss
         assert r["steps_free"] == {"min": 5, "median": 5.0, "p90": 5.0, "max": 5}
@@ -90,6 +90,10 @@ def test_metrics_have_the_documented_keys_one_line_per_epoch(run):
         assert list(sat) == ["conv1"]
         assert 0.0 <= sat["conv1"]["low"] and 0.0 <= sat["conv1"]["high"]
         assert sat["conv1"]["low"] + sat["conv1"]["high"] <= 1.0
+        # the symmetric estimator's response asymmetry (Eq. 4.9): the epoch's largest a_l per neuron layer;
+        # the check is off (asymmetry_limit 0), so nothing is skipped for it
+        assert list(r["asymmetry_max"]) == ["conv1"] and 0.0 <= r["asymmetry_max"]["conv1"] < math.inf
+        assert r["skipped_asymmetric"] is None
     # the cosine schedule over 2 epochs: the full rate, then the midpoint between lr and lr_min
     cfg = tiny(run)
     assert lines[0]["lr"] == cfg.lr[0]

@@ -23,6 +23,7 @@ import pytest
 
 from pyeqprop.cli import main
 from pyeqprop.train.checkpoint import load_checkpoint
+from pyeqprop.train.config import ConfigError
 from pyeqprop.train.errors import TrainingDiverged
 from pyeqprop.train.loop import train
 
@@ -333,3 +334,36 @@ def test_skip_changes_nothing_when_every_phase_converges(tmp_path):
     assert metrics(tmp_path / "skip") == metrics(tmp_path / "apply")
     assert metrics(tmp_path / "skip")[0]["skipped_updates"] == 0.0
     assert_same_state(tmp_path / "skip", tmp_path / "apply")
+
+
+# ---------------------------------------------------------------- response asymmetry (SPEC 4.9)
+def test_asymmetry_limit_below_every_response_skips_every_batch(tmp_path):
+    # a limit below any a_l > 0: every batch's update is skipped for its asymmetry (Eq. 4.9)
+    cfg = tiny(tmp_path / "asym", estimator="symmetric", asymmetry_limit=1e-300, epochs=1)
+    train(cfg, log=quiet)
+    row = metrics(tmp_path / "asym")[0]
+    assert min(row["asymmetry_max"].values()) > 1e-300
+    assert row["skipped_asymmetric"] == 1.0 and row["skipped_updates"] == 1.0
+    c = load_checkpoint(tmp_path / "asym" / "latest.npz")
+    init = _init_params(cfg)
+    for k in init:
+        np.testing.assert_array_equal(c.params[k], init[k], err_msg=k)
+    assert all(not np.any(v) for v in c.optimizer_state["velocity"].values())
+
+
+def test_asymmetry_limit_above_every_response_changes_nothing(tmp_path):
+    # a limit no a_l reaches: the same run bitwise as with the check off; only the two counters differ
+    train(tiny(tmp_path / "on", estimator="symmetric", asymmetry_limit=1e30, epochs=1), log=quiet)
+    train(tiny(tmp_path / "off", estimator="symmetric", epochs=1), log=quiet)
+    on, off = metrics(tmp_path / "on")[0], metrics(tmp_path / "off")[0]
+    assert (on["skipped_asymmetric"], off["skipped_asymmetric"]) == (0.0, None)
+    assert (on["skipped_updates"], off["skipped_updates"]) == (0.0, None)  # settle_tol 0: None when the check is off
+    drop = ("skipped_asymmetric", "skipped_updates", "seconds")
+    assert {k: v for k, v in on.items() if k not in drop} == {k: v for k, v in off.items() if k not in drop}
+    assert_same_state(tmp_path / "on", tmp_path / "off")
+
+
+def test_asymmetry_limit_needs_the_symmetric_estimator(tmp_path):
+    with pytest.raises(ConfigError, match=r"config key 'asymmetry_limit' has value 0\.5; expected 0 with estimator "
+                                          r"'one-sided'"):
+        tiny(tmp_path / "x", asymmetry_limit=0.5, estimator="one-sided").validate()

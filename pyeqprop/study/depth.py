@@ -39,9 +39,10 @@ SETTINGS = {
     "ep+local": {"local_layers": "all", "kd_layers": "none"},
     "ep+kd": {"local_layers": "none", "kd_layers": "all"},
     "ep+local+kd": {"local_layers": "all", "kd_layers": "all"},
-    "implicit": {"local_layers": "none", "kd_layers": "none", "estimator": "implicit"},
-    "bptt": {"local_layers": "none", "kd_layers": "none", "estimator": "bptt", "settle_tol": 0.0},
-}
+    "implicit": {"local_layers": "none", "kd_layers": "none", "estimator": "implicit", "asymmetry_limit": 0.0},
+    "bptt": {"local_layers": "none", "kd_layers": "none", "estimator": "bptt", "settle_tol": 0.0,
+             "asymmetry_limit": 0.0},
+}  # the exact gradients have no nudged phase to compare (Eq. 4.9)
 EXACT = ("implicit", "bptt")
 """The settings that apply an exact gradient (Eqs. 5.7, 5.4): the reference of the paired differences."""
 DEFAULT_SETTINGS = ("ep", "ep+local", "ep+kd", "ep+local+kd", "implicit")
@@ -508,6 +509,10 @@ def build_study_parser() -> argparse.ArgumentParser:
     p.add_argument("--unconverged", default="skip", choices=("apply", "skip"),
                    help="a batch whose phase stopped unconverged (Eq. 3.14): skip its update (default: one such "
                         "estimate, far from the gradient, can wreck a deep net in one step) or apply it")
+    p.add_argument("--asymmetry-limit", type=float, default=0.5,
+                   help="skip a batch's update when some layer's response asymmetry ‖δ⁺ + δ⁻‖ / ‖δ⁺ − δ⁻‖ exceeds "
+                        "this (Eq. 4.9; default 0.5: O(β) where the response is smooth, near 1 where a nudged phase "
+                        "left for another fixed point; the exact-gradient settings have no nudged phase); 0: off")
     p.add_argument("--T1", type=int, default=100, help="most free-phase steps (the count when --settle-tol 0)")
     p.add_argument("--T2", type=int, default=60, help="most nudged-phase steps")
     p.add_argument("--beta", type=float, default=0.5)
@@ -579,6 +584,7 @@ def run_study_cli(ns) -> int:
                                 "T1": a.T1, "T2": a.T2, "beta": a.beta, "lr": a.lr, "batch_size": a.batch_size,
                                 "feedback": a.feedback, "schedule": a.schedule, "settle_tol": a.settle_tol,
                                 "nudged_phase": a.nudged_phase, "unconverged": a.unconverged, "dtype": a.dtype,
+                                "asymmetry_limit": a.asymmetry_limit,
                                 **({"backend": a.backend} if a.backend else {}), "augment": a.augment,
                                 "progress": "none",
                                 "download": a.download, "data_root": a.data_root,

@@ -160,6 +160,11 @@ class TrainConfig:
                                        "(Eq. 3.14): apply it, or skip the batch (no step, momentum untouched; "
                                        "metrics.jsonl counts it in skipped_updates)",
                               choices=Imported("pyeqprop.train.step", "UNCONVERGED_POLICIES"))
+    asymmetry_limit: float = option(0.0, "skip a batch's update when some layer's response asymmetry "
+                                         "‖δ⁺ + δ⁻‖ / ‖δ⁺ − δ⁻‖ of the two nudged phases exceeds this (Eq. 4.9: O(β) "
+                                         "where the response is smooth, near 1 where a phase left for another "
+                                         "fixed point; symmetric estimator only; metrics.jsonl counts it in "
+                                         "skipped_asymmetric); 0: off", ge=0)
     shards: int = option(1, "contiguous sub-batches whose phases settle in parallel threads, one BLAS thread "
                             "each, combined by Eq. 4.7 (host backends; 2 uses both cores of a 2-core machine); "
                             "1: the whole batch in one thread", ge=1)
@@ -234,6 +239,10 @@ class TrainConfig:
             raise ConfigError(f"config key 'settle_tol' has value {self.settle_tol!r}; expected 0 with estimator "
                               "'bptt', which differentiates exactly T1 steps (the implicit estimator gives the "
                               "gradient at the settled fixed point)")
+        if self.asymmetry_limit > 0 and self.estimator != "symmetric":
+            raise ConfigError(f"config key 'asymmetry_limit' has value {self.asymmetry_limit!r}; expected 0 with "
+                              f"estimator {self.estimator!r}: the asymmetry (Eq. 4.9) compares the two nudged "
+                              "phases of the symmetric estimator")
         return self
 
     @property

@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import BackendError, get_namespace
+from ..learning.response import too_asymmetric
 from ..learning.signals import attach_signals
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -76,12 +77,15 @@ __all__ = ["train", "RunResult", "METRIC_KEYS"]
 
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "residual_free",
                "residual_nudged", "lr", "seconds", "grad_mean_abs", "steps_free", "steps_nudged",
-               "unconverged_free", "unconverged_nudged", "skipped_updates", "saturated_free")
+               "unconverged_free", "unconverged_nudged", "skipped_updates", "saturated_free",
+               "skipped_asymmetric", "asymmetry_max")
 # grad_mean_abs: {layer weight: epoch mean of mean |g|}; steps_*: {min, median, p90, max} of the steps the
 # epoch's phases took; unconverged_*: the fraction of phases that hit T1/T2 above settle_tol (None when 0);
 # skipped_updates: the fraction of batches not applied for that (unconverged = "skip"; None when settle_tol 0);
 # saturated_free: {neuron layer: {"low", "high"}}, the fractions of the epoch's free-state entries at ρ = 0
-# and at ρ = 1 (Eq. 3.19)
+# and at ρ = 1 (Eq. 3.19); skipped_asymmetric: the fraction of batches not applied for their response
+# asymmetry (asymmetry_limit, Eq. 4.9; None when off; they count in skipped_updates too); asymmetry_max:
+# {neuron layer: the epoch's largest a_l} (Eq. 4.9; None without the symmetric estimator)
 
 
 @dataclass
@@ -123,7 +127,7 @@ class Progress:
 def _fresh_accum() -> dict:
     return {"loss": 0.0, "correct": 0, "seen": 0, "res_free": 0.0, "res_nudged": 0.0, "time": 0.0, "grad": {},
             "batches": 0, "steps_free": [], "steps_nudged": [], "unconverged_free": 0, "unconverged_nudged": 0,
-            "saturated": {}, "skipped": 0}
+            "saturated": {}, "skipped": 0, "asymmetric": 0, "asymmetry": {}}
 
 
 def _add_step(acc: dict, m) -> None:
@@ -142,6 +146,10 @@ def _add_step(acc: dict, m) -> None:
     acc["unconverged_free"] = acc.get("unconverged_free", 0) + m.unconverged_free
     acc["unconverged_nudged"] = acc.get("unconverged_nudged", 0) + m.unconverged_nudged
     acc["skipped"] = acc.get("skipped", 0) + m.skipped  # get: a checkpoint from before this field
+    acc["asymmetric"] = acc.get("asymmetric", 0) + m.asymmetric
+    worst = acc.setdefault("asymmetry", {})  # the epoch's largest a_l per layer (Eq. 4.9)
+    for name, a in m.asymmetry.items():
+        worst[name] = max(worst.get(name, 0.0), a)
     sums = acc.setdefault("saturated", {})  # setdefault: a checkpoint from before this field
     for name, counts in m.saturated_free.items():  # (n_lo, n_hi, size): fractions over the batches counted
         sums[name] = [a + b for a, b in zip(sums.get(name, [0, 0, 0]), counts)]
@@ -156,10 +164,11 @@ def _distribution(steps: list) -> dict | None:
             "max": int(a.max())}
 
 
-def _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, tol) -> dict:
+def _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, tol, limit=0.0) -> dict:
     """metrics.jsonl's line of a finished epoch (keys: METRIC_KEYS); ``val`` = (accuracy, loss) or None."""
     seen = max(acc["seen"], 1)
     n_free, n_nudged = len(acc.get("steps_free", [])), len(acc.get("steps_nudged", []))
+    n_batches = max(acc.get("batches", 0), 1)
     return {"epoch": epoch, "train_loss": acc["loss"] / seen, "train_acc": acc["correct"] / seen,
             "val_loss": None if val is None else val[1], "val_acc": None if val is None else val[0],
             "test_loss": test_loss, "test_acc": test_acc, "residual_free": acc["res_free"],
@@ -169,8 +178,10 @@ def _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, tol) -> dict:
             "steps_nudged": _distribution(acc.get("steps_nudged", [])),
             "unconverged_free": acc.get("unconverged_free", 0) / n_free if tol > 0 and n_free else None,
             "unconverged_nudged": acc.get("unconverged_nudged", 0) / n_nudged if tol > 0 and n_nudged else None,
-            "skipped_updates": acc.get("skipped", 0) / max(acc.get("batches", 0), 1) if tol > 0 else None,
-            "saturated_free": _saturation(acc.get("saturated"))}
+            "skipped_updates": acc.get("skipped", 0) / n_batches if tol > 0 or limit > 0 else None,
+            "saturated_free": _saturation(acc.get("saturated")),
+            "skipped_asymmetric": acc.get("asymmetric", 0) / n_batches if limit > 0 else None,
+            "asymmetry_max": dict(acc["asymmetry"]) if acc.get("asymmetry") else None}
 
 
 def _saturation(sums: dict | None) -> dict | None:
@@ -185,7 +196,7 @@ def _evaluate_epoch(cfg, net, data, acc, epoch, lr_now) -> dict:
     val = None if data.x_val is None else accuracy_and_loss(net, data.x_val, data.y_val, cfg.eval_steps,
                                                             settling=cfg.settling)
     test_acc, test_loss = accuracy_and_loss(net, data.x_test, data.y_test, cfg.eval_steps, settling=cfg.settling)
-    return _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, cfg.settle_tol)
+    return _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, cfg.settle_tol, cfg.asymmetry_limit)
 
 
 def _epoch_line(row, epochs) -> str:
@@ -532,10 +543,13 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches, dp, pending=No
                                                     stop=stop.requested)
                         busy = True
                         skip = skips_update(upd.estimate, cfg.unconverged)  # the same on every rank
-                        if not skip:
+                        # Eq. 4.9: the response sums are the global batch's, so this too is the same everywhere
+                        asym = (not skip and cfg.asymmetry_limit > 0
+                                and too_asymmetric(upd.asymmetry(), cfg.asymmetry_limit))
+                        if not (skip or asym):
                             opt.step(upd.grads)
                             check_params_finite(net, (epoch + 1, b + 1))
-                        m = step_metrics(net, upd, xb, yb, skipped=skip)
+                        m = step_metrics(net, upd, xb, yb, skipped=skip or asym, asymmetric=asym)
                         _add_step(acc, m)
                         total_batches += 1
                         prog.batch = b + 1

@@ -278,12 +278,14 @@ class DataParallel:
         keys = list(net.params)
         w = (sl.stop - sl.start) / n
         k_ph = self._nudged_phases(cfg)
+        n_resp = 2 * len(net.layers) if k_ph == 2 else 0  # the response sums of Eq. 4.9: they add over ranks
         if upd is not None:
             est = upd.estimate
             grads = [np.ravel(to_numpy(w * est.grads[k])) for k in keys]  # (n_r/n) g_r, Eq. 4.7
+            grads += [np.ravel(to_numpy(upd.response)).astype(np.float64)] if n_resp else []  # (L, 2) -> (2L,)
             meta = [x for ph in est.phases() for x in (ph.residual, ph.steps, int(ph.converged is False))]
         else:  # this rank's phase diverged: its row only says so
-            grads = [np.zeros(int(np.prod(net.params[k].shape))) for k in keys]
+            grads = [np.zeros(int(np.prod(net.params[k].shape))) for k in keys] + [np.zeros(n_resp)]
             meta = [0.0, 0, 0] * (1 + k_ph)
         meta += [float(failure is not None), float(stop)]
         rows = self.comm.allgather_rows(np.concatenate(grads + [np.asarray(meta, dtype=np.float64)]))
@@ -313,7 +315,8 @@ class DataParallel:
         est = replace(est, grads=grads_out, free=merged(est.free, 0),
                       nudged=[merged(ph, 1 + i) for i, ph in enumerate(est.nudged)])
         mags = {layer.weight: xp.mean(xp.abs(grads_out[layer.weight])) for layer in net.layers}
-        return Update(est, mags), xs, ys
+        response = xp.asarray(np.reshape(total[at:at + n_resp], (-1, 2))) if n_resp else None  # the batch's sums
+        return Update(est, mags, response), xs, ys
 
     @staticmethod
     def _nudged_phases(cfg) -> int:

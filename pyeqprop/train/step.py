@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ..backend import to_numpy
 from ..learning.estimators import Estimate, draw_sign, estimate
+from ..learning.response import asymmetry, response_sums
 from ..model.saturation import saturated_counts
 from .errors import TrainingDiverged
 
@@ -39,10 +40,17 @@ def skips_update(est: Estimate, policy: str) -> bool:
 @dataclass
 class Update:
     """One batch's update: the estimate (``grads`` is what the optimizer applies) and, on the device,
-    the mean |g| of each neuron layer's weight estimate."""
+    the mean |g| of each neuron layer's weight estimate and, for the symmetric estimator, the (L, 2)
+    sums of squares of its responses (:func:`~pyeqprop.learning.response.response_sums`, Eq. 4.9;
+    None for the other estimators)."""
 
     estimate: Estimate
     grad_mean_abs: dict
+    response: object = None
+
+    def asymmetry(self) -> list[float] | None:
+        """a_l per neuron layer (Eq. 4.9), one host transfer; None without two nudged phases."""
+        return None if self.response is None else asymmetry(self.response)
 
     @property
     def grads(self) -> dict:
@@ -64,7 +72,10 @@ class StepMetrics:
         (0 when settling fixed step counts: there is no tolerance to miss).
     saturated_free : {neuron layer name: (n_lo, n_hi, size)}: the free state's entries at ρ's lower and
         upper values and the layer's entry count over the batch (Eq. 3.19).
-    skipped : 1 when the batch's update was not applied (``unconverged = "skip"``, Eq. 3.14), else 0.
+    skipped : 1 when the batch's update was not applied (``unconverged = "skip"``, Eq. 3.14, or
+        ``asymmetry_limit``, Eq. 4.9), else 0.
+    asymmetric : 1 when it was not applied for its response asymmetry (Eq. 4.9), else 0.
+    asymmetry : {neuron layer name: a_l} (Eq. 4.9); empty without two nudged phases.
     """
 
     loss_sum: float
@@ -79,6 +90,8 @@ class StepMetrics:
     unconverged_nudged: int = 0
     saturated_free: dict = field(default_factory=dict)
     skipped: int = 0
+    asymmetric: int = 0
+    asymmetry: dict = field(default_factory=dict)
 
 
 def _all_finite(xp, arrays) -> bool:
@@ -149,13 +162,14 @@ def train_step(net, xb, yb, cfg, rng, *, where=(0, 0)) -> Update:
     est = batch_estimate(net, xb, yb, cfg, rng)
     check_phases_finite(net, est, where)
     mags = {layer.weight: xp.mean(xp.abs(est.grads[layer.weight])) for layer in net.layers}  # on device
-    return Update(est, mags)
+    two = len(est.nudged) == 2 and est.betas[0] == -est.betas[1]
+    return Update(est, mags, response_sums(est) if two else None)
 
 
-def step_metrics(net, upd: Update, xb, yb, *, skipped: bool = False) -> StepMetrics:
-    """The batch's loss, correct count, |g| and saturated counts (Eq. 3.19) at the current parameters,
-    in one host transfer (float64: exact for the float32 values and for the counts). ``skipped``: the
-    update was not applied (Eq. 3.14)."""
+def step_metrics(net, upd: Update, xb, yb, *, skipped: bool = False, asymmetric: bool = False) -> StepMetrics:
+    """The batch's loss, correct count, |g|, saturated counts (Eq. 3.19) and response asymmetry (Eq. 4.9)
+    at the current parameters, in one host transfer (float64: exact for the float32 values and for the
+    counts). ``skipped``: the update was not applied (Eq. 3.14 or 4.9); ``asymmetric``: for Eq. 4.9."""
     xp = net.xp
     est = upd.estimate
     term = net.readout_term
@@ -164,13 +178,20 @@ def step_metrics(net, upd: Update, xb, yb, *, skipped: bool = False) -> StepMetr
     correct = xp.sum(xp.astype(xp.argmax(net.logits(st), axis=1) == yb, loss.dtype))
     keys = list(upd.grad_mean_abs)
     sat = [c for pair in saturated_counts(net, st) for c in pair]
-    host = to_numpy(xp.stack([xp.astype(v, xp.float64) for v in (loss, correct, *upd.grad_mean_abs.values(), *sat)]))
+    resp = [] if upd.response is None else [xp.reshape(upd.response, (-1,))]  # (L, 2) -> (2L,)
+    host = to_numpy(xp.concat([xp.stack([xp.astype(v, xp.float64) for v in (loss, correct,
+                                                                              *upd.grad_mean_abs.values(), *sat)]),
+                               *[xp.astype(r, xp.float64) for r in resp]]))
     host = host.tolist()
     k = 2 + len(keys)
     sizes = [math.prod(s.shape) for s in st]
     saturated = {layer.name: (int(host[k + 2 * l]), int(host[k + 2 * l + 1]), sizes[l])
                  for l, layer in enumerate(net.layers)}
+    tail = host[k + len(sat):]
+    pairs = [tail[2 * l:2 * l + 2] for l in range(len(tail) // 2)]  # (2L,) -> L pairs of (4.9)'s sums
+    asym = dict(zip([layer.name for layer in net.layers], asymmetry(pairs))) if pairs else {}
     return StepMetrics(host[0], int(host[1]), int(xb.shape[0]), est.free.residual,
                        max([0.0] + [ph.residual for ph in est.nudged]), dict(zip(keys, host[2:k])),
                        est.free.steps, [ph.steps for ph in est.nudged], int(est.free.converged is False),
-                       sum(int(ph.converged is False) for ph in est.nudged), saturated, int(skipped))
+                       sum(int(ph.converged is False) for ph in est.nudged), saturated, int(skipped),
+                       int(asymmetric), asym)
