@@ -21,13 +21,18 @@ import math
 
 from ..backend import to_numpy
 
-__all__ = ["response_sums", "asymmetry", "too_asymmetric"]
+__all__ = ["has_response_pair", "response_sums", "asymmetry", "too_asymmetric"]
+
+
+def has_response_pair(est) -> bool:
+    """Whether ``est`` has the two nudged phases +β and −β that (4.9) compares (the symmetric estimator)."""
+    return len(est.nudged) == 2 and est.betas[0] == -est.betas[1]
 
 
 def _responses(est):
     """(δ^+, δ^−) per layer of a symmetric estimate: the phases' ``delta`` when they settled in
     difference variables, else s^{±β} − s^0."""
-    if len(est.nudged) != 2 or est.betas[0] != -est.betas[1]:
+    if not has_response_pair(est):
         raise ValueError("the response asymmetry (Eq. 4.9) needs the two nudged phases +β and −β of the symmetric "
                          f"estimator; got phases at beta {est.betas}")
     plus, minus = est.nudged

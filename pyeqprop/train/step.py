@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from ..backend import to_numpy
 from ..learning.estimators import Estimate, draw_sign, estimate
-from ..learning.response import asymmetry, response_sums
+from ..learning.response import asymmetry, has_response_pair, response_sums
 from ..model.saturation import saturated_counts
 from .errors import TrainingDiverged
 
@@ -162,8 +162,7 @@ def train_step(net, xb, yb, cfg, rng, *, where=(0, 0)) -> Update:
     est = batch_estimate(net, xb, yb, cfg, rng)
     check_phases_finite(net, est, where)
     mags = {layer.weight: xp.mean(xp.abs(est.grads[layer.weight])) for layer in net.layers}  # on device
-    two = len(est.nudged) == 2 and est.betas[0] == -est.betas[1]
-    return Update(est, mags, response_sums(est) if two else None)
+    return Update(est, mags, response_sums(est) if has_response_pair(est) else None)
 
 
 def step_metrics(net, upd: Update, xb, yb, *, skipped: bool = False, asymmetric: bool = False) -> StepMetrics:
