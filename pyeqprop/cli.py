@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a run trained on cupy can be evaluated with --backend numpy")
     p.add_argument("--gradients", type=int, default=0, metavar="N",
                    help="instead: the run's gradient estimate against the equilibrium gradient (Eq. 5.7) on its "
-                        "first N training batches, cosine and norm ratio per layer")
+                        "first N training batches, cosine and norm ratio per layer, and (symmetric estimator) the "
+                        "largest response asymmetry of Eq. 4.9")
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("plot", help="draw a run's curves.png (loss on a log scale, accuracy) from its metrics.jsonl")
     p.add_argument("run", metavar="RUN", help="the run folder")

@@ -209,11 +209,28 @@ def test_gradient_agreement_of_a_run_against_the_equilibrium_gradient(tmp_path, 
     for r in rows_:
         for cos, ratio in r["layers"].values():
             assert cos >= 1 - 1e-8 and abs(ratio - 1) <= 1e-6
+    assert all(r["asymmetry"] == {} and r["estimate_converged"] for r in rows_)  # no nudged phases (Eq. 4.9)
     ep = tmp_path / "ep"
     train(tiny(ep, epochs=1), log=quiet)
     assert main(["evaluate", str(ep), "--gradients", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("batch 0: conv1.weight cos ") and " ratio " in out
+    assert out.startswith("batch 0: conv1.weight cos ") and " ratio " in out and " asymmetry max " in out
+
+
+def test_gradient_agreement_reports_the_response_asymmetry_of_a_settled_symmetric_run(tmp_path):
+    """`--gradients` with the symmetric estimator gives a_l of Eq. 4.9 per neuron layer. Settled in
+    float64 at β = 0.01, the responses are ±β v + β² w + O(β³), so a_l = β‖w‖/‖v‖ + O(β²): it stays
+    below 0.5 unless ‖w‖/‖v‖ ≥ 50. The inverted ratio ‖δ⁺ − δ⁻‖/‖δ⁺ + δ⁻‖ would be ≥ 2, and a
+    missing pair would give no entries. The estimate there is the gradient to O(β²): cosine ≥ 0.99."""
+    from pyeqprop.train.evaluate import gradient_agreement
+
+    ep = tmp_path / "settled"
+    train(tiny(ep, dtype="float64", beta=0.01, settle_tol=1e-10, T1=400, T2=400, epochs=1), log=quiet)
+    (row,) = gradient_agreement(ep, batches=1, log=quiet)
+    assert row["converged"] and row["estimate_converged"]
+    assert list(row["asymmetry"]) == ["conv1"], row["asymmetry"]  # c4m: one neuron layer under the softmax readout
+    assert all(0.0 <= a < 0.5 for a in row["asymmetry"].values()), row["asymmetry"]
+    assert all(cos >= 0.99 for cos, _ in row["layers"].values()), row["layers"]
 
 
 # ---------------------------------------------------------------------- batch shards (Eq. 4.7)

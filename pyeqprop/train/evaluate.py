@@ -123,14 +123,18 @@ def gradient_agreement(path, *, batches: int = 5, dataset: str | None = None, ba
     ``batches`` training batches of epoch 1's order: the estimate the run trains with (its
     estimator, β, T1, T2, settling and dtype, signals included) and the equilibrium gradient of the
     same total cost computed in float64 at the free phase settled to 1e-9 (at most 3000 steps of the
-    run's schedule). Returns one dict per batch: per layer weight the cosine and norm ratio, and
-    whether the reference's free phase and solve converged. ``dataset``, ``backend`` and ``log`` as in
-    :func:`evaluate_run`.
+    run's schedule). Returns one dict per batch: ``layers``, per layer weight the cosine and norm
+    ratio; ``converged``, whether the reference's free phase and solve converged; ``estimate_converged``,
+    whether every phase of the estimate reached the run's tolerance (Eq. 3.14; True for fixed step
+    counts); ``asymmetry``, for the symmetric estimator each neuron layer's response asymmetry a_l
+    (Eq. 4.9; empty otherwise), the per-layer sign that a bad cosine comes from a nudged phase that
+    settled at another fixed point. ``dataset``, ``backend`` and ``log`` as in :func:`evaluate_run`.
     """
     import numpy as np
 
     from ..learning.compare import cosine_and_ratio
     from ..learning.implicit import equilibrium_gradient
+    from ..learning.response import asymmetry, has_response_pair, response_sums
     from ..learning.settle import Settling
     from ..learning.signals import attach_signals
     from .checkpoint import load_checkpoint
@@ -163,11 +167,18 @@ def gradient_agreement(path, *, batches: int = 5, dataset: str | None = None, ba
         est = batch_estimate(nets[cfg.dtype], xb, yb, cfg, np.random.default_rng([cfg.seed, 0, b]))
         ref = equilibrium_gradient(nets["float64"], xp.astype(xb, xp.float64), yb, T1=3000,
                                    settling=Settling(cfg.schedule, tol=1e-9))
-        row = {"batch": b, "converged": bool(ref.free.converged and ref.solved), "layers": {}}
-        for layer in nets["float64"].layers:
-            row["layers"][layer.weight] = cosine_and_ratio(est.grads[layer.weight], ref.grads[layer.weight])
+        layers = nets["float64"].layers
+        asym = asymmetry(response_sums(est)) if has_response_pair(est) else []
+        row = {"batch": b, "converged": bool(ref.free.converged and ref.solved),
+               "estimate_converged": all(ph.converged is not False for ph in est.phases()),
+               "layers": {layer.weight: cosine_and_ratio(est.grads[layer.weight], ref.grads[layer.weight])
+                          for layer in layers},
+               "asymmetry": {layer.name: a for layer, a in zip(layers, asym)}}
         out.append(row)
+        worst = max(row["asymmetry"].items(), key=lambda kv: kv[1], default=None)
         log(f"batch {b}: " + "  ".join(f"{k} cos {c:.4f} ratio {r:.3f}" for k, (c, r) in row["layers"].items())
+            + ("" if worst is None else f"  asymmetry max {worst[1]:.3f} ({worst[0]}, Eq. 4.9)")
+            + ("" if row["estimate_converged"] else "  (estimate's phase NOT converged)")
             + ("" if row["converged"] else "  (reference NOT converged)"))
     return out
 
