@@ -13,9 +13,12 @@ of the same architecture, Eq. 7.3). It writes, into the study folder:
     layer_grads_epochs.png      mean |gradient| of each conv layer against the epoch, per setting
     runs/<depth>-s<seed>-<setting>/   each run's own folder (config, metrics, checkpoints)
 
-The per-layer gradient magnitudes are those of the estimates the runs applied, averaged over
-the batches of the first epoch and over the seeds: how far down each setting's learning
-signal reaches at the start of training. (Not at the very first batch: heads and maps start
+The per-layer gradient magnitudes are those of every batch's estimate, averaged over the
+batches of the first epoch and over the seeds: how far down each setting's learning signal
+reaches at the start of training. A batch whose update was skipped (Eqs. 3.14, 4.9) counts
+too, so a skipped jump shows as a spike: EP + distillation, seed 0, epoch 3 of
+``docs/results/depth-b005-asym`` has conv1's mean at 7.1 against 0.045 and 0.031 in epochs 2 and 4
+(an applied update of that size would have wrecked a run that ended at 96.4 %). (Not at the very first batch: heads and maps start
 at zero, SPEC §6, and carry no signal until they have learned to read their layer.)
 """
 from __future__ import annotations
@@ -57,7 +60,7 @@ def conv_gradient_curve(history, conv_names, epoch: int = 0):
     """Mean |∂/∂W_l| of each conv layer, averaged over the batches of epoch ``epoch`` (0-based).
 
     ``history`` is a run's per-epoch rows (``grad_mean_abs``, recorded by the training loop
-    from the estimate each batch applied: Eq. 4.2 for EP, Eq. 5.4 for BPTT).
+    from every batch's estimate, applied or skipped: Eq. 4.2 for EP, Eq. 5.4 for BPTT).
     """
     mags = history[epoch]["grad_mean_abs"]
     return [mags[f"{k}.weight"] for k in conv_names]
