@@ -54,7 +54,9 @@ print("committed results:", [str(p.parent.name) for p in committed] or "none (in
 # deep net with one rate for all layers, chosen from 0.02, 0.05, 0.1; `depth-b005/`: β = 0.05, every
 # setting at rate 0.05, batches with an unconverged phase skipped (`--unconverged skip`, SPEC Eq. 3.14;
 # README "Depth study", finding 5); `depth-b005-asym/`: the same with batches whose nudged phase settled
-# at another fixed point skipped (`--asymmetry-limit 0.5`, SPEC Eq. 4.9; finding 6). For each: the mean ±
+# at another fixed point skipped (`--asymmetry-limit 0.5`, SPEC Eq. 4.9; finding 6); `depth-mnist5k/`: the
+# confirmation on mnist5k (28×28; `c8-c8m-c16-c16m-c32-c32-c32-c32`, EP, EP + both and the exact gradient,
+# seeds 0-2, 3 epochs, otherwise as `depth-b005-asym/`). For each: the mean ±
 # sample std over the seeds per setting, the paired differences to the exact gradient, the
 # chosen rates, plain EP against the equilibrium gradient per conv layer at initialisation,
 # then the training-loss curves (one line per seed) and the mean |gradient| of each conv layer's
