@@ -17,9 +17,10 @@ The per-layer gradient magnitudes are those of every batch's estimate, averaged 
 batches of the first epoch and over the seeds: how far down each setting's learning signal
 reaches at the start of training. A batch whose update was skipped (Eqs. 3.14, 4.9) counts
 too, so a skipped jump shows as a spike: EP + distillation, seed 0, epoch 3 of
-``docs/results/depth-b005-asym`` has conv1's mean at 7.1 against 0.045 and 0.031 in epochs 2 and 4
-(an applied update of that size would have wrecked a run that ended at 96.4 %). (Not at the very first batch: heads and maps start
-at zero, SPEC §6, and carry no signal until they have learned to read their layer.)
+``docs/results/depth-b005-asym`` has conv1's mean at 7.1 against 0.045 and 0.031 in epochs 2
+and 4 (an applied update of that size would have wrecked a run that ended at 96.4 %). (Not at
+the very first batch: heads and maps start at zero, SPEC §6, and carry no signal until they have
+learned to read their layer.)
 """
 from __future__ import annotations
 

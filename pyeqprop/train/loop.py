@@ -79,8 +79,9 @@ METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_
                "residual_nudged", "lr", "seconds", "grad_mean_abs", "steps_free", "steps_nudged",
                "unconverged_free", "unconverged_nudged", "skipped_updates", "saturated_free",
                "skipped_asymmetric", "asymmetry_max")
-# grad_mean_abs: {layer weight: epoch mean of mean |g|}, over every batch's estimate, the skipped ones too; steps_*: {min, median, p90, max} of the steps the
-# epoch's phases took; unconverged_*: the fraction of phases that hit T1/T2 above settle_tol (None when 0);
+# grad_mean_abs: {layer weight: epoch mean of mean |g|}, over every batch's estimate, the skipped ones too;
+# steps_*: {min, median, p90, max} of the steps the epoch's phases took; unconverged_*: the fraction of
+# phases that hit T1/T2 above settle_tol (None when 0);
 # skipped_updates: the fraction of batches not applied for that (unconverged = "skip"; None when settle_tol 0);
 # saturated_free: {neuron layer: {"low", "high"}}, the fractions of the epoch's free-state entries at ρ = 0
 # and at ρ = 1 (Eq. 3.19); skipped_asymmetric: the fraction of batches not applied for their response
