@@ -139,7 +139,7 @@ def gradient_agreement(path, *, batches: int = 5, dataset: str | None = None, ba
     from ..learning.signals import attach_signals
     from .checkpoint import load_checkpoint
     from .config import config_from_mapping
-    from .step import batch_estimate
+    from .step import batch_estimate, skips_update
     from .student import make_signal_config
     from .teacher import get_teacher
 
@@ -170,7 +170,7 @@ def gradient_agreement(path, *, batches: int = 5, dataset: str | None = None, ba
         layers = nets["float64"].layers
         asym = asymmetry(response_sums(est)) if has_response_pair(est) else []
         row = {"batch": b, "converged": bool(ref.free.converged and ref.solved),
-               "estimate_converged": all(ph.converged is not False for ph in est.phases()),
+               "estimate_converged": not skips_update(est, "skip"),  # no phase stopped unconverged (3.14)
                "layers": {layer.weight: cosine_and_ratio(est.grads[layer.weight], ref.grads[layer.weight])
                           for layer in layers},
                "asymmetry": {layer.name: a for layer, a in zip(layers, asym)}}
