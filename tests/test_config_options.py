@@ -37,6 +37,8 @@ HOME = {
     "estimator": estimators.ESTIMATORS,
     "local_loss": signals.LOCAL_LOSSES,
     "kd_normalisation": signals.KD_NORMALISATIONS,
+    "kd_schedule": signals.KD_SCHEDULES,
+    "kd_targets": signals.KD_TARGETS,
     "signal_init": signals.SIGNAL_INITS,
     "init": params.NETWORK_INITS,
     "backend": backend.BACKENDS,
@@ -191,7 +193,8 @@ AWKWARD = {
     "asymmetry_limit": 0.1 + 0.2, "shards": 2, "epochs": 2, "batch_size": 1,
     "lr": [0.25, 1e-7, 3.0], "momentum": 0.0, "weight_decay": 0.0, "lr_min": -0.0, "cosine_epochs": -1,
     "local_layers": "1,3", "local_weight": 2.5, "local_grid": 3, "local_loss": "mse", "kd_layers": "none",
-    "kd_weight": 0.3333333333333333, "kd_normalisation": "sum", "output_kd_weight": 0.5, "temperature": 1e3,
+    "kd_weight": 0.3333333333333333, "kd_normalisation": "sum", "kd_schedule": "cosine",
+    "kd_targets": "standardised", "output_kd_weight": 0.5, "temperature": 1e3,
     "signal_init": "uniform", "teacher_epochs": 0, "teacher_lr": 0.07, "teacher_batch_size": 5,
     "teacher_weight_scale": 4.0, "teacher": "C:\\teachers\\t.npz", "backend": "array_api_strict", "seed": 2**40 + 1,
     "out": 'runs/a "b" \\ c\nd\x7f\x01 ß', "progress": "bar", "checkpoint_every": 3,
@@ -286,8 +289,8 @@ def test_a_config_toml_of_the_earlier_format_still_loads(tmp_path):
     new_value_lines = [line for line in dump_toml(cfg).splitlines() if line and not line.startswith("#")]
     old_keys = {line.split(" = ")[0] for line in OLD_CONFIG_TOML.splitlines()}
     # the key = value lines are written as before; options added since (settling, Eq. 3.14; shards, Eq. 4.7;
-    # init, Eq. 3.16; nudged_phase, Eq. 4.8; asymmetry_limit, Eq. 4.9) take
-    # their defaults
+    # init, Eq. 3.16; nudged_phase, Eq. 4.8; asymmetry_limit, Eq. 4.9; kd_schedule and kd_targets, SPEC §6)
+    # take their defaults
     assert [line for line in new_value_lines if line.split(" = ")[0] in old_keys] == OLD_CONFIG_TOML.splitlines()
     assert {line.split(" = ")[0] for line in new_value_lines} - old_keys == {"schedule", "settle_tol", "check_every",
                                                                                      "shards", "val_fraction",
@@ -295,7 +298,8 @@ def test_a_config_toml_of_the_earlier_format_still_loads(tmp_path):
                                                                                      "checkpoint_minutes", "init",
                                                                                      "init_radius", "feedback",
                                                                                      "nudged_phase", "unconverged",
-                                                                                     "asymmetry_limit"}
+                                                                                     "asymmetry_limit", "kd_schedule",
+                                                                                     "kd_targets"}
 
 
 # ---------------------------------------------------------------------- (d) --help

@@ -76,7 +76,8 @@ def test_metrics_have_the_documented_keys_one_line_per_epoch(run):
         assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
         scalars = [k for k in METRIC_KEYS if k not in ("grad_mean_abs", "steps_free", "steps_nudged",
                                                        "unconverged_free", "unconverged_nudged", "skipped_updates",
-                                                       "saturated_free", "skipped_asymmetric", "asymmetry_max")]
+                                                       "saturated_free", "skipped_asymmetric", "asymmetry_max",
+                                                       "kd_weights")]
         assert all(math.isfinite(r[k]) for k in scalars)
         # fixed step counts (settle_tol = 0): every phase took exactly T1 / T2 steps, no tolerance to miss
         assert r["steps_free"] == {"min": 5, "median": 5.0, "p90": 5.0, "max": 5}
@@ -231,6 +232,43 @@ def test_gradient_agreement_reports_the_response_asymmetry_of_a_settled_symmetri
     assert list(row["asymmetry"]) == ["conv1"], row["asymmetry"]  # c4m: one neuron layer under the softmax readout
     assert all(0.0 <= a < 0.5 for a in row["asymmetry"].values()), row["asymmetry"]
     assert all(cos >= 0.99 for cos, _ in row["layers"].values()), row["layers"]
+
+
+def test_the_distillation_schedule_sets_each_epochs_weights_also_on_resume(tmp_path):
+    """kd_schedule = "cosine" (Eq. 6.8) over E = 2 epochs: γ(0) = γ, γ(1) = γ ½(1 + cos(π/2)) = γ/2,
+    as metrics.jsonl's kd_weights records them from the network. The factor comes from the epoch
+    alone, so a run stopped within epoch 2 (batch 4 of 3 per epoch) and resumed records the same;
+    the default schedule keeps γ (the TINY run: every conv layer distilled, γ = 1)."""
+    full = tmp_path / "full"
+    train(tiny(full, kd_schedule="cosine", kd_weight=0.8, kd_targets="standardised"), log=quiet)
+    assert [r["kd_weights"] for r in rows(full)] == [{"kd1": 0.8}, {"kd1": pytest.approx(0.4, rel=1e-15)}]
+    part = tmp_path / "part"
+    cfg = tiny(part, kd_schedule="cosine", kd_weight=0.8, kd_targets="standardised")
+    assert train(cfg, log=quiet, max_batches=4).interrupted
+    train(cfg, resume=part, log=quiet)
+    assert [r["kd_weights"] for r in rows(part)] == [r["kd_weights"] for r in rows(full)]
+    a, b = load_checkpoint(full / "latest.npz").params, load_checkpoint(part / "latest.npz").params
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # the resumed run is the same run
+
+
+def test_standardised_targets_reach_the_training_step(tmp_path):
+    """kd_targets = "standardised" (Eq. 6.9) in a real run: with one batch holding the whole training
+    split, the first update of the map's bias m_1 (zero at init, Eq. 6.7, so M_1 s + m_1 − t̂ = −t̂
+    whatever the state) is Δm = η γ mean_n Σ_pos t̂ / |t|, and t̂ sums to zero over that split: Δm
+    is round-off (float64, ~1e-16 of η). With raw targets t ≥ 0 (clipped ρ), Δm is the mean
+    activation per channel, > 0 wherever a channel is ever active."""
+    deltas = {}
+    for targets in ("raw", "standardised"):
+        out = tmp_path / targets
+        cfg = tiny(out, dtype="float64", batch_size=1000, local_layers="none", kd_targets=targets, lr=[0.1])
+        train(cfg, log=quiet, max_batches=1)
+        deltas[targets] = np.asarray(load_checkpoint(out / "latest.npz").params["kd1.bias"])  # m_1 started at 0
+    assert np.all(deltas["raw"] > 1e-6), deltas["raw"]
+    assert np.max(np.abs(deltas["standardised"])) <= 1e-13, deltas["standardised"]
+
+
+def test_the_default_run_records_constant_distillation_weights(run):
+    assert [r["kd_weights"] for r in rows(run)] == [{"kd1": 1.0}, {"kd1": 1.0}]
 
 
 # ---------------------------------------------------------------------- batch shards (Eq. 4.7)

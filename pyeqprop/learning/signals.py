@@ -23,9 +23,16 @@ bias m_l (c_t,) (a linear map (d_t, d_l) for fc layers):
 Output distillation (Eq. 6.6), temperature τ, teacher logits z_t, student logits z_s (s_L for
 mse, the softmax readout's logits otherwise):
     C^kd_out = −τ² Σ_k softmax(z_t/τ)_k log softmax(z_s/τ)_k,   ∂C^kd_out/∂z_s = τ (softmax(z_s/τ) − softmax(z_t/τ)).
+
+Distillation weight schedule (Eq. 6.8), epoch e of E: γ_l(e) = γ_l f(e), κ(e) = κ f(e), with
+f = 1 ("constant") or f(e) = ½(1 + cos(π e/E)) ("cosine").
+
+Standardised targets (Eq. 6.9): t̂_{l,c} = (t_{l,c} − μ_{l,c}) / σ̃_{l,c} per teacher channel c,
+μ and σ over the training split (samples and positions), σ̃ = σ, or 1 where σ = 0.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..backend import namespace_of
@@ -36,11 +43,14 @@ from ..model.params import ParamSpec
 from ..ops.softmax import log_softmax, onehot
 
 __all__ = ["SignalConfig", "LocalErrorHead", "DistillationMap", "OutputDistillation", "TeacherFeatures",
-           "attach_signals", "parse_layers", "LOCAL_LOSSES", "KD_NORMALISATIONS", "SIGNAL_INITS"]
+           "attach_signals", "parse_layers", "kd_schedule_factor", "set_kd_weights", "standardise_targets",
+           "LOCAL_LOSSES", "KD_NORMALISATIONS", "KD_SCHEDULES", "KD_TARGETS", "SIGNAL_INITS"]
 
 LOCAL_LOSSES = ("ce", "mse")  # C^loc_l of Eq. 6.3: cross-entropy of the head, or its squared error
 KD_NORMALISATIONS = ("mean", "sum")  # Eq. 6.5: divide by |t_l| (a mean squared error), or not
 SIGNAL_INITS = ("zeros", "uniform")  # heads and maps start at zero (Eq. 6.7) or uniform by Eq. 3.10
+KD_SCHEDULES = ("constant", "cosine")  # Eq. 6.8: γ_l as given in every epoch, or decayed by a half cosine
+KD_TARGETS = ("raw", "standardised")  # Eq. 6.9: the teacher's features t_l, or standardised per channel
 
 
 def _largest_divisor_at_most(n: int, g: int) -> int:
@@ -171,6 +181,7 @@ class DistillationMap:
         self.init = init
         self.state_shape = tuple(state_shape)
         self.teacher_shape = tuple(teacher_shape)
+        self.target_stats = None  # (μ_l, σ̃_l) of Eq. 6.9, each (c_t,), once standardise_targets has run
         if len(self.state_shape) != len(self.teacher_shape):
             raise ValueError(f"cannot distil teacher features of shape {self.teacher_shape} into a student layer "
                              f"of shape {self.state_shape}")
@@ -194,12 +205,24 @@ class DistillationMap:
         return [ParamSpec(f"{self.name}.weight", (dt, ds), ds, self.init),
                 ParamSpec(f"{self.name}.bias", (dt,), ds, self.init)]
 
-    def prepare(self, params, x, y):
+    def pooled_target(self, x):
+        """t_l(x) average-pooled to the student's spatial size (Eq. 6.4): (n, c_t, h_l, w_l) or (n, d_t)."""
         feats, _ = self.provider.get(x)
         t = feats[self.teacher_layer]
         if self.teacher_pool is not None and self.teacher_pool != (1, 1):
             t = avg_pool2d(t, kernel_size=self.teacher_pool, stride=self.teacher_pool)
         return t
+
+    def prepare(self, params, x, y):
+        """The target of Eq. 6.5: the pooled t_l, standardised per channel (Eq. 6.9) once
+        :func:`standardise_targets` has set ``target_stats``."""
+        t = self.pooled_target(x)
+        if self.target_stats is None:
+            return t
+        mu, sd = self.target_stats
+        shape = (1, -1, 1, 1) if self.conv else (1, -1)  # per channel, broadcast over samples (and positions)
+        xp = namespace_of(t)
+        return (t - xp.reshape(mu, shape)) / xp.reshape(sd, shape)
 
     def scale(self):
         """1/|t_l| for the mean normalisation, 1 for the sum (Eq. 6.5)."""
@@ -290,7 +313,8 @@ class OutputDistillation:
 
 
 def parse_layers(spec, n_candidates: int, what: str):
-    """'all' | 'none' | '' | comma list of 1-based layer numbers | list of ints -> sorted 0-based indices."""
+    """'all' | 'lower' | 'none' | '' | comma list of 1-based layer numbers | list of ints -> sorted 0-based
+    indices; 'lower' is the first ⌈n/2⌉ of the n candidates (Eq. 6.1)."""
     if spec is None:
         return []
     if isinstance(spec, str):
@@ -299,10 +323,13 @@ def parse_layers(spec, n_candidates: int, what: str):
             return []
         if text == "all":
             return list(range(n_candidates))
+        if text == "lower":
+            return list(range((n_candidates + 1) // 2))
         try:
             items = [int(t) for t in text.split(",") if t.strip()]
         except ValueError:
-            raise ValueError(f"{what} layers must be 'all', 'none' or a comma list of layer numbers, got {spec!r}") from None
+            raise ValueError(f"{what} layers must be 'all', 'lower', 'none' or a comma list of layer numbers, "
+                             f"got {spec!r}") from None
     else:
         items = [int(t) for t in spec]
     for i in items:
@@ -349,6 +376,74 @@ def _weights(w, n, what):
     if len(w) != n:
         raise ValueError(f"{what} weights: expected 1 or {n} values (one per selected layer), got {len(w)}")
     return w
+
+
+def kd_schedule_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """f(e) of Eq. 6.8 for epoch ``epoch`` (0-based) of ``epochs``: 1, or ½(1 + cos(π e/E)) for "cosine"."""
+    if schedule not in KD_SCHEDULES:
+        raise ValueError(f"distillation schedule must be {' or '.join(map(repr, KD_SCHEDULES))}, got {schedule!r}")
+    if epochs < 1 or not 0 <= epoch < epochs:
+        raise ValueError(f"epoch must be in 0..{epochs - 1} (of epochs = {epochs} >= 1), got {epoch}")
+    return 1.0 if schedule == "constant" else 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def set_kd_weights(net, factor: float) -> None:
+    """Set every distillation term's weight in ``net.cost_terms`` to its base weight γ_l or κ times
+    ``factor`` (Eq. 6.8); local heads and the readout keep theirs. The base weight is the one a term
+    had at the first call (``term.base_weight``), so calls do not compound."""
+    if not (math.isfinite(factor) and factor >= 0):
+        raise ValueError(f"distillation weight factor must be finite and >= 0, got {factor!r}")
+    out = []
+    for w, term in net.cost_terms:
+        if term.kind in ("kd", "kd_out"):
+            if not hasattr(term, "base_weight"):
+                term.base_weight = w
+            w = term.base_weight * factor
+        out.append((w, term))
+    net.cost_terms = out
+
+
+def standardise_targets(net, x, *, batch: int = 256) -> None:
+    """Give every distillation map of ``net`` the per-channel statistics of Eq. 6.9 over the samples ``x``.
+
+    For map l, channel c: μ_{l,c} and σ_{l,c} of the pooled teacher features (Eq. 6.4) over the samples
+    and positions of ``x`` (n, c, h, w), accumulated in float64 batch by batch, each batch's mean and
+    sum of squared deviations merged by Chan et al.'s pairwise update (no catastrophic cancellation
+    of Σt² − nμ²); σ̃ = σ, or 1 where σ = 0. Stored as ``target_stats`` in the map's dtype.
+    """
+    maps = [term for _, term in net.cost_terms if term.kind == "kd"]
+    if not maps:
+        return
+    xp = namespace_of(x)
+    n = x.shape[0]
+    if n < 1 or batch < 1:
+        raise ValueError(f"standardising distillation targets needs >= 1 sample and batch >= 1, got {n} and {batch}")
+    stats = [None] * len(maps)  # per map: (count, mean, M2), float64 per channel
+    dtypes = [None] * len(maps)  # the targets' own dtype, that of the student's cost
+    for start in range(0, n, batch):
+        xb = x[start:min(start + batch, n), ...]
+        for i, term in enumerate(maps):
+            t = term.pooled_target(xb)
+            dtypes[i] = t.dtype
+            t = xp.astype(t, xp.float64)
+            if term.conv:  # (n, c, h, w) -> (c, n·h·w): one column per sample and position
+                t = xp.reshape(xp.permute_dims(t, (1, 0, 2, 3)), (t.shape[1], -1))
+            else:  # (n, d) -> (d, n)
+                t = xp.permute_dims(t, (1, 0))
+            k = t.shape[1]
+            mean_b = xp.mean(t, axis=1)
+            m2_b = xp.sum((t - xp.expand_dims(mean_b, axis=1)) ** 2, axis=1)
+            if stats[i] is None:
+                stats[i] = (k, mean_b, m2_b)
+            else:
+                count, mean, m2 = stats[i]
+                total = count + k
+                d = mean_b - mean
+                stats[i] = (total, mean + d * (k / total), m2 + m2_b + d * d * (count * k / total))
+    for term, (count, mean, m2), dtype in zip(maps, stats, dtypes):
+        sd = xp.sqrt(m2 / count)
+        sd = xp.where(sd > 0, sd, xp.ones_like(sd))
+        term.target_stats = (xp.astype(mean, dtype), xp.astype(sd, dtype))
 
 
 def attach_signals(net, config: SignalConfig, teacher=None):

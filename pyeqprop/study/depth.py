@@ -43,6 +43,10 @@ SETTINGS = {
     "ep+local": {"local_layers": "all", "kd_layers": "none"},
     "ep+kd": {"local_layers": "none", "kd_layers": "all"},
     "ep+local+kd": {"local_layers": "all", "kd_layers": "all"},
+    # the distillation designs of SPEC (6.1), (6.8), (6.9), each against ep+kd
+    "ep+kd-lower": {"local_layers": "none", "kd_layers": "lower"},
+    "ep+kd-cosine": {"local_layers": "none", "kd_layers": "all", "kd_schedule": "cosine"},
+    "ep+kd-std": {"local_layers": "none", "kd_layers": "all", "kd_targets": "standardised"},
     "implicit": {"local_layers": "none", "kd_layers": "none", "estimator": "implicit", "asymmetry_limit": 0.0},
     "bptt": {"local_layers": "none", "kd_layers": "none", "estimator": "bptt", "settle_tol": 0.0,
              "asymmetry_limit": 0.0},
@@ -127,9 +131,10 @@ def summarise(rows):
         loss_m, loss_s = _mean_std([r["train_loss"] for r in group])
         acc_m, acc_s = _mean_std([r["test_acc"] for r in group])
         val_m, val_s = _mean_std([r.get("val_acc", float("nan")) for r in group])
+        vloss_m, vloss_s = _mean_std([r.get("val_loss", float("nan")) for r in group])
         summary.append({"depth": key[0], "arch": group[0]["arch"], "setting": key[1], "seeds": len(group),
                         "train_loss": loss_m, "train_loss_std": loss_s, "test_acc": acc_m, "test_acc_std": acc_s,
-                        "val_acc": val_m, "val_acc_std": val_s,
+                        "val_acc": val_m, "val_acc_std": val_s, "val_loss": vloss_m, "val_loss_std": vloss_s,
                         "epochs": group[0]["epochs"], "seconds": float(np.mean([r["seconds"] for r in group]))})
     return summary
 
@@ -258,13 +263,19 @@ def _pm(mean, std, seeds, fmt):
 
 
 def _table(summary) -> str:
-    head = ["depth", "arch", "setting", "seeds", "final train loss", "val accuracy (%)", "test accuracy (%)",
-            "epochs", "wall time (s)"]
+    head = ["depth", "arch", "setting", "seeds", "final train loss", "val loss", "val accuracy (%)",
+            "test accuracy (%)", "epochs", "wall time (s)"]
     return _markdown(head, [[r["depth"], f"`{r['arch']}`", r["setting"], str(r["seeds"]),
                              _pm(r["train_loss"], r["train_loss_std"], r["seeds"], "{:.3f}"),
+                             _pm(r.get("val_loss", float("nan")), r.get("val_loss_std", 0.0), r["seeds"], "{:.3f}"),
                              _pm(100 * r["val_acc"], 100 * r["val_acc_std"], r["seeds"], "{:.1f}"),
                              _pm(100 * r["test_acc"], 100 * r["test_acc_std"], r["seeds"], "{:.1f}"),
                              str(r["epochs"]), f"{r['seconds']:.0f}"] for r in summary])
+
+
+def _number(v) -> float:
+    """A metrics value as a float; NaN for None (no validation split)."""
+    return float("nan") if v is None else float(v)
 
 
 def _train_setting(job):
@@ -279,6 +290,7 @@ def _train_setting(job):
     row = {"depth": depth, "arch": cfg.arch, "seed": cfg.seed, "setting": name,
            "train_loss": hist[-1]["train_loss"] if hist else float("nan"), "test_acc": res.test_acc,
            "val_acc": hist[-1].get("val_acc", float("nan")) if hist else float("nan"),
+           "val_loss": _number(hist[-1].get("val_loss")) if hist else float("nan"),
            "epochs": len(hist), "seconds": res.seconds, "curve": [h["train_loss"] for h in hist],
            "layer_grads": [conv_gradient_curve(hist, convs, e) for e in range(len(hist))]}
     return row

@@ -31,7 +31,7 @@ from ..learning.shards import CPU_BACKENDS
 from ..model.readout import READOUTS
 from ..learning.estimators import ESTIMATORS
 from ..learning.settle import CHECK_EVERY, SCHEDULES, Settling
-from ..learning.signals import KD_NORMALISATIONS, LOCAL_LOSSES, SIGNAL_INITS
+from ..learning.signals import KD_NORMALISATIONS, KD_SCHEDULES, KD_TARGETS, LOCAL_LOSSES, SIGNAL_INITS
 from ..ops.activations import ACTIVATIONS
 from .progress import PROGRESS_MODES
 
@@ -180,16 +180,22 @@ class TrainConfig:
                                    "-1: constant learning rate", ge=-1)
     # intermediate signals (Eq. 6.1)
     local_layers: str = option("all", "layers A with a local error head (Eq. 6.1): all (every conv layer), "
-                                      "none, or 1-based conv layer numbers such as 1,3")
+                                      "lower (the first half), none, or 1-based conv layer numbers such as 1,3")
     local_weight: float = option(0.1, "weight λ_l of every local error cost (Eq. 6.1)", ge=0)
     local_grid: int = option(2, "pooling grid g of a local error head (Eq. 6.2)", ge=1)
     local_loss: str = option("ce", "local error cost C^loc_l (Eq. 6.3): cross-entropy (ce) or squared error (mse)",
                              choices=LOCAL_LOSSES)
     kd_layers: str = option("all", "layers D distilled from the teacher (Eq. 6.1): all (every conv layer), "
-                                   "none, or 1-based conv layer numbers such as 1,3")
+                                   "lower (the first half), none, or 1-based conv layer numbers such as 1,3")
     kd_weight: float = option(1.0, "weight γ_l of every distillation cost (Eq. 6.1)", ge=0)
     kd_normalisation: str = option("mean", "distillation cost C^kd_l (Eq. 6.5): divided by the teacher's "
                                            "feature count |t_l| (mean) or not (sum)", choices=KD_NORMALISATIONS)
+    kd_schedule: str = option("constant", "distillation weights over the epochs (Eq. 6.8): constant, or "
+                                          "cosine (γ_l and κ times ½(1 + cos(π e/E)) in epoch e of E)",
+                              choices=KD_SCHEDULES)
+    kd_targets: str = option("raw", "distillation targets (Eq. 6.9): the teacher's features (raw), or each channel "
+                                    "standardised by its mean and std over the training split (standardised)",
+                             choices=KD_TARGETS)
     output_kd_weight: float = option(0.0, "weight κ of output distillation (Eqs. 6.1, 6.6); 0: off", ge=0)
     temperature: float = option(4.0, "temperature τ of output distillation (Eq. 6.6)", gt=0)
     signal_init: str = option("zeros", "how local error heads and distillation maps start: "
@@ -356,7 +362,7 @@ class Option:
             except TypeError:  # an unhashable value tested against a mapping's keys
                 ok = False
         elif self.type is list:
-            ok = bool(value) and all(self._in_range(v) for v in value)
+            ok = isinstance(value, (list, tuple)) and bool(value) and all(self._in_range(v) for v in value)
         elif self.type in (int, float):
             ok = self._in_range(value)
         else:

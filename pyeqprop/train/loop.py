@@ -57,7 +57,7 @@ import numpy as np
 
 from ..backend import BackendError, get_namespace
 from ..learning.response import too_asymmetric
-from ..learning.signals import attach_signals
+from ..learning.signals import attach_signals, kd_schedule_factor, set_kd_weights, standardise_targets
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .curves import MATPLOTLIB_MISSING, figure_title, have_matplotlib, plot_curves
@@ -78,7 +78,7 @@ __all__ = ["train", "RunResult", "METRIC_KEYS"]
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "residual_free",
                "residual_nudged", "lr", "seconds", "grad_mean_abs", "steps_free", "steps_nudged",
                "unconverged_free", "unconverged_nudged", "skipped_updates", "saturated_free",
-               "skipped_asymmetric", "asymmetry_max")
+               "skipped_asymmetric", "asymmetry_max", "kd_weights")
 # grad_mean_abs: {layer weight: epoch mean of mean |g|}, over every batch's estimate, the skipped ones too;
 # steps_*: {min, median, p90, max} of the steps the epoch's phases took; unconverged_*: the fraction of
 # phases that hit T1/T2 above settle_tol (None when 0);
@@ -86,7 +86,8 @@ METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_
 # saturated_free: {neuron layer: {"low", "high"}}, the fractions of the epoch's free-state entries at ρ = 0
 # and at ρ = 1 (Eq. 3.19); skipped_asymmetric: the fraction of batches not applied for their response
 # asymmetry (asymmetry_limit, Eq. 4.9; None when off; they count in skipped_updates too); asymmetry_max:
-# {neuron layer: the epoch's largest a_l} (Eq. 4.9; None without the symmetric estimator)
+# {neuron layer: the epoch's largest a_l} (Eq. 4.9; None without the symmetric estimator); kd_weights:
+# {distillation term: the weight γ_l or κ it had in the epoch} (Eq. 6.8; None without distillation)
 
 
 @dataclass
@@ -165,7 +166,7 @@ def _distribution(steps: list) -> dict | None:
             "max": int(a.max())}
 
 
-def _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, tol, limit=0.0) -> dict:
+def _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, tol, limit=0.0, kd_weights=None) -> dict:
     """metrics.jsonl's line of a finished epoch (keys: METRIC_KEYS); ``val`` = (accuracy, loss) or None."""
     seen = max(acc["seen"], 1)
     n_free, n_nudged = len(acc.get("steps_free", [])), len(acc.get("steps_nudged", []))
@@ -182,7 +183,8 @@ def _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, tol, limit=0.0) -> 
             "skipped_updates": acc.get("skipped", 0) / n_batches if tol > 0 or limit > 0 else None,
             "saturated_free": _saturation(acc.get("saturated")),
             "skipped_asymmetric": acc.get("asymmetric", 0) / n_batches if limit > 0 else None,
-            "asymmetry_max": dict(acc["asymmetry"]) if acc.get("asymmetry") else None}
+            "asymmetry_max": dict(acc["asymmetry"]) if acc.get("asymmetry") else None,
+            "kd_weights": kd_weights or None}
 
 
 def _saturation(sums: dict | None) -> dict | None:
@@ -197,7 +199,8 @@ def _evaluate_epoch(cfg, net, data, acc, epoch, lr_now) -> dict:
     val = None if data.x_val is None else accuracy_and_loss(net, data.x_val, data.y_val, cfg.eval_steps,
                                                             settling=cfg.settling)
     test_acc, test_loss = accuracy_and_loss(net, data.x_test, data.y_test, cfg.eval_steps, settling=cfg.settling)
-    return _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, cfg.settle_tol, cfg.asymmetry_limit)
+    kd = {getattr(term, "name", term.kind): w for w, term in net.cost_terms if term.kind in ("kd", "kd_out")}
+    return _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, cfg.settle_tol, cfg.asymmetry_limit, kd)
 
 
 def _epoch_line(row, epochs) -> str:
@@ -208,10 +211,12 @@ def _epoch_line(row, epochs) -> str:
             f"residual free {row['residual_free']:.1e} nudged {row['residual_nudged']:.1e}  {row['seconds']:.1f}s")
 
 
-def _anneal(opt, cfg, epoch):
-    """Set this epoch's learning rates by the cosine schedule (Eq. 8.2); returns the largest."""
+def _anneal(opt, net, cfg, epoch):
+    """Set this epoch's learning rates by the cosine schedule (Eq. 8.2) and its distillation weights
+    (Eq. 6.8); returns the largest rate."""
     if cfg.cosine_epochs >= 0:
         opt.anneal(epoch, lr_min=cfg.lr_min, epochs_cos=cfg.cosine_epochs or cfg.epochs)
+    set_kd_weights(net, kd_schedule_factor(cfg.kd_schedule, epoch, cfg.epochs))
     return max(opt.lrs.values())
 
 
@@ -361,6 +366,8 @@ def _start(cfg, xp, run, ckpt, log, dp) -> _Job:
             teacher_acc = teacher.accuracy(data.x_test, data.y_test)
             log(f"teacher: test accuracy {100 * teacher_acc:.2f}%")
     attach_signals(net, signals, teacher if needs_teacher else None)
+    if cfg.kd_targets == "standardised":  # Eq. 6.9: from the teacher and the training split alone
+        standardise_targets(net, data.x_train)
     opt = SGD(net.params, lr=max(cfg.lr), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
               lr_per_param=learning_rates(net, cfg))
     if ckpt is not None:
@@ -527,7 +534,7 @@ def _run_epochs(cfg, job: _Job, prog: Progress, log, max_batches, dp, pending=No
                     if prog.accum is None:
                         prog.accum = _fresh_accum()
                     epoch, acc = prog.epoch, prog.accum
-                    lr_now = _anneal(opt, cfg, epoch)
+                    lr_now = _anneal(opt, net, cfg, epoch)
                     perm_rng = np.random.default_rng([cfg.seed, epoch])
                     bar = ProgressBar(n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                                       mode=cfg.progress if dp.is_root else "none")
