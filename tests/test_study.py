@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -70,11 +71,25 @@ def test_depth_study_writes_table_and_figures(tmp_path):
     for r in rows:
         if r["setting"] != "teacher (backprop, feed-forward)":
             assert len(r["layer_grads"]) == 2 and len(r["layer_grads"][0]) == (4 if r["depth"] == "deep" else 1)
-            assert 0.0 <= r["val_acc"] <= 1.0
+            assert 0.0 <= r["val_acc"] <= 1.0 and math.isfinite(r["val_loss"]) and r["val_loss"] > 0.0
+    for (depth, setting), line in summary.items():
+        if not setting.startswith("teacher"):
+            vals = [r["val_loss"] for r in rows if (r["depth"], r["setting"]) == (depth, setting)]
+            assert abs(line["val_loss"] - (vals[0] + vals[1]) / 2) <= 1e-12
     table = (out / "results.md").read_text()
     assert table.startswith("| depth |") and "ep+local" in table and " ± " in table and "Δ test accuracy" in table
     for name in ("curves.png", "layer_grads.png", "layer_grads_epochs.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_distillation_variants_are_one_option_from_ep_plus_kd():
+    """Each design of SPEC (6.1) lower, (6.8), (6.9) changes one option of EP + distillation, so
+    the study's comparison is of that option alone."""
+    from pyeqprop.study.depth import SETTINGS
+
+    for name, change in {"ep+kd-lower": {"kd_layers": "lower"}, "ep+kd-cosine": {"kd_schedule": "cosine"},
+                         "ep+kd-std": {"kd_targets": "standardised"}}.items():
+        assert SETTINGS[name] == {**SETTINGS["ep+kd"], **change}, name
 
 
 def test_depth_study_rejects_unknown_setting(tmp_path, capsys):

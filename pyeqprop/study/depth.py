@@ -3,9 +3,12 @@
 For a shallow and a deep architecture, and for each seed, it trains with the same data and
 budget: EP (symmetric), EP + local errors, EP + distillation, EP + both, BPTT (the exact
 gradient of the same dynamics, Eqs. 5.1-5.4) and the backprop teacher (a feed-forward network
-of the same architecture, Eq. 7.3). It writes, into the study folder:
+of the same architecture, Eq. 7.3). Three more settings try other distillation designs against
+EP + distillation on every conv layer: ``ep+kd-lower`` (the lower half of the conv layers only,
+Eq. 6.1), ``ep+kd-cosine`` (γ decayed over the run, Eq. 6.8) and ``ep+kd-std`` (standardised
+targets, Eq. 6.9). It writes, into the study folder:
 
-    results.json / results.md   final train loss, validation and test accuracy, epochs, wall time
+    results.json / results.md   final train loss, validation loss and accuracy, test accuracy, epochs, wall time
                                 (per seed, and mean ± sample std over the seeds), and each
                                 setting's paired difference to the exact gradient (same seed)
     curves.png                  training loss per epoch, every setting, depth and seed
