@@ -21,6 +21,8 @@ def test_depth_study_writes_table_and_figures(tmp_path):
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["feedback"] == 1.0 and res["config"]["schedule"] == "synchronous"
+    import numpy as np  # the versions the float32 numbers depend on are recorded with them
+    assert res["environment"]["numpy"] == np.__version__ and res["environment"]["python"].count(".") == 2
     rows = res["rows"]
     settings = {(r["depth"], r["setting"]) for r in rows}
     for depth in ("shallow", "deep"):

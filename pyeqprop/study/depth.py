@@ -385,7 +385,8 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
     run itself): the test split is never looked at to choose. Rows keep the order depth, seed, setting whatever the
     order the runs finish in. Writes results.json (per-seed ``rows``, the per-setting ``summary``
     over seeds, the ``paired`` differences to the exact gradient, first-epoch ``layer_grads``
-    averaged over seeds, the ``tuning`` runs and ``chosen_lr``, the configuration), results.md,
+    averaged over seeds, the ``tuning`` runs and ``chosen_lr``, the configuration and the
+    :func:`environment`), results.md,
     curves.png, layer_grads.png and layer_grads_epochs.png into ``out``.
     """
     from ..backend import get_namespace
@@ -485,12 +486,31 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
                                                                    "lr_bottom": v[1], "bottom_layers": bottom_layers}
                                                                   for (d, n), v in chosen.items()],
                                                     "ep_vs_bptt_at_init": agreement, "seeds": list(seeds),
-                                                    "config": base.to_dict(), "depths": depths}, indent=1))
+                                                    "config": base.to_dict(), "depths": depths,
+                                                    "environment": environment()}, indent=1))
     (study / "results.md").write_text(_table(summary) + "\n\n" + _paired_table(paired) + "\n")
     _plot(study, rows, grads)
     log(_table(summary))
     log(_paired_table(paired))
     return summary
+
+
+def environment() -> dict:
+    """The versions a float32 study's numbers depend on: training is chaotic, so a different BLAS or NumPy
+    rounds differently and ends at other numbers (the same versions reproduce a run bit for bit)."""
+    import platform
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),
+            "blas": _blas_name()}
+
+
+def _blas_name() -> str:
+    """NumPy's BLAS library and version as ``numpy.show_config`` reports it; "unknown" if it does not."""
+    try:
+        info = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{info.get('name', '?')} {info.get('version', '?')}"
+    except (TypeError, KeyError, AttributeError):
+        return "unknown"
 
 
 def _boolean(text) -> bool:
