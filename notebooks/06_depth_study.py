@@ -56,7 +56,9 @@ print("committed results:", [str(p.parent.name) for p in committed] or "none (in
 # README "Depth study", finding 5); `depth-b005-asym/`: the same with batches whose nudged phase settled
 # at another fixed point skipped (`--asymmetry-limit 0.5`, SPEC Eq. 4.9; finding 6); `depth-mnist5k/`: the
 # confirmation on mnist5k (28×28; `c8-c8m-c16-c16m-c32-c32-c32-c32`, EP, EP + both and the exact gradient,
-# seeds 0-2, 3 epochs, otherwise as `depth-b005-asym/`). For each: the mean ±
+# seeds 0-2, 3 epochs, otherwise as `depth-b005-asym/`); `depth-kd-variants/`: three distillation designs
+# beside distillation on every conv layer (the lower half only, a cosine-decayed γ, standardised targets;
+# SPEC Eqs. 6.1, 6.8, 6.9), seeds 0-2, chosen by validation loss. For each: the mean ±
 # sample std over the seeds per setting, the paired differences to the exact gradient, the
 # chosen rates, plain EP against the equilibrium gradient per conv layer at initialisation,
 # then the training-loss curves (one line per seed) and the mean |gradient| of each conv layer's
@@ -66,6 +68,8 @@ print("committed results:", [str(p.parent.name) for p in committed] or "none (in
 def show(results):
     for r in results["summary"]:
         val = "" if math.isnan(r.get("val_acc", math.nan)) else f"val {100 * r['val_acc']:5.1f}%  "
+        if not math.isnan(r.get("val_loss", math.nan)):
+            val = f"val loss {r['val_loss']:.3f}  " + val
         print(f"{r['depth']:>8} {r['setting']:<34} train loss {r['train_loss']:.3f} ± {r['train_loss_std']:.3f}  "
               f"{val}test {100 * r['test_acc']:5.1f} ± {100 * r['test_acc_std']:4.1f}%  "
               f"({r['seeds']} seeds, {r['seconds']:.0f} s per run)")
