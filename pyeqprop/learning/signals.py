@@ -388,19 +388,13 @@ def kd_schedule_factor(schedule: str, epoch: int, epochs: int) -> float:
 
 
 def set_kd_weights(net, factor: float) -> None:
-    """Set every distillation term's weight in ``net.cost_terms`` to its base weight γ_l or κ times
-    ``factor`` (Eq. 6.8); local heads and the readout keep theirs. The base weight is the one a term
-    had at the first call (``term.base_weight``), so calls do not compound."""
+    """Set every distillation term's weight in ``net.cost_terms`` to its base weight γ_l or κ (the one
+    :func:`attach_signals` gave it, ``term.base_weight``) times ``factor`` (Eq. 6.8), so calls do not
+    compound; local heads and the readout keep theirs."""
     if not (math.isfinite(factor) and factor >= 0):
         raise ValueError(f"distillation weight factor must be finite and >= 0, got {factor!r}")
-    out = []
-    for w, term in net.cost_terms:
-        if term.kind in ("kd", "kd_out"):
-            if not hasattr(term, "base_weight"):
-                term.base_weight = w
-            w = term.base_weight * factor
-        out.append((w, term))
-    net.cost_terms = out
+    net.cost_terms = [(term.base_weight * factor if term.kind in ("kd", "kd_out") else w, term)
+                      for w, term in net.cost_terms]
 
 
 def standardise_targets(net, x, *, batch: int = 256) -> None:
@@ -424,7 +418,7 @@ def standardise_targets(net, x, *, batch: int = 256) -> None:
         xb = x[start:min(start + batch, n), ...]
         for i, term in enumerate(maps):
             t = term.pooled_target(xb)
-            dtypes[i] = t.dtype
+            dtypes[i] = t.dtype  # the same for every batch
             t = xp.astype(t, xp.float64)
             if term.conv:  # (n, c, h, w) -> (c, n·h·w): one column per sample and position
                 t = xp.reshape(xp.permute_dims(t, (1, 0, 2, 3)), (t.shape[1], -1))
@@ -475,4 +469,7 @@ def attach_signals(net, config: SignalConfig, teacher=None):
     if config.output_kd_weight:
         terms.append(net.add_cost_term(OutputDistillation(net.readout_term, provider, temperature=config.temperature),
                                        config.output_kd_weight))
+    for w, term in net.cost_terms:
+        if term.kind in ("kd", "kd_out"):
+            term.base_weight = w  # γ_l or κ, which the schedule of Eq. 6.8 scales
     return terms

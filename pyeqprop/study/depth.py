@@ -292,7 +292,7 @@ def _train_setting(job):
     convs = [k[:-len(".weight")] for k in hist[0]["grad_mean_abs"] if k.startswith("conv")]
     row = {"depth": depth, "arch": cfg.arch, "seed": cfg.seed, "setting": name,
            "train_loss": hist[-1]["train_loss"] if hist else float("nan"), "test_acc": res.test_acc,
-           "val_acc": hist[-1].get("val_acc", float("nan")) if hist else float("nan"),
+           "val_acc": _number(hist[-1].get("val_acc")) if hist else float("nan"),
            "val_loss": _number(hist[-1].get("val_loss")) if hist else float("nan"),
            "epochs": len(hist), "seconds": res.seconds, "curve": [h["train_loss"] for h in hist],
            "layer_grads": [conv_gradient_curve(hist, convs, e) for e in range(len(hist))]}

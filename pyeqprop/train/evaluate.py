@@ -136,11 +136,11 @@ def gradient_agreement(path, *, batches: int = 5, dataset: str | None = None, ba
     from ..learning.implicit import equilibrium_gradient
     from ..learning.response import asymmetry, has_response_pair, response_sums
     from ..learning.settle import Settling
-    from ..learning.signals import attach_signals, kd_schedule_factor, set_kd_weights, standardise_targets
+    from ..learning.signals import attach_signals, kd_schedule_factor, set_kd_weights
     from .checkpoint import load_checkpoint
     from .config import config_from_mapping
     from .step import batch_estimate, skips_update
-    from .student import make_signal_config
+    from .student import make_signal_config, prepare_targets
     from .teacher import get_teacher
 
     p = Path(path)
@@ -156,8 +156,7 @@ def gradient_agreement(path, *, batches: int = 5, dataset: str | None = None, ba
     for dtype in (cfg.dtype, "float64"):
         net = build_network(dataclasses.replace(cfg, dtype=dtype), data.input_shape, data.num_classes, xp)
         attach_signals(net, signals, None if teacher is None else _teacher_as(teacher, dtype, xp))
-        if cfg.kd_targets == "standardised":  # the run's targets (Eq. 6.9)
-            standardise_targets(net, xp.astype(data.x_train, getattr(xp, dtype)))
+        prepare_targets(net, cfg, xp.astype(data.x_train, getattr(xp, dtype)))  # the run's targets (Eq. 6.9)
         # the distillation weights of the epoch the checkpoint's parameters were training in (Eq. 6.8)
         set_kd_weights(net, kd_schedule_factor(cfg.kd_schedule, min(int(ckpt.epoch), cfg.epochs - 1), cfg.epochs))
         for k in net.params:

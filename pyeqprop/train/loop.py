@@ -57,7 +57,7 @@ import numpy as np
 
 from ..backend import BackendError, get_namespace
 from ..learning.response import too_asymmetric
-from ..learning.signals import attach_signals, kd_schedule_factor, set_kd_weights, standardise_targets
+from ..learning.signals import attach_signals, kd_schedule_factor, set_kd_weights
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .curves import MATPLOTLIB_MISSING, figure_title, have_matplotlib, plot_curves
@@ -70,7 +70,7 @@ from .progress import ProgressBar
 from .runfolder import (changed_keys, check_can_create, check_fresh, claim_run_dir, record_resume,
                         recorded_config)
 from .step import check_params_finite, skips_update, step_metrics
-from .student import build_network, learning_rates, make_signal_config
+from .student import build_network, learning_rates, make_signal_config, prepare_targets
 from .teacher import build_teacher, get_teacher, rebuild_teacher
 
 __all__ = ["train", "RunResult", "METRIC_KEYS"]
@@ -366,8 +366,7 @@ def _start(cfg, xp, run, ckpt, log, dp) -> _Job:
             teacher_acc = teacher.accuracy(data.x_test, data.y_test)
             log(f"teacher: test accuracy {100 * teacher_acc:.2f}%")
     attach_signals(net, signals, teacher if needs_teacher else None)
-    if cfg.kd_targets == "standardised":  # Eq. 6.9: from the teacher and the training split alone
-        standardise_targets(net, data.x_train)
+    prepare_targets(net, cfg, data.x_train)  # Eq. 6.9: from the teacher and the training split alone
     opt = SGD(net.params, lr=max(cfg.lr), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
               lr_per_param=learning_rates(net, cfg))
     if ckpt is not None:

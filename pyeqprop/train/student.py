@@ -5,7 +5,7 @@ import math
 import os
 
 from ..backend import backend_name
-from ..learning.signals import SignalConfig, attach_signals
+from ..learning.signals import SignalConfig, attach_signals, standardise_targets
 from ..model.arch import parse_arch
 from ..model.crnn import CRNN
 from ..model.layers import make_layers, param_specs
@@ -13,8 +13,8 @@ from ..model.readout import make_readout
 from .config import ConfigError
 from .optim import per_layer_lrs
 
-__all__ = ["make_signal_config", "build_network", "build_student", "learning_rates", "memory_estimate",
-           "check_memory", "STATE_COPIES", "PARAM_COPIES"]
+__all__ = ["make_signal_config", "build_network", "build_student", "prepare_targets", "learning_rates",
+           "memory_estimate", "check_memory", "STATE_COPIES", "PARAM_COPIES"]
 
 PARAM_COPIES = 4
 """Parameter-sized arrays a training step holds: θ, the momentum buffer, the estimate and its scaled copy."""
@@ -107,6 +107,13 @@ def build_student(cfg, input_shape, num_classes, xp, teacher=None) -> CRNN:
     net = build_network(cfg, input_shape, num_classes, xp)
     attach_signals(net, make_signal_config(cfg), teacher)
     return net
+
+
+def prepare_targets(net, cfg, x_train) -> None:
+    """The distillation targets ``cfg`` asks for: with ``kd_targets = "standardised"``, each map's
+    per-channel statistics over the training split ``x_train`` (Eq. 6.9); raw targets need nothing."""
+    if cfg.kd_targets == "standardised":
+        standardise_targets(net, x_train)
 
 
 def learning_rates(net, cfg) -> dict[str, float]:
