@@ -209,8 +209,13 @@ def _cmd_conformance(ns):
 
 def _cmd_study(ns):
     from .study.depth import run_study_cli
+    from .study.workers import StudyStopped
 
-    return run_study_cli(ns)
+    try:
+        return run_study_cli(ns)
+    except StudyStopped as exc:  # every running run saved latest.npz; --resume continues
+        print(f"\n{exc}", file=sys.stderr)
+        return 128 + exc.signum
 
 
 def build_parser() -> argparse.ArgumentParser:

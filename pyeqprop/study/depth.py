@@ -24,6 +24,11 @@ too, so a skipped jump shows as a spike: EP + distillation, seed 0, epoch 3 of
 and 4 (an applied update of that size would have wrecked a run that ended at 96.4 %). (Not at
 the very first batch: heads and maps start at zero, SPEC §6, and carry no signal until they have
 learned to read their layer.)
+
+SIGTERM or Ctrl-C stops a study cleanly: every running run stops at its next batch and saves its
+latest.npz, and no further run starts (:mod:`pyeqprop.study.workers`; the exit status is 128 + the
+signal's number). The same command with ``--resume`` continues it: teachers and finished runs are
+read back, stopped runs go on from their checkpoint, and a run started with other flags is refused.
 """
 from __future__ import annotations
 
@@ -283,66 +288,75 @@ def _number(v) -> float:
 
 def _train_setting(job):
     """Train one (depth, seed, setting) run; returns its table row (``layer_grads``: the conv gradients of every
-    epoch)."""
-    from ..train.loop import train
+    epoch), or a :class:`~pyeqprop.study.workers.Stopped` when a signal stopped it.
 
-    cfg, depth, name = job
-    res = train(cfg, log=lambda m: None)
+    ``job`` is (config, depth, setting, resume). With ``resume`` a run folder that holds a run goes on
+    from its latest.npz (a finished one is only read back; :func:`_check_resumable` has checked it was
+    started with this configuration). The row's ``seconds`` is then the sum of its epochs' training
+    times, over every invocation that trained it (``resumed``: true); otherwise this invocation's wall time.
+    """
+    import signal
+
+    from ..train.loop import train
+    from ..train.runfolder import has_run
+    from .workers import Stopped
+
+    cfg, depth, name, resume = job
+    run = Path(cfg.out)
+    again = resume and has_run(run)
+    res = train(cfg, resume=run if again else None, log=lambda m: None)
+    if res.interrupted:
+        return Stopped(str(run), int(res.signal or signal.SIGINT))
     hist = res.history
     convs = [k[:-len(".weight")] for k in hist[0]["grad_mean_abs"] if k.startswith("conv")]
     row = {"depth": depth, "arch": cfg.arch, "seed": cfg.seed, "setting": name,
            "train_loss": hist[-1]["train_loss"] if hist else float("nan"), "test_acc": res.test_acc,
            "val_acc": _number(hist[-1].get("val_acc")) if hist else float("nan"),
            "val_loss": _number(hist[-1].get("val_loss")) if hist else float("nan"),
-           "epochs": len(hist), "seconds": res.seconds, "curve": [h["train_loss"] for h in hist],
+           "epochs": len(hist), "seconds": sum(h["seconds"] for h in hist) if again else res.seconds,
+           "resumed": bool(again), "curve": [h["train_loss"] for h in hist],
            "layer_grads": [conv_gradient_curve(hist, convs, e) for e in range(len(hist))]}
     return row
 
 
-_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+def _check_resumable(job) -> None:
+    """:class:`~pyeqprop.train.errors.TrainingError` when ``job`` resumes a run folder started with another
+    configuration (a study resumed with other flags would mix two studies in one table)."""
+    from ..train.errors import TrainingError
+    from ..train.runfolder import changed_keys, recorded_config
+
+    cfg, _, _, resume = job
+    run = Path(cfg.out)
+    if not (resume and (run / "config.toml").exists()):
+        return
+    was = recorded_config(run)
+    changed = changed_keys(cfg, was)
+    if changed:
+        raise TrainingError(f"cannot resume the study: {run} was started with "
+                            + ", ".join(f"{k} = {getattr(was, k)!r}" for k in changed) + ", the study now asks for "
+                            + ", ".join(f"{k} = {v!r}" for k, v in changed.items())
+                            + "; resume with the flags it was started with, or choose another --out")
 
 
 def _run_jobs(todo, jobs, log):
-    """Run ``_train_setting`` over ``todo``, in this process or in ``jobs`` worker processes.
+    """Train every job of ``todo`` (config, depth, setting, resume) with :func:`_train_setting`, ``jobs`` at a
+    time (:func:`~pyeqprop.study.workers.run_jobs`: a signal stops every run cleanly); rows in ``todo``'s order.
+    Every resumed run is checked first (:func:`_check_resumable`), so a mismatch starts nothing."""
+    from .workers import run_jobs
 
-    Workers start by "spawn" with each BLAS limited to cpu_count // jobs threads (unless the
-    caller set those variables): ``jobs`` processes each using every core would oversubscribe.
-    """
+    for job in todo:
+        _check_resumable(job)
+
     def done(row):
         log(f"[{row['depth']}, seed {row['seed']}] {row['setting']}: train loss {row['train_loss']:.4f}, "
             f"test {100 * row['test_acc']:.2f}%, {row['seconds']:.0f}s; first-epoch mean |grad| per conv layer "
             + " ".join(f"{v:.1e}" for v in row["layer_grads"][0]))
 
-    results = [None] * len(todo)
-    if jobs == 1:
-        for i, job in enumerate(todo):
-            log(f"[{job[1]}, seed {job[0].seed}] {job[2]}: training {job[0].arch} for {job[0].epochs} epochs")
-            results[i] = _train_setting(job)
-            done(results[i])
-        return results
-    import concurrent.futures as cf
-    import multiprocessing
-    import os
+    def begin(job):
+        cfg, depth, name, _ = job
+        log(f"[{depth}, seed {cfg.seed}] {name}: training {cfg.arch} for {cfg.epochs} epochs")
 
-    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    for k in _THREAD_VARS:
-        os.environ.setdefault(k, threads)
-    try:
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_train_setting, job): i for i, job in enumerate(todo)}
-            log(f"training {len(todo)} runs in {jobs} processes")
-            for fut in cf.as_completed(futures):
-                i = futures[fut]
-                results[i] = fut.result()
-                done(results[i])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return results
+    return run_jobs(_train_setting, todo, jobs, begin=begin, done=done, log=log)
 
 
 def choose_rates(tuning):
@@ -374,7 +388,7 @@ def layer_rates(cfg, input_shape, num_classes, rate: float, bottom: float, botto
 
 
 def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), jobs=1, lr_grid=None,
-                    lr_bottom=(1.0,), bottom_layers=2, log=print):
+                    lr_bottom=(1.0,), bottom_layers=2, resume=False, log=print):
     """Train every (depth, seed, setting) of the study from TrainConfig ``base``; returns the summary.
 
     Teachers are trained first, in this process; the student runs then go to ``jobs`` worker
@@ -388,6 +402,12 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
     averaged over seeds, the ``tuning`` runs and ``chosen_lr``, the configuration and the
     :func:`environment`), results.md,
     curves.png, layer_grads.png and layer_grads_epochs.png into ``out``.
+
+    A signal stops it cleanly (:mod:`pyeqprop.study.workers`, :class:`~pyeqprop.study.workers.StudyStopped`);
+    ``resume`` then continues it in the same ``out``: each teacher saved there is loaded, each finished run
+    read back, each stopped one continued from its latest.npz. Without ``resume`` an ``out`` that already
+    holds runs is refused before anything is trained (a teacher found there would otherwise be reused
+    silently, and the first run would fail on its folder mid-study).
     """
     from ..backend import get_namespace
     from ..train.data import prepare_data
@@ -396,6 +416,8 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     study = Path(out)
+    if not resume:
+        _check_fresh_study(study)
     (study / "runs").mkdir(parents=True, exist_ok=True)
     xp = get_namespace(base.backend)
     rows, plan, agreement, shapes = [], [], {}, {}
@@ -447,7 +469,7 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
             + (f" × bottom {bottom_layers} conv layers' factor {', '.join(f'{v:g}' for v in lr_bottom)}"
                if tuple(lr_bottom) != (1.0,) else "")
             + f" on the validation split of seed {seeds[0]} ({len(jobs_t)} runs)")
-        for (_, _, _, lr, f), row in zip(jobs_t, _run_jobs([j[:3] for j in jobs_t], jobs, log)):
+        for (_, _, _, lr, f), row in zip(jobs_t, _run_jobs([(*j[:3], resume) for j in jobs_t], jobs, log)):
             row["lr"], row["lr_bottom"] = lr, f
             tuning.append(row)
             done[(row["depth"], row["setting"], lr, f)] = row
@@ -466,7 +488,7 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
             if cfg.seed == seeds[0]:
                 results[slot] = done[(depth, name, lr, f)]
                 continue
-        todo.append((cfg, depth, name))
+        todo.append((cfg, depth, name, resume))
         slots.append(slot)
     results.update(zip(slots, _run_jobs(todo, jobs, log)))
     per_setting = {}
@@ -493,6 +515,20 @@ def run_depth_study(base, *, out, depths, settings=tuple(SETTINGS), seeds=(0,), 
     log(_table(summary))
     log(_paired_table(paired))
     return summary
+
+
+def _check_fresh_study(study: Path) -> None:
+    """:class:`~pyeqprop.train.errors.TrainingError` when ``study/runs`` holds a run or a teacher."""
+    from ..train.errors import TrainingError
+    from ..train.runfolder import has_run
+
+    runs = study / "runs"
+    held = sorted(str(d) for d in runs.glob("**/") if d != runs and (has_run(d) or (d / "teacher.npz").exists())) \
+        if runs.is_dir() else []
+    if held:
+        raise TrainingError(f"study folder {str(study)!r} already holds {len(held)} run or teacher folder(s) ({held[0]}"
+                            + (", …" if len(held) > 1 else "") + "); continue that study with --resume (the flags "
+                            "it was started with) or choose another --out")
 
 
 def environment(jobs: int = 1) -> dict:
@@ -589,6 +625,9 @@ def build_study_parser() -> argparse.ArgumentParser:
                    help="how heads and maps start (Eq. 6.7; default zeros)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, in worker processes (default 1)")
     p.add_argument("--out", default="study-depth")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped study in --out, with the flags it was started with: its teachers are "
+                        "loaded, finished runs read back and stopped ones continued from their latest.npz")
     return p
 
 
@@ -644,5 +683,5 @@ def run_study_cli(ns) -> int:
     if a.bottom_layers < 1:
         raise ValueError(f"--bottom-layers must be >= 1, got {a.bottom_layers}")
     run_depth_study(base, out=a.out, depths=depths, settings=settings, seeds=seeds, jobs=a.jobs, lr_grid=grid,
-                    lr_bottom=bottom, bottom_layers=a.bottom_layers)
+                    lr_bottom=bottom, bottom_layers=a.bottom_layers, resume=a.resume)
     return 0
