@@ -100,8 +100,9 @@ def test_depth_study_rejects_unknown_setting(tmp_path, capsys):
     assert "magic" in capsys.readouterr().err
 
 
-def test_depth_study_in_worker_processes(tmp_path):
-    """--jobs 2: the runs go to two spawned processes; rows keep the depth, seed, setting order."""
+def test_depth_study_in_worker_processes(tmp_path, capfd):
+    """--jobs 2: the runs go to two spawned processes; rows keep the depth, seed, setting order; each
+    worker prints its run's epoch lines, tagged with the run, to the study's stdout."""
     out = tmp_path / "study"
     rc = main(["study", "depth", "--epochs", "1", "--teacher-epochs", "1", "--T1", "6", "--T2", "3",
                "--schedule", "synchronous", "--settle-tol", "0", "--feedback", "1", "--weight-scale", "2",
@@ -113,6 +114,8 @@ def test_depth_study_in_worker_processes(tmp_path):
     deep = res["layer_grads"]["deep"]
     assert deep["ep"][0] == 0.0 and deep["ep+local"][0] > 0.0  # Eq. 4.5's delay, as in the run above
     assert all((out / "runs" / f"deep-s0-{s}" / "metrics.jsonl").exists() for s in ("ep", "ep+local"))
+    printed = capfd.readouterr().out
+    assert all(f"[deep, seed 0] {s}: epoch   1/1  train loss" in printed for s in ("ep", "ep+local"))
 
 
 def test_depth_study_chooses_each_settings_rate_on_the_validation_split(tmp_path):

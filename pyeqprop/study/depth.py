@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -286,9 +287,10 @@ def _number(v) -> float:
     return float("nan") if v is None else float(v)
 
 
-def _train_setting(job):
+def _train_setting(job, log=print):
     """Train one (depth, seed, setting) run; returns its table row (``layer_grads``: the conv gradients of every
-    epoch), or a :class:`~pyeqprop.study.workers.Stopped` when a signal stopped it.
+    epoch), or a :class:`~pyeqprop.study.workers.Stopped` when a signal stopped it. Each epoch's line of the
+    run goes to ``log``, tagged with the run (in a worker: printed, to the study's own stdout).
 
     ``job`` is (config, depth, setting, resume). With ``resume`` a run folder that holds a run goes on
     from its latest.npz (a finished one is only read back; :func:`_check_resumable` has checked it was
@@ -304,7 +306,13 @@ def _train_setting(job):
     cfg, depth, name, resume = job
     run = Path(cfg.out)
     again = resume and has_run(run)
-    res = train(cfg, resume=run if again else None, log=lambda m: None)
+    tag = f"[{depth}, seed {cfg.seed}] {name}:"
+
+    def epoch_line(msg):
+        if msg.lstrip().startswith("epoch"):
+            log(f"{tag} {msg.strip()}")
+
+    res = train(cfg, resume=run if again else None, log=epoch_line)
     if res.interrupted:
         return Stopped(str(run), int(res.signal or signal.SIGINT))
     hist = res.history
@@ -356,7 +364,8 @@ def _run_jobs(todo, jobs, log):
         cfg, depth, name, _ = job
         log(f"[{depth}, seed {cfg.seed}] {name}: training {cfg.arch} for {cfg.epochs} epochs")
 
-    return run_jobs(_train_setting, todo, jobs, begin=begin, done=done, log=log)
+    fn = _train_setting if jobs > 1 else functools.partial(_train_setting, log=log)  # workers print
+    return run_jobs(fn, todo, jobs, begin=begin, done=done, log=log)
 
 
 def choose_rates(tuning):

@@ -24,6 +24,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,8 +66,11 @@ _state = _WorkerState()
 
 
 def _worker_init(lifeline) -> None:
-    """Each worker's first act: ignore SIGINT and watch the lifeline."""
+    """Each worker's first act: ignore SIGINT, watch the lifeline, and print whole lines at once (the
+    workers share the study's stdout)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     threading.Thread(target=_watch, args=(lifeline,), daemon=True, name="pyeqprop-lifeline").start()
 
 
