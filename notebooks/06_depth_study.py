@@ -56,7 +56,8 @@ print("committed results:", [str(p.parent.name) for p in committed] or "none (in
 # README "Depth study", finding 5); `depth-b005-asym/`: the same with batches whose nudged phase settled
 # at another fixed point skipped (`--asymmetry-limit 0.5`, SPEC Eq. 4.9; finding 6); `depth-mnist5k/`: the
 # confirmation on mnist5k (28×28; `c8-c8m-c16-c16m-c32-c32-c32-c32`, EP, EP + both and the exact gradient,
-# seeds 0-2, 3 epochs, otherwise as `depth-b005-asym/`); `depth-kd-variants/`: three distillation designs
+# seeds 0-2, 3 epochs, otherwise as `depth-b005-asym/`; `depth-mnist5k-signals/`: EP + local, EP +
+# distillation and that study's own exact gradient); `depth-kd-variants/`: three distillation designs
 # beside distillation on every conv layer (the lower half only, a cosine-decayed γ, standardised targets;
 # SPEC Eqs. 6.1, 6.8, 6.9), seeds 0-2, chosen by validation loss. For each: the mean ±
 # sample std over the seeds per setting, the paired differences to the exact gradient, the
