@@ -116,6 +116,11 @@ def test_depth_study_in_worker_processes(tmp_path, capfd):
     assert all((out / "runs" / f"deep-s0-{s}" / "metrics.jsonl").exists() for s in ("ep", "ep+local"))
     printed = capfd.readouterr().out
     assert all(f"[deep, seed 0] {s}: epoch   1/1  train loss" in printed for s in ("ep", "ep+local"))
+    import os  # the BLAS threads recorded: one share of the cores per worker, every core for the teacher (here)
+    cpus, set_ = os.cpu_count() or 1, os.environ.get("OPENBLAS_NUM_THREADS")
+    env = res["environment"]
+    assert (env["blas_threads"], env["teacher_blas_threads"]) == ((set_, set_) if set_ else
+                                                                  (str(max(1, cpus // 2)), f"all ({cpus})"))
 
 
 def test_depth_study_chooses_each_settings_rate_on_the_validation_split(tmp_path):

@@ -546,15 +546,17 @@ def environment(jobs: int = 1) -> dict:
     depth-b005-asym's command ends at train loss 0.0158 / test 96.11 % with one BLAS thread and at
     0.0127 / 96.39 % with two; three one-thread runs, two of them at different commits, agreed to
     every printed digit). ``blas_threads``: the threads each
-    run's BLAS got (:func:`_run_jobs`: $OPENBLAS_NUM_THREADS when set, else cpu_count // jobs for
-    worker processes and every core in this process)."""
+    student run's BLAS got (:func:`_run_jobs`: $OPENBLAS_NUM_THREADS when set, else cpu_count // jobs for
+    worker processes and every core in this process); ``teacher_blas_threads``: the teachers', which
+    train in this process before the runs start."""
     import os
     import platform
 
     cpus = os.cpu_count() or 1
-    threads = os.environ.get("OPENBLAS_NUM_THREADS") or (str(max(1, cpus // jobs)) if jobs > 1 else f"all ({cpus})")
+    here = os.environ.get("OPENBLAS_NUM_THREADS") or f"all ({cpus})"
+    threads = here if jobs == 1 or os.environ.get("OPENBLAS_NUM_THREADS") else str(max(1, cpus // jobs))
     return {"python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),
-            "blas": _blas_name(), "cpus": cpus, "blas_threads": threads}
+            "blas": _blas_name(), "cpus": cpus, "blas_threads": threads, "teacher_blas_threads": here}
 
 
 def _blas_name() -> str:
