@@ -308,7 +308,7 @@ def _train_setting(job, log=print):
     again = resume and has_run(run)
     tag = f"[{depth}, seed {cfg.seed}] {name}:"
 
-    def epoch_line(msg):
+    def epoch_line(msg):  # the loop's per-epoch line (train.loop._epoch_line); its other messages are dropped
         if msg.lstrip().startswith("epoch"):
             log(f"{tag} {msg.strip()}")
 
@@ -546,15 +546,17 @@ def environment(jobs: int = 1) -> dict:
     depth-b005-asym's command ends at train loss 0.0158 / test 96.11 % with one BLAS thread and at
     0.0127 / 96.39 % with two; three one-thread runs, two of them at different commits, agreed to
     every printed digit). ``blas_threads``: the threads each
-    student run's BLAS got (:func:`_run_jobs`: $OPENBLAS_NUM_THREADS when set, else cpu_count // jobs for
-    worker processes and every core in this process); ``teacher_blas_threads``: the teachers', which
-    train in this process before the runs start."""
+    student run's BLAS got (in worker processes :func:`~pyeqprop.study.workers.worker_threads`, in this
+    process $OPENBLAS_NUM_THREADS or every core); ``teacher_blas_threads``: the teachers', which train in
+    this process before the runs start."""
     import os
     import platform
 
+    from .workers import worker_threads
+
     cpus = os.cpu_count() or 1
     here = os.environ.get("OPENBLAS_NUM_THREADS") or f"all ({cpus})"
-    threads = here if jobs == 1 or os.environ.get("OPENBLAS_NUM_THREADS") else str(max(1, cpus // jobs))
+    threads = here if jobs == 1 else worker_threads(jobs)
     return {"python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),
             "blas": _blas_name(), "cpus": cpus, "blas_threads": threads, "teacher_blas_threads": here}
 

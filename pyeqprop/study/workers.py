@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["Stopped", "StudyStopped", "run_jobs"]
+__all__ = ["Stopped", "StudyStopped", "run_jobs", "worker_threads"]
 
 _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -107,6 +107,17 @@ def _run_one(fn, job):
 
 
 # ---------------------------------------------------------------------------------------------- study side
+def worker_threads(jobs: int) -> str:
+    """The BLAS threads each of ``jobs`` workers gets: cpu_count // jobs (at least 1), or what the caller set
+    in $OPENBLAS_NUM_THREADS (:func:`run_jobs` sets the thread variables the caller left unset to the share)."""
+    return os.environ.get("OPENBLAS_NUM_THREADS") or _share(jobs)
+
+
+def _share(jobs: int) -> str:
+    """cpu_count // jobs, at least 1: the threads that ``jobs`` processes can each use without oversubscribing."""
+    return str(max(1, (os.cpu_count() or 1) // jobs))
+
+
 class _Terminated(BaseException):
     """SIGTERM, raised in the study's main thread while its workers run."""
 
@@ -163,9 +174,8 @@ def run_jobs(fn, todo, jobs: int, *, begin=lambda job: None, done=lambda out: No
             done(out)
         return results
     saved_env = {k: os.environ.get(k) for k in _THREAD_VARS}
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
     for k in _THREAD_VARS:
-        os.environ.setdefault(k, threads)
+        os.environ.setdefault(k, _share(jobs))
     ctx = multiprocessing.get_context("spawn")
     lifeline, keeper = ctx.Pipe(duplex=False)  # the workers read; only this process holds the write end
     results, stopped, signum = [None] * len(todo), [], None
