@@ -337,6 +337,68 @@ def test_symmetric_ep_with_converged_phases_tends_to_the_equilibrium_gradient(cf
             assert errs[e][i + 1] <= allowed, (cfg, schedule, e, kept, errs[e], floors)
 
 
+def test_the_solve_stops_on_the_residual_of_the_system_in_mu_on_a_deep_net_with_weak_feedback():
+    """Eq. 5.7's stopping rule: the solve runs in ν = (M D)^{-1/2} μ, whose layer l shrinks like ω^{(L−l)/2},
+    but stops on the residual of (I − J) μ = D g as written, r = D g − μ + D (∂u/∂s)ᵀ μ, recomputed
+    here with ``hessian_vector`` (not the symmetric product the solve uses). Ten layers at ω = 0.1 and
+    rtol = 1e-4 (float32's 1000·eps): a stop in ν ends after a few iterations, before the Krylov space
+    (one layer per iteration from the readout) reaches conv1, and leaves μ_1 = 0.
+
+    Bounds, float64: the recursive residual CG stops on drifts from the true one by at most
+    k·γ_d·(‖D g‖ + (1 + ‖K‖₂)‖μ‖) after k iterations (K = D (∂u/∂s)ᵀ, assembled densely); the error of μ
+    is then at most ‖(I − K)⁻¹‖₂·‖r‖, plus the reference solve's own (rtol 1e-13, same bound)."""
+    import pyeqprop as pe
+    from pyeqprop.learning.costs import mean_cost_gradients
+
+    net = pe.CRNN("-".join(["c2"] * 10), (1, 4, 4), num_classes=3, readout="softmax", dtype="float64", seed=0,
+                  weight_scale=2.0, feedback=0.1)
+    x = np.random.default_rng(3).uniform(0, 1, (2, 1, 4, 4))
+    y = np.array([0, 2])
+    ref = equilibrium_gradient(net, x, y, T1=3000, settling=Settling("gauss-seidel", tol=1e-13), rtol=1e-13)
+    assert ref.free.converged and ref.solved
+    s = ref.free.state
+    rtol = 1e-4
+    got = equilibrium_gradient(net, x, y, T1=0, free_state=s, rtol=rtol)
+    assert got.solved and got.rel_residual <= rtol
+
+    nudge = net.nudge(x, y)
+    d = net.drive(x, s, nudge)
+    D = [net.act.grad(u) for u in d.u]
+    g, _ = mean_cost_gradients(net, s, nudge, x.shape[0])
+    Dg = [a * b for a, b in zip(D, g)]
+    shapes = [a.shape for a in s]
+    sizes = [int(np.prod(sh)) for sh in shapes]
+
+    def K(mu):  # D (∂u/∂s)ᵀ μ, Eq. 5.3 with (3.18)
+        hv = net.hessian_vector(mu, d.indices)
+        return [dl * (np.zeros_like(dl) if h is None else h) for dl, h in zip(D, hv)]
+
+    def split(v):
+        return [np.reshape(p, sh) for p, sh in zip(np.split(v, np.cumsum(sizes)[:-1]), shapes)]
+
+    def flat(a):
+        return np.concatenate([np.ravel(v) for v in a])
+
+    n = sum(sizes)
+    Kd = np.stack([flat(K(split(np.eye(n)[i]))) for i in range(n)], axis=1)  # (n, n) dense K
+    norm_K = float(np.linalg.norm(Kd, 2))
+    inv_norm = float(np.linalg.norm(np.linalg.inv(np.eye(n) - Kd), 2))
+    gam = gamma(F64, 8 * max(int(np.prod(sh[1:])) for sh in shapes) + 256)
+
+    def true_residual(mu):
+        return float(np.linalg.norm(flat(Dg) - flat(mu) + flat(K(mu))))
+
+    bdg = float(np.linalg.norm(flat(Dg)))
+    for r, tol in ((got, rtol), (ref, 1e-13)):
+        drift = r.iterations * gam * (bdg + (1 + norm_K) * float(np.linalg.norm(flat(r.mu))))
+        assert true_residual(r.mu) <= tol * bdg + drift, (r.iterations, true_residual(r.mu) / bdg)
+    err = float(np.linalg.norm(flat(got.mu) - flat(ref.mu)))
+    bound = inv_norm * (true_residual(got.mu) + true_residual(ref.mu))
+    assert err <= bound, (err, bound)
+    # the bound is small enough to say something about every layer, conv1 included
+    assert bound < 0.1 * float(np.linalg.norm(ref.mu[0])), (bound, float(np.linalg.norm(ref.mu[0])))
+
+
 def test_the_implicit_estimator_reports_its_solve():
     import pyeqprop as pe
 
@@ -362,6 +424,40 @@ def test_conjugate_gradient_solves_a_known_system_and_stops_on_negative_curvatur
     _, _, rel = conjugate_gradient(lambda v: [B @ v[0]], [np.array([1.0, 1.0, 0.0])], rtol=1e-12, max_iter=50,
                                    xp=np)
     assert rel > 1e-12
+
+
+def test_conjugate_gradient_measures_its_stop_in_the_weighted_norm():
+    """``weights`` w: the solve stops at ‖w ⊙ (b − Aν)‖ ≤ rtol·‖w ⊙ b‖ and reports that ratio, recomputed here
+    from ν; on a system whose second block is scaled down by 1e-6 (as ν's bottom layers are, Eq. 5.7)
+    the unweighted stop leaves that block far less solved than the weighted one."""
+    rng = np.random.default_rng(1)
+    n = 8
+    M = rng.standard_normal((n, n))
+    A = M @ M.T / n + np.eye(n)
+    scale = np.concatenate([np.ones(n // 2), np.full(n // 2, 1e-6)])
+    As = scale[:, None] * A * scale[None, :]  # the same system in variables scaled by `scale`, still SPD
+    b = scale * rng.standard_normal(n)
+    w = 1.0 / scale
+    rtol = 1e-6
+
+    def blocks(v):
+        return [v[: n // 2], v[n // 2:]]
+
+    def apply(v):
+        return blocks(As @ np.concatenate(v))
+
+    def rel_in(weight, nu):
+        r = b - As @ np.concatenate(nu)
+        return float(np.linalg.norm(weight * r) / np.linalg.norm(weight * b))
+
+    nu_w, it_w, rel_w = conjugate_gradient(apply, blocks(b), rtol=rtol, max_iter=200, xp=np, weights=blocks(w))
+    # the recursive residual it stops on and the true one differ by O(k·eps·κ(A)) relative (w ⊙ r is the
+    # residual of the unscaled system A, κ(A) = cond(A))
+    assert rel_w <= rtol and abs(rel_w - rel_in(w, nu_w)) <= it_w * n * EPS * float(np.linalg.cond(A))
+    nu_u, it_u, rel_u = conjugate_gradient(apply, blocks(b), rtol=rtol, max_iter=200, xp=np)
+    assert rel_u <= rtol and it_u < it_w and rel_in(w, nu_u) > 10 * rtol, (it_u, it_w, rel_in(w, nu_u))
+    with pytest.raises(ValueError, match="1 weights for 2 blocks"):
+        conjugate_gradient(apply, blocks(b), rtol=rtol, max_iter=5, xp=np, weights=[1.0])
 
 
 def test_residual_is_the_largest_change_of_any_neuron():

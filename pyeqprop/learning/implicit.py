@@ -20,6 +20,10 @@ and A is positive definite exactly when every eigenvalue of the linearised step 
 1 (J and D^{1/2} H D^{1/2} are similar); at a stable fixed point of a network whose J has
 spectral radius < 1 (a contracting or settled net) it is, and conjugate gradients solve it with
 Hessian-vector products only (``net.hessian_vector``): Array API, no SciPy, so CuPy runs it.
+The solve stops on the residual of the system in μ, D g − (I − J) μ = M^{1/2} D^{1/2}(b − Aν), not
+on b − Aν: ν_l = μ_l / (c_l D_l)^{1/2} shrinks like ω^{(L−l)/2} down the layers, so a stop in ν
+ignores the bottom layers, and conjugate gradients (one layer further per iteration) could stop
+before reaching them.
 (∂u/∂θ)ᵀ μ is ``net.dphi_dtheta_tangent`` (Eq. 5.4). This is what BPTT (§5) gives after
 infinitely many steps from a start in the basin of s*, and what EP estimates as β → 0 (Eq. 4.4).
 """
@@ -42,7 +46,8 @@ class ImplicitResult:
     """The equilibrium gradient and how it was obtained.
 
     grads : ∂L/∂θ keyed like ``net.params``; loss : L at s*; free : the settled free phase;
-    iterations, rel_residual : of the conjugate-gradient solve (‖Aν − b‖ / ‖b‖);
+    iterations, rel_residual : of the conjugate-gradient solve, the residual of (I − J) μ = D g as
+    written, ‖D g − (I − J) μ‖ / ‖D g‖ = ‖M^{1/2} D^{1/2}(b − Aν)‖ / ‖M^{1/2} D^{1/2} b‖;
     solved : whether the solve reached ``rtol``. The result is the gradient at a fixed point only
     when the free phase converged too (``free.converged``; None for a fixed count: look at
     ``free.residual``).
@@ -62,21 +67,36 @@ def _dot(xp, a, b) -> float:
     return float(to_numpy(xp.sum(xp.stack([xp.sum(u * v) for u, v in zip(a, b)]))))
 
 
-def conjugate_gradient(apply, b, *, rtol: float, max_iter: int, xp):
+def _two_dots(xp, a, b, w) -> tuple[float, float]:
+    """(Σ_l ⟨a_l, b_l⟩, Σ_l ‖w_l ⊙ a_l‖²) as host floats, in one transfer."""
+    both = xp.stack([xp.sum(xp.stack([xp.sum(u * v) for u, v in zip(a, b)])),
+                     xp.sum(xp.stack([xp.sum((c * u) ** 2) for u, c in zip(a, w)]))])
+    host = to_numpy(both)
+    return float(host[0]), float(host[1])
+
+
+def conjugate_gradient(apply, b, *, rtol: float, max_iter: int, xp, weights=None):
     """Solve A ν = b for a symmetric positive definite A given as ``apply(v) = A v``, on lists of arrays.
 
-    Stops when ‖r‖ ≤ rtol·‖b‖ or after ``max_iter`` iterations; returns (ν, iterations, ‖r‖/‖b‖).
-    A non-positive curvature pᵀAp ≤ 0 (A not positive definite) stops the iteration at once.
+    Stops when ‖w ⊙ r‖ ≤ rtol·‖w ⊙ b‖ or after ``max_iter`` iterations, r = b − Aν; returns
+    (ν, iterations, ‖w ⊙ r‖/‖w ⊙ b‖). ``weights`` w (one array or number per block, broadcast
+    against it; default all 1) choose the norm the stop is measured in: for a system symmetrised
+    by a diagonal change of variables, w = the change's factors gives the residual of the system
+    as first written (Eq. 5.7). A non-positive curvature pᵀAp ≤ 0 (A not positive definite) stops
+    the iteration at once.
     """
+    w = [1.0] * len(b) if weights is None else list(weights)
+    if len(w) != len(b):
+        raise ValueError(f"conjugate_gradient: {len(w)} weights for {len(b)} blocks of b")
     nu = [xp.zeros_like(v) for v in b]
     r = list(b)
     p = list(r)
-    rr = _dot(xp, r, r)
-    bnorm = math.sqrt(rr)
+    rr, ww = _two_dots(xp, r, r, w)
+    bnorm = math.sqrt(ww)
     if bnorm == 0.0:
         return nu, 0, 0.0
     it = 0
-    while it < max_iter and math.sqrt(rr) > rtol * bnorm:
+    while it < max_iter and math.sqrt(ww) > rtol * bnorm:
         Ap = apply(p)
         pAp = _dot(xp, p, Ap)
         if not pAp > 0.0:
@@ -84,11 +104,11 @@ def conjugate_gradient(apply, b, *, rtol: float, max_iter: int, xp):
         alpha = rr / pAp
         nu = [v + alpha * q for v, q in zip(nu, p)]
         r = [v - alpha * q for v, q in zip(r, Ap)]
-        rr_new = _dot(xp, r, r)
+        rr_new, ww = _two_dots(xp, r, r, w)
         p = [v + (rr_new / rr) * q for v, q in zip(r, p)]
         rr = rr_new
         it += 1
-    return nu, it, math.sqrt(rr) / bnorm
+    return nu, it, math.sqrt(ww) / bnorm
 
 
 def equilibrium_gradient(net, x, y, *, T1, settling: Settling = FIXED, free_state=None, rtol=None,
@@ -102,7 +122,8 @@ def equilibrium_gradient(net, x, y, *, T1, settling: Settling = FIXED, free_stat
     settling : how the free phase settles; the result is the gradient at a fixed point only when
         it converged (``free.converged``, or a small ``free.residual`` for a fixed count).
     free_state : an already settled free state to use instead.
-    rtol : relative residual of the solve; default 1000·eps of the network's dtype.
+    rtol : relative residual of the solve, measured in μ (``rel_residual``); default 1000·eps of the
+        network's dtype.
     max_iter : most conjugate-gradient iterations.
 
     Returns
@@ -132,8 +153,9 @@ def equilibrium_gradient(net, x, y, *, T1, settling: Settling = FIXED, free_stat
         return [a - h * b for a, h, b in zip(v, half, hv)]
 
     b = [(h * a) / rc for h, a, rc in zip(half, g, root_c)]  # D^{1/2} M^{−1/2} g
-    nu, it, rel = conjugate_gradient(apply, b, rtol=rtol, max_iter=max_iter, xp=xp)
-    mu = [rc * (h * a) for h, a, rc in zip(half, nu, root_c)]  # μ = M^{1/2} D^{1/2} ν
+    to_mu = [rc * h for h, rc in zip(half, root_c)]  # M^{1/2} D^{1/2}: the residual of (I − J) μ = D g itself
+    nu, it, rel = conjugate_gradient(apply, b, rtol=rtol, max_iter=max_iter, xp=xp, weights=to_mu)
+    mu = [m * a for m, a in zip(to_mu, nu)]  # μ = M^{1/2} D^{1/2} ν
     for k, v in net.dphi_dtheta_tangent(x, s, mu, d.indices).items():
         grads[k] = grads[k] + v
     return ImplicitResult(grads, loss, free, it, rel, rel <= rtol, mu)

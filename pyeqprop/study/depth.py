@@ -97,11 +97,13 @@ def ep_bptt_agreement(cfg, data, xp, *, batch=64):
     On the first ``batch`` training samples, for each conv layer's weight W_l: the cosine
     ⟨g_EP, g_ref⟩/(‖g_EP‖‖g_ref‖) and the norm ratio ‖g_EP‖/‖g_ref‖. As β → 0 at a fixed
     point both tend to 1 (Eq. 4.4); a ratio ≪ 1 at the bottom layers is the vanishing signal,
-    a cosine well below 1 the estimate's error where the free phase has not converged. The
-    equilibrium gradient is taken at the free phase settled to 1e-5 (at most 1000 steps of the
+    a cosine well below 1 the estimate's error where the free phase has not converged. BPTT runs
+    T1 steps of the run's own schedule (Eq. 5.6 for Gauss–Seidel): a deep net can have several
+    fixed points, and the synchronous schedule from zero may settle at another one than the run's.
+    The equilibrium gradient is taken at the free phase settled to 1e-5 (at most 1000 steps of the
     run's schedule); ``exact_converged`` says whether it got there (else it is no fixed point's).
     """
-    from ..learning.bptt import bptt_gradients
+    from ..learning.bptt import bptt
     from ..learning.estimators import ep_estimate
     from ..learning.implicit import equilibrium_gradient
     from ..learning.settle import Settling
@@ -110,7 +112,7 @@ def ep_bptt_agreement(cfg, data, xp, *, batch=64):
     c = dataclasses.replace(cfg, **SETTINGS["ep"])
     net = build_student(c, data.input_shape, data.num_classes, xp)
     xb, yb = data.x_train[:batch, ...], data.y_train[:batch]
-    g_bptt = bptt_gradients(net, xb, yb, T=c.T1)
+    g_bptt = bptt(net, xb, yb, T=c.T1, schedule=c.schedule).grads
     g_ep = ep_estimate(net, xb, yb, beta=c.beta, T1=c.T1, T2=c.T2, estimator=c.estimator,
                        settling=c.settling).grads
     exact = equilibrium_gradient(net, xb, yb, T1=1000, settling=Settling(c.schedule, tol=1e-5))
