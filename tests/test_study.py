@@ -84,6 +84,37 @@ def test_depth_study_writes_table_and_figures(tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_check_at_init_runs_bptt_with_the_runs_schedule():
+    """``ep_bptt_agreement``'s BPTT (Eq. 5.4) takes T1 steps of the run's schedule, Gauss–Seidel here (Eq. 5.6):
+    with 4 fixed steps, far from a fixed point, the synchronous schedule's gradient is another one."""
+    import dataclasses
+
+    import numpy as np
+
+    from pyeqprop.learning.bptt import bptt
+    from pyeqprop.learning.compare import cosine_and_ratio
+    from pyeqprop.learning.estimators import ep_estimate
+    from pyeqprop.study.depth import SETTINGS, ep_bptt_agreement
+    from pyeqprop.train.config import TrainConfig
+    from pyeqprop.train.data import prepare_data
+    from pyeqprop.train.student import build_student
+
+    cfg = dataclasses.replace(TrainConfig(), arch="c4-c4m-c4", schedule="gauss-seidel", settle_tol=0.0, T1=4, T2=2,
+                              beta=0.1, feedback=1.0, weight_scale=2.0, dtype="float64")
+    data = prepare_data(cfg, np)
+    got = ep_bptt_agreement(cfg, data, np, batch=8)
+    c = dataclasses.replace(cfg, **SETTINGS["ep"])
+    net = build_student(c, data.input_shape, data.num_classes, np)
+    xb, yb = data.x_train[:8, ...], data.y_train[:8]
+    g_ep = ep_estimate(net, xb, yb, beta=c.beta, T1=c.T1, T2=c.T2, estimator=c.estimator, settling=c.settling).grads
+    convs = [layer.weight for layer in net.layers if layer.kind == "conv"]
+    by = {sched: [cosine_and_ratio(g_ep[k], bptt(net, xb, yb, T=4, schedule=sched).grads[k], undefined=0.0)
+                  for k in convs] for sched in ("gauss-seidel", "synchronous")}
+    assert got["ratio"] == pytest.approx([r for _, r in by["gauss-seidel"]], rel=1e-12)
+    assert got["cos"] == pytest.approx([q for q, _ in by["gauss-seidel"]], rel=1e-12)
+    assert got["ratio"] != pytest.approx([r for _, r in by["synchronous"]], rel=1e-3)
+
+
 def test_the_distillation_variants_are_one_option_from_ep_plus_kd():
     """Each design of SPEC (6.1) lower, (6.8), (6.9) changes one option of EP + distillation, so
     the study's comparison is of that option alone."""
