@@ -54,7 +54,10 @@ print("committed results:", [str(p.parent.name) for p in committed] or "none (in
 # deep net with one rate for all layers, chosen from 0.02, 0.05, 0.1; `depth-b005/`: β = 0.05, every
 # setting at rate 0.05, batches with an unconverged phase skipped (`--unconverged skip`, SPEC Eq. 3.14;
 # README "Depth study", finding 5); `depth-b005-asym/`: the same with batches whose nudged phase settled
-# at another fixed point skipped (`--asymmetry-limit 0.5`, SPEC Eq. 4.9; finding 6); `depth-mnist5k/`: the
+# at another fixed point skipped (`--asymmetry-limit 0.5`, SPEC Eq. 4.9; finding 6); `depth-b005-exact/`: the
+# same command after the equilibrium gradient's solve was corrected (SPEC Eq. 5.7; the README's headline table:
+# its EP and teacher runs are `depth-b005-asym/`'s bit for bit, its exact-gradient runs differ; every other
+# folder's exact-gradient rows were made with the old stop); `depth-mnist5k/`: the
 # confirmation on mnist5k (28×28; `c8-c8m-c16-c16m-c32-c32-c32-c32`, EP, EP + both and the exact gradient,
 # seeds 0-2, 3 epochs, otherwise as `depth-b005-asym/`; `depth-mnist5k-signals/`: EP + local, EP +
 # distillation and that study's own exact gradient); `depth-kd-variants/`: three distillation designs
