@@ -326,3 +326,20 @@ def test_two_ranks_add_up_the_response_sums_of_the_asymmetry_check(tmp_path):
     assert rc == 0, (out, err)
     assert rows(skip)[0]["skipped_asymmetric"] == 1.0
     assert load_checkpoint(skip / "latest.npz").optimizer_state["steps"] == 0
+
+
+def test_two_ranks_report_the_implicit_solve_and_skip_its_failures_together(tmp_path):
+    """The implicit estimator's solve (Eq. 5.7) over two ranks: each rank solves its shard, the batch's
+    steps_solve is the larger count and a solve that missed its tolerance on any rank skips the batch on
+    every rank (``unconverged skip``, Eq. 3.14). The two-layer net settles at weight scale 2 and not at 4, where
+    every solve stops on negative curvature (tests/test_train_app.py)."""
+    flags = ["--estimator", "implicit", "--arch", "c4-c4m", "--epochs", "1", "--unconverged", "skip",
+             "--augment", "false"]
+    for scale, unsolved, steps in (("2", 0.0, N_BATCHES), ("4", 1.0, 0)):
+        run = tmp_path / f"scale{scale}"
+        rc, out, err = mpirun(2, *flags, "--weight-scale", scale, "--out", str(run))
+        assert rc == 0, (out, err)
+        (r,) = rows(run)
+        assert r["unsolved"] == unsolved and r["skipped_updates"] == unsolved, r
+        assert r["steps_solve"] is not None and r["steps_solve"]["min"] >= 1
+        assert load_checkpoint(run / "latest.npz").optimizer_state["steps"] == steps

@@ -77,12 +77,13 @@ def test_metrics_have_the_documented_keys_one_line_per_epoch(run):
         scalars = [k for k in METRIC_KEYS if k not in ("grad_mean_abs", "steps_free", "steps_nudged",
                                                        "unconverged_free", "unconverged_nudged", "skipped_updates",
                                                        "saturated_free", "skipped_asymmetric", "asymmetry_max",
-                                                       "kd_weights")]
+                                                       "kd_weights", "steps_solve", "unsolved")]
         assert all(math.isfinite(r[k]) for k in scalars)
         # fixed step counts (settle_tol = 0): every phase took exactly T1 / T2 steps, no tolerance to miss
         assert r["steps_free"] == {"min": 5, "median": 5.0, "p90": 5.0, "max": 5}
         assert r["steps_nudged"] == {"min": 2, "median": 2.0, "p90": 2.0, "max": 2}
         assert r["unconverged_free"] is None and r["unconverged_nudged"] is None and r["skipped_updates"] is None
+        assert r["steps_solve"] is None and r["unsolved"] is None  # no equilibrium-gradient solve (Eq. 5.7)
         # the learning signal per neuron layer: the epoch's mean of mean |g| over its weight tensor
         assert list(r["grad_mean_abs"]) == ["conv1.weight"]
         assert math.isfinite(r["grad_mean_abs"]["conv1.weight"]) and r["grad_mean_abs"]["conv1.weight"] > 0.0
@@ -216,6 +217,31 @@ def test_gradient_agreement_of_a_run_against_the_equilibrium_gradient(tmp_path, 
     assert main(["evaluate", str(ep), "--gradients", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("batch 0: conv1.weight cos ") and " ratio " in out and " asymmetry max " in out
+
+
+def test_an_implicit_run_records_its_solves_and_skips_the_unsolved_ones(tmp_path):
+    """The implicit estimator's conjugate-gradient solve (Eq. 5.7) is reported like a phase: metrics.jsonl's
+    steps_solve and unsolved. At weight scale 2 the two-layer net's solves all reach their tolerance; at
+    scale 4 its free phase does not settle in T1 = 5 steps and A = I − D^{1/2} H D^{1/2} there is not positive
+    definite, so every solve stops on negative curvature: with unconverged = "skip" no update is applied
+    (Eq. 3.14's rule, extended to the solve), with "apply" every one is."""
+    from pyeqprop.train.checkpoint import load_checkpoint
+
+    def one(name, scale, policy):
+        out = tmp_path / name
+        train(tiny(out, arch="c4-c4m", estimator="implicit", dtype="float64", epochs=1, weight_scale=scale,
+                   unconverged=policy), log=quiet)
+        (r,) = rows(out)
+        return r, load_checkpoint(out / "latest.npz").optimizer_state["steps"]
+
+    r, steps = one("settles", 2.0, "skip")
+    assert r["unsolved"] == 0.0 and r["skipped_updates"] == 0.0 and steps == 3  # 183 samples, batch 64
+    assert r["steps_solve"]["min"] >= 2, r["steps_solve"]  # two coupled layers: more than one iteration
+    r, steps = one("indefinite", 4.0, "skip")
+    assert r["unsolved"] == 1.0 and r["skipped_updates"] == 1.0 and steps == 0, r
+    assert r["steps_solve"]["max"] < 1000  # stopped on curvature, not at the iteration cap
+    r, steps = one("applied", 4.0, "apply")
+    assert r["unsolved"] == 1.0 and r["skipped_updates"] == 0.0 and steps == 3, r
 
 
 def test_gradient_agreement_reports_the_response_asymmetry_of_a_settled_symmetric_run(tmp_path):

@@ -78,16 +78,20 @@ __all__ = ["train", "RunResult", "METRIC_KEYS"]
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "residual_free",
                "residual_nudged", "lr", "seconds", "grad_mean_abs", "steps_free", "steps_nudged",
                "unconverged_free", "unconverged_nudged", "skipped_updates", "saturated_free",
-               "skipped_asymmetric", "asymmetry_max", "kd_weights")
+               "skipped_asymmetric", "asymmetry_max", "kd_weights", "steps_solve", "unsolved")
 # grad_mean_abs: {layer weight: epoch mean of mean |g|}, over every batch's estimate, the skipped ones too;
 # steps_*: {min, median, p90, max} of the steps the epoch's phases took; unconverged_*: the fraction of
 # phases that hit T1/T2 above settle_tol (None when 0);
-# skipped_updates: the fraction of batches not applied for that (unconverged = "skip"; None when settle_tol 0);
+# skipped_updates: the fraction of batches not applied for that (unconverged = "skip"; None when settle_tol 0
+# and no solve ran);
 # saturated_free: {neuron layer: {"low", "high"}}, the fractions of the epoch's free-state entries at ρ = 0
 # and at ρ = 1 (Eq. 3.19); skipped_asymmetric: the fraction of batches not applied for their response
 # asymmetry (asymmetry_limit, Eq. 4.9; None when off; they count in skipped_updates too); asymmetry_max:
 # {neuron layer: the epoch's largest a_l} (Eq. 4.9; None without the symmetric estimator); kd_weights:
-# {distillation term: the weight γ_l or κ it had in the epoch} (Eq. 6.8; None without distillation)
+# {distillation term: the weight γ_l or κ it had in the epoch} (Eq. 6.8; None without distillation);
+# steps_solve: {min, median, p90, max} of the conjugate-gradient iterations of the implicit estimator's
+# solves (Eq. 5.7; None for the other estimators); unsolved: the fraction of them that stopped above their
+# tolerance (None without a solve; with unconverged = "skip" they count in skipped_updates)
 
 
 @dataclass
@@ -129,7 +133,7 @@ class Progress:
 def _fresh_accum() -> dict:
     return {"loss": 0.0, "correct": 0, "seen": 0, "res_free": 0.0, "res_nudged": 0.0, "time": 0.0, "grad": {},
             "batches": 0, "steps_free": [], "steps_nudged": [], "unconverged_free": 0, "unconverged_nudged": 0,
-            "saturated": {}, "skipped": 0, "asymmetric": 0, "asymmetry": {}}
+            "saturated": {}, "skipped": 0, "asymmetric": 0, "asymmetry": {}, "steps_solve": [], "unsolved": 0}
 
 
 def _add_step(acc: dict, m) -> None:
@@ -149,6 +153,8 @@ def _add_step(acc: dict, m) -> None:
     acc["unconverged_nudged"] = acc.get("unconverged_nudged", 0) + m.unconverged_nudged
     acc["skipped"] = acc.get("skipped", 0) + m.skipped  # get: a checkpoint from before this field
     acc["asymmetric"] = acc.get("asymmetric", 0) + m.asymmetric
+    acc.setdefault("steps_solve", []).extend(m.steps_solve)  # setdefault, get: a checkpoint from before these
+    acc["unsolved"] = acc.get("unsolved", 0) + m.unsolved
     worst = acc.setdefault("asymmetry", {})  # the epoch's largest a_l per layer (Eq. 4.9)
     for name, a in m.asymmetry.items():
         worst[name] = max(worst.get(name, 0.0), a)
@@ -158,7 +164,7 @@ def _add_step(acc: dict, m) -> None:
 
 
 def _distribution(steps: list) -> dict | None:
-    """Min, median, 90th percentile and max of the steps the epoch's phases took (Eq. 3.14)."""
+    """Min, median, 90th percentile and max of the steps the epoch's phases (Eq. 3.14) or solves (Eq. 5.7) took."""
     if not steps:
         return None
     a = np.asarray(steps, dtype=np.float64)
@@ -171,6 +177,7 @@ def _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, tol, limit=0.0, kd_
     seen = max(acc["seen"], 1)
     n_free, n_nudged = len(acc.get("steps_free", [])), len(acc.get("steps_nudged", []))
     n_batches = max(acc.get("batches", 0), 1)
+    n_solve = len(acc.get("steps_solve", []))
     return {"epoch": epoch, "train_loss": acc["loss"] / seen, "train_acc": acc["correct"] / seen,
             "val_loss": None if val is None else val[1], "val_acc": None if val is None else val[0],
             "test_loss": test_loss, "test_acc": test_acc, "residual_free": acc["res_free"],
@@ -180,11 +187,13 @@ def _epoch_row(epoch, acc, val, test_acc, test_loss, lr_now, tol, limit=0.0, kd_
             "steps_nudged": _distribution(acc.get("steps_nudged", [])),
             "unconverged_free": acc.get("unconverged_free", 0) / n_free if tol > 0 and n_free else None,
             "unconverged_nudged": acc.get("unconverged_nudged", 0) / n_nudged if tol > 0 and n_nudged else None,
-            "skipped_updates": acc.get("skipped", 0) / n_batches if tol > 0 or limit > 0 else None,
+            "skipped_updates": acc.get("skipped", 0) / n_batches if tol > 0 or limit > 0 or n_solve else None,
             "saturated_free": _saturation(acc.get("saturated")),
             "skipped_asymmetric": acc.get("asymmetric", 0) / n_batches if limit > 0 else None,
             "asymmetry_max": dict(acc["asymmetry"]) if acc.get("asymmetry") else None,
-            "kd_weights": kd_weights or None}
+            "kd_weights": kd_weights or None,
+            "steps_solve": _distribution(acc.get("steps_solve", [])),
+            "unsolved": acc.get("unsolved", 0) / n_solve if n_solve else None}
 
 
 def _saturation(sums: dict | None) -> dict | None:

@@ -284,9 +284,10 @@ class DataParallel:
             grads = [np.ravel(to_numpy(w * est.grads[k])) for k in keys]  # (n_r/n) g_r, Eq. 4.7
             grads += [np.ravel(to_numpy(upd.response)).astype(np.float64)] if n_resp else []  # (L, 2) -> (2L,)
             meta = [x for ph in est.phases() for x in (ph.residual, ph.steps, int(ph.converged is False))]
+            meta += [est.info.get("cg_iterations", 0), int(est.info.get("solved") is False)]  # Eq. 5.7's solve
         else:  # this rank's phase diverged: its row only says so
             grads = [np.zeros(int(np.prod(net.params[k].shape))) for k in keys] + [np.zeros(n_resp)]
-            meta = [0.0, 0, 0] * (1 + k_ph)
+            meta = [0.0, 0, 0] * (1 + k_ph) + [0, 0]
         meta += [float(failure is not None), float(stop)]
         rows = self.comm.allgather_rows(np.concatenate(grads + [np.asarray(meta, dtype=np.float64)]))
         m = len(meta)
@@ -306,14 +307,18 @@ class DataParallel:
             size = int(np.prod(p.shape))
             grads_out[k] = xp.asarray(np.reshape(total[at:at + size], p.shape), dtype=p.dtype)
             at += size
-        top = rows[:, -m:-2].max(axis=0).reshape(-1, 3)  # per phase: residual, steps, missed the tolerance
+        top = rows[:, -m:-4].max(axis=0).reshape(-1, 3)  # per phase: residual, steps, missed the tolerance
+        solve = rows[:, -4:-2].max(axis=0)  # the implicit solve's most iterations, and whether any rank's missed
 
         def merged(ph, i):
             return replace(ph, residual=float(top[i, 0]), steps=int(top[i, 1]),
                            converged=None if ph.converged is None else not top[i, 2] > 0)
 
+        info = dict(est.info)
+        if "solved" in info:  # every rank skips the batch when one rank's solve missed its tolerance
+            info.update(cg_iterations=int(solve[0]), solved=not solve[1] > 0)
         est = replace(est, grads=grads_out, free=merged(est.free, 0),
-                      nudged=[merged(ph, 1 + i) for i, ph in enumerate(est.nudged)])
+                      nudged=[merged(ph, 1 + i) for i, ph in enumerate(est.nudged)], info=info)
         mags = {layer.weight: xp.mean(xp.abs(grads_out[layer.weight])) for layer in net.layers}
         response = xp.asarray(np.reshape(total[at:at + n_resp], (-1, 2))) if n_resp else None  # the batch's sums
         return Update(est, mags, response), xs, ys

@@ -31,10 +31,11 @@ UNCONVERGED_POLICIES = ("apply", "skip")
 
 def skips_update(est: Estimate, policy: str) -> bool:
     """Whether the batch's update is skipped: ``policy`` "skip" and a phase of ``est`` stopped at its cap
-    above the tolerance (``converged is False``; fixed step counts, ``None``, never skip). Eq. 3.14."""
+    above the tolerance (``converged is False``; fixed step counts, ``None``, never skip), Eq. 3.14, or
+    the implicit estimator's solve stopped above its tolerance (``info["solved"] is False``), Eq. 5.7."""
     if policy not in UNCONVERGED_POLICIES:
         raise ValueError(f"unconverged policy must be one of {', '.join(UNCONVERGED_POLICIES)}, got {policy!r}")
-    return policy == "skip" and any(ph.converged is False for ph in est.phases())
+    return policy == "skip" and (any(ph.converged is False for ph in est.phases()) or est.info.get("solved") is False)
 
 
 @dataclass
@@ -76,6 +77,9 @@ class StepMetrics:
         ``asymmetry_limit``, Eq. 4.9), else 0.
     asymmetric : 1 when it was not applied for its response asymmetry (Eq. 4.9), else 0.
     asymmetry : {neuron layer name: a_l} (Eq. 4.9); empty without two nudged phases.
+    steps_solve : the conjugate-gradient iterations of the implicit estimator's solve (Eq. 5.7), one
+        entry; empty for the other estimators.
+    unsolved : 1 when that solve stopped above its tolerance, else 0.
     """
 
     loss_sum: float
@@ -92,6 +96,8 @@ class StepMetrics:
     skipped: int = 0
     asymmetric: int = 0
     asymmetry: dict = field(default_factory=dict)
+    steps_solve: list = field(default_factory=list)
+    unsolved: int = 0
 
 
 def _all_finite(xp, arrays) -> bool:
@@ -193,4 +199,5 @@ def step_metrics(net, upd: Update, xb, yb, *, skipped: bool = False, asymmetric:
                        max([0.0] + [ph.residual for ph in est.nudged]), dict(zip(keys, host[2:k])),
                        est.free.steps, [ph.steps for ph in est.nudged], int(est.free.converged is False),
                        sum(int(ph.converged is False) for ph in est.nudged), saturated, int(skipped),
-                       int(asymmetric), asym)
+                       int(asymmetric), asym, [int(est.info["cg_iterations"])] if "cg_iterations" in est.info else [],
+                       int(est.info.get("solved") is False))
