@@ -20,7 +20,7 @@ and A is positive definite exactly when every eigenvalue of the linearised step 
 1 (J and D^{1/2} H D^{1/2} are similar); at a stable fixed point of a network whose J has
 spectral radius < 1 (a contracting or settled net) it is, and conjugate gradients solve it with
 Hessian-vector products only (``net.hessian_vector``): Array API, no SciPy, so CuPy runs it.
-The solve stops on the residual of the system in μ, D g − (I − J) μ = M^{1/2} D^{1/2}(b − Aν), not
+The solve stops on the residual of the system in μ, D g − (I − D M^{1/2} S M^{−1/2}) μ = M^{1/2} D^{1/2}(b − Aν), not
 on b − Aν: ν_l = μ_l / (c_l D_l)^{1/2} shrinks like ω^{(L−l)/2} down the layers, so a stop in ν
 ignores the bottom layers, and conjugate gradients (one layer further per iteration) could stop
 before reaching them.
@@ -46,8 +46,8 @@ class ImplicitResult:
     """The equilibrium gradient and how it was obtained.
 
     grads : ∂L/∂θ keyed like ``net.params``; loss : L at s*; free : the settled free phase;
-    iterations, rel_residual : of the conjugate-gradient solve, the residual of (I − J) μ = D g as
-    written, ‖D g − (I − J) μ‖ / ‖D g‖ = ‖M^{1/2} D^{1/2}(b − Aν)‖ / ‖M^{1/2} D^{1/2} b‖;
+    iterations, rel_residual : of the conjugate-gradient solve, the residual of the system in μ,
+    ‖D g − (I − D M^{1/2} S M^{−1/2}) μ‖ / ‖D g‖ = ‖M^{1/2} D^{1/2}(b − Aν)‖ / ‖M^{1/2} D^{1/2} b‖;
     solved : whether the solve reached ``rtol``. The result is the gradient at a fixed point only
     when the free phase converged too (``free.converged``; None for a fixed count: look at
     ``free.residual``).
@@ -153,7 +153,7 @@ def equilibrium_gradient(net, x, y, *, T1, settling: Settling = FIXED, free_stat
         return [a - h * b for a, h, b in zip(v, half, hv)]
 
     b = [(h * a) / rc for h, a, rc in zip(half, g, root_c)]  # D^{1/2} M^{−1/2} g
-    to_mu = [rc * h for h, rc in zip(half, root_c)]  # M^{1/2} D^{1/2}: the residual of (I − J) μ = D g itself
+    to_mu = [rc * h for h, rc in zip(half, root_c)]  # M^{1/2} D^{1/2}: the stop measures the system in μ
     nu, it, rel = conjugate_gradient(apply, b, rtol=rtol, max_iter=max_iter, xp=xp, weights=to_mu)
     mu = [m * a for m, a in zip(to_mu, nu)]  # μ = M^{1/2} D^{1/2} ν
     for k, v in net.dphi_dtheta_tangent(x, s, mu, d.indices).items():
