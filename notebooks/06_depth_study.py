@@ -57,8 +57,8 @@ print("committed results:", [str(p.parent.name) for p in committed] or "none (in
 # at another fixed point skipped (`--asymmetry-limit 0.5`, SPEC Eq. 4.9; finding 6); `depth-b005-exact/`: the
 # same command after the equilibrium gradient's solve was corrected (SPEC Eq. 5.7; the README's headline table:
 # its EP and teacher runs are `depth-b005-asym/`'s bit for bit, its exact-gradient runs differ; every other
-# folder's exact-gradient rows were made with the old stop); `depth-12conv/`: an exploratory 12-conv net (EP,
-# EP + both and the exact gradient, seeds 0-2); `depth-mnist5k/`: the
+# folder's exact-gradient rows were made with the old stop); `depth-12conv/`: a 12-conv net (EP, EP + both and
+# the exact gradient, seeds 0-4); `depth-mnist5k/`: the
 # confirmation on mnist5k (28×28; `c8-c8m-c16-c16m-c32-c32-c32-c32`, EP, EP + both and the exact gradient,
 # seeds 0-2, 3 epochs, otherwise as `depth-b005-asym/`; `depth-mnist5k-signals/`: EP + local, EP +
 # distillation and that study's own exact gradient); `depth-kd-variants/`: three distillation designs
