@@ -62,17 +62,10 @@ class ImplicitResult:
     mu: list = field(default_factory=list)
 
 
-def _dot(xp, a, b) -> float:
-    """Σ_l ⟨a_l, b_l⟩ over every axis, as a host float (one transfer)."""
-    return float(to_numpy(xp.sum(xp.stack([xp.sum(u * v) for u, v in zip(a, b)]))))
-
-
-def _two_dots(xp, a, b, w) -> tuple[float, float]:
-    """(Σ_l ⟨a_l, b_l⟩, Σ_l ‖w_l ⊙ a_l‖²) as host floats, in one transfer."""
-    both = xp.stack([xp.sum(xp.stack([xp.sum(u * v) for u, v in zip(a, b)])),
-                     xp.sum(xp.stack([xp.sum((c * u) ** 2) for u, c in zip(a, w)]))])
-    host = to_numpy(both)
-    return float(host[0]), float(host[1])
+def _sums(xp, *terms) -> list[float]:
+    """The sum over every block and axis of each list of arrays in ``terms``, as host floats, in one transfer."""
+    return [float(v) for v in to_numpy(xp.stack([xp.sum(xp.stack([xp.sum(t) for t in blocks]))
+                                                 for blocks in terms])).tolist()]
 
 
 def conjugate_gradient(apply, b, *, rtol: float, max_iter: int, xp, weights=None):
@@ -83,28 +76,36 @@ def conjugate_gradient(apply, b, *, rtol: float, max_iter: int, xp, weights=None
     against it; default all 1) choose the norm the stop is measured in: for a system symmetrised
     by a diagonal change of variables, w = the change's factors gives the residual of the system
     as first written (Eq. 5.7). A non-positive curvature pᵀAp ≤ 0 (A not positive definite) stops
-    the iteration at once.
+    the iteration at once. Each iteration makes one product A p and two host transfers.
     """
-    w = [1.0] * len(b) if weights is None else list(weights)
-    if len(w) != len(b):
-        raise ValueError(f"conjugate_gradient: {len(w)} weights for {len(b)} blocks of b")
+    if weights is not None and len(weights) != len(b):
+        raise ValueError(f"conjugate_gradient: {len(weights)} weights for {len(b)} blocks of b")
+    w2 = None if weights is None else [c * c for c in weights]
+
+    def norms(r):  # (‖r‖², ‖w ⊙ r‖²), one transfer
+        if w2 is None:
+            (rr,) = _sums(xp, [u * u for u in r])
+            return rr, rr
+        rr, ww = _sums(xp, [u * u for u in r], [c * u * u for u, c in zip(r, w2)])
+        return rr, ww
+
     nu = [xp.zeros_like(v) for v in b]
     r = list(b)
     p = list(r)
-    rr, ww = _two_dots(xp, r, r, w)
+    rr, ww = norms(r)
     bnorm = math.sqrt(ww)
     if bnorm == 0.0:
         return nu, 0, 0.0
     it = 0
     while it < max_iter and math.sqrt(ww) > rtol * bnorm:
         Ap = apply(p)
-        pAp = _dot(xp, p, Ap)
+        (pAp,) = _sums(xp, [u * v for u, v in zip(p, Ap)])
         if not pAp > 0.0:
             break
         alpha = rr / pAp
         nu = [v + alpha * q for v, q in zip(nu, p)]
         r = [v - alpha * q for v, q in zip(r, Ap)]
-        rr_new, ww = _two_dots(xp, r, r, w)
+        rr_new, ww = norms(r)
         p = [v + (rr_new / rr) * q for v, q in zip(r, p)]
         rr = rr_new
         it += 1
